@@ -1,0 +1,129 @@
+"""ImageFolder that validates its layout up front and survives corrupt images."""
+
+from __future__ import annotations
+
+import logging
+import os
+from importlib import resources
+from pathlib import Path
+
+from torchvision.datasets import ImageFolder
+
+from synco.errors import SyncoError
+
+logger = logging.getLogger("synco.data")
+
+# How many consecutive unreadable images to skip before concluding the dataset itself is broken.
+MAX_SKIPS = 50
+SHIPPED_CLASS_LISTS = {"imagenet100": "imagenet100.txt"}
+
+
+def _preview(names, n: int = 5) -> str:
+    names = list(names)
+    more = f" and {len(names) - n} more" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+def load_class_list(path_or_name) -> list[str]:
+    """Class folder names, one per line; blank lines and ``#`` comments are ignored.
+
+    A shipped name ("imagenet100") reads the list bundled in ``synco/resources``.
+    """
+    if str(path_or_name) in SHIPPED_CLASS_LISTS:
+        text = (resources.files("synco") / "resources" / SHIPPED_CLASS_LISTS[str(path_or_name)]).read_text()
+        source = f"shipped list {path_or_name!r}"
+    else:
+        path = Path(path_or_name)
+        if not path.is_file():
+            raise SyncoError(f"Class list {str(path)!r} does not exist. Pass a text file with one class folder "
+                             f"name per line, or one of the shipped lists: {', '.join(SHIPPED_CLASS_LISTS)}.")
+        text = path.read_text()
+        source = str(path)
+    names = [line.split("#", 1)[0].strip() for line in text.splitlines()]
+    names = list(dict.fromkeys(n for n in names if n))
+    if not names:
+        raise SyncoError(f"Class list {source} contains no class names. Put one class folder name per line.")
+    return names
+
+
+def count_bad_images(bad_image_log) -> int:
+    """Number of distinct image paths recorded in ``bad_image_log`` (0 if there is no log)."""
+    if bad_image_log is None or not Path(bad_image_log).is_file():
+        return 0
+    return len({line.strip() for line in Path(bad_image_log).read_text().splitlines() if line.strip()})
+
+
+class SafeImageFolder(ImageFolder):
+    """``torchvision.datasets.ImageFolder`` with clear layout errors and corrupt-image skipping.
+
+    ``root`` holds one sub-folder per class. With ``class_list`` only those folders are used
+    and the classes (and label indices) are ordered as ``sorted(class_list)``, whatever the
+    order of the list, so a label means the same class in every run.
+
+    An image that cannot be loaded is logged (``synco.data`` logger, and one line appended
+    to ``bad_image_log`` when given) and the next readable sample is returned instead, so a
+    few bad files cannot kill a long run.
+    """
+
+    def __init__(self, root, transform=None, class_list=None, bad_image_log=None):
+        root = Path(root)
+        if not root.exists():
+            raise SyncoError(f"Image folder {str(root)!r} does not exist. Check the path; it must contain "
+                             f"one sub-folder of images per class (root/<class>/<image>).")
+        if not root.is_dir():
+            raise SyncoError(f"Image folder {str(root)!r} is a file, not a directory. Point it at a directory "
+                             f"containing one sub-folder of images per class (root/<class>/<image>).")
+        self.class_list = None if class_list is None else list(dict.fromkeys(class_list))
+        self.bad_image_log = None if bad_image_log is None else Path(bad_image_log)
+        # allow_empty so that we, not torchvision, report which class folder is empty.
+        super().__init__(str(root), transform=transform, allow_empty=True)
+        counts = dict.fromkeys(range(len(self.classes)), 0)
+        for t in self.targets:
+            counts[t] += 1
+        empty = [self.classes[c] for c, n in counts.items() if n == 0]
+        if empty:
+            raise SyncoError(f"Class folder(s) {_preview(empty)} in {str(root)!r} contain no images "
+                             f"(extensions: {', '.join(self.extensions or ())}). Add images, remove the "
+                             f"folder, or leave the class out of the class list.")
+
+    def find_classes(self, directory):
+        # Hidden folders (.ipynb_checkpoints, .cache) are never classes.
+        present = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+        if self.class_list is None:
+            classes = present
+            if not classes:
+                raise SyncoError(f"Image folder {directory!r} has no class sub-folders. Expected the layout "
+                                 f"root/<class>/<image>, one sub-folder per class.")
+        else:
+            classes = sorted(self.class_list)
+            missing = sorted(set(classes) - set(present))
+            if missing:
+                raise SyncoError(f"{len(missing)} of the {len(classes)} requested classes are missing from "
+                                 f"{directory!r}: {_preview(missing)}. Check that root points at the right split "
+                                 f"folder, or use a class list that matches the folders present.")
+        return classes, {c: i for i, c in enumerate(classes)}
+
+    def __getitem__(self, index: int):
+        for attempt in range(MAX_SKIPS):
+            path, target = self.samples[(index + attempt) % len(self.samples)]
+            try:
+                sample = self.loader(path)
+            except Exception as exc:  # decoders raise many types (OSError, SyntaxError, ValueError, ...)
+                self._record_bad(path, exc)
+                continue
+            if self.transform is not None:
+                sample = self.transform(sample)
+            if self.target_transform is not None:
+                target = self.target_transform(target)
+            return sample, target
+        raise SyncoError(f"{MAX_SKIPS} consecutive images starting at index {index} in {self.root!r} could not "
+                         f"be read. The dataset is probably damaged or not images at all; check the files "
+                         f"(bad paths are listed in the 'synco.data' warnings and in the bad-image log).")
+
+    def _record_bad(self, path: str, exc: Exception) -> None:
+        logger.warning("skipping unreadable image %s (%s: %s)", path, type(exc).__name__, exc)
+        if self.bad_image_log is not None:
+            self.bad_image_log.parent.mkdir(parents=True, exist_ok=True)
+            # Append per write: DataLoader workers are separate processes sharing this file.
+            with open(self.bad_image_log, "a") as f:
+                f.write(f"{path}\n")

@@ -1,0 +1,74 @@
+"""End-of-run k-NN: the trained backbone vs the same backbone untrained vs raw pixels (built-in data)."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Subset
+
+from ..data.build import build_dataset
+from ..data.transforms import eval_transform
+from ..errors import SyncoError
+from ..eval.knn import best_top1, extract_features, feature_loader, knn_classify
+from ..models.backbone import backbone_from_config
+from . import dist as D
+
+
+def knn_datasets(cfg):
+    """(train, test) labelled datasets with the evaluation transform, or None when the data has no val split."""
+    d = cfg.data
+    crop_ratio = 1.0 if d.dataset == "digits" else 224 / 256
+    t = eval_transform(d.image_size, crop_ratio=crop_ratio)
+    kwargs = dict(root=d.root, transform=t, class_list=d.class_list, image_size=d.image_size)
+    train = build_dataset(d.dataset, split="train", **kwargs)
+    try:
+        test = build_dataset(d.dataset, split="val" if d.dataset != "digits" else "test", **kwargs)
+    except SyncoError:
+        return None
+    return _cap(train, cfg.knn.max_train, cfg.seed), _cap(test, cfg.knn.max_test, cfg.seed)
+
+
+def _cap(ds, n, seed):
+    if not n or n >= len(ds):
+        return ds
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    sub = Subset(ds, idx.tolist())
+    sub.classes = ds.classes
+    return sub
+
+
+def knn_of(model, train, test, cfg, device, progress=True, tag=""):
+    ftr, ytr = extract_features(model, feature_loader(train, num_workers=cfg.data.num_workers), device,
+                                desc=f"k-NN train {tag}", progress=progress)
+    fte, yte = extract_features(model, feature_loader(test, num_workers=cfg.data.num_workers), device,
+                                desc=f"k-NN test {tag}", progress=progress)
+    return knn_classify(ftr, ytr, fte, yte, ks=cfg.knn.k, temperature=cfg.knn.temperature,
+                        num_classes=len(train.classes))
+
+
+class _Pixels(torch.nn.Module):
+    def forward(self, x):
+        return x.flatten(1)
+
+
+@torch.no_grad()
+def evaluate_run(cfg, backbone: torch.nn.Module, device, progress: bool = True) -> dict:
+    sets = knn_datasets(cfg)
+    if sets is None:
+        return {"knn_note": "no val split next to the training data: k-NN skipped"}
+    train, test = sets
+    was_training = backbone.training
+    trained = knn_of(backbone, train, test, cfg, device, progress, "trained")
+    torch.manual_seed(cfg.seed)  # the same initial weights the run started from
+    random_init = backbone_from_config(cfg.model).to(device)
+    untrained = knn_of(random_init, train, test, cfg, device, progress, "random init")
+    out = {"knn_k": list(cfg.knn.k), "knn": {str(k): v for k, v in trained.items()},
+           "knn_top1": best_top1(trained), "knn_top5": trained.get(20, next(iter(trained.values())))["top5"],
+           "knn_random_init": {str(k): v for k, v in untrained.items()},
+           "knn_top1_random_init": best_top1(untrained)}
+    if cfg.data.dataset == "digits":
+        pixels = knn_of(_Pixels(), train, test, cfg, device, progress, "pixels")
+        out["knn_pixels"] = {str(k): v for k, v in pixels.items()}
+        out["knn_top1_pixels"] = best_top1(pixels)
+    backbone.train(was_training)
+    D.barrier()
+    return out

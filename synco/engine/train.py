@@ -1,0 +1,343 @@
+"""The pretraining loop: one process or many (torchrun), CPU or CUDA, resumable at any checkpoint.
+
+Every schedule (learning rate, EMA momentum, synthetic-negative window) is a function of the global
+optimizer step or the epoch derived from it, so a resumed run continues them exactly; epochs count
+passes over the whole dataset, whatever the number of processes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm
+
+from .. import schedules
+from ..config import Config, save_config, synthetic_window
+from ..errors import SyncoError
+from ..models.backbone import backbone_meta, export_safetensors, load_state_checked
+from ..models.method import SelfSupervisedModel
+from . import checkpoint as ckpt
+from . import dist as D
+from .data import build_pretrain_data
+from .metrics import MetricsLogger
+from .optim import build_optimizer, build_scheduler
+
+
+class NonFiniteLoss(SyncoError):
+    pass
+
+
+# Config keys that may change when a run is resumed (they do not change the maths of training).
+RESUMABLE_CHANGES = {"resume", "log_every", "ckpt_every_steps", "knn_at_end", "threads", "device", "compile",
+                     "data.num_workers", "data.root", "optim.batch_size", "knn"}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SyncoError("device=cuda was asked for but no CUDA GPU is visible; use device=cpu or device=auto.")
+    return torch.device(name)
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(cfg: Config, rank: int, epoch: int) -> int:
+    """Each (rank, epoch) draws from its own stream, so runs split by a resume replay the same numbers."""
+    return (cfg.seed * 1_000_003 + rank * 10_007 + epoch * 101) % 2**31
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k != "backbone_kwargs":
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    a, b = _flatten(saved), _flatten(current)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if key in RESUMABLE_CHANGES or key.split(".")[0] in RESUMABLE_CHANGES:
+            continue
+        if a.get(key) != b.get(key):
+            diffs.append(f"{key}: checkpoint {a.get(key)!r} vs now {b.get(key)!r}")
+    return diffs
+
+
+@dataclass
+class RunState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epoch in progress (complete epochs before it)
+    batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed
+
+
+class Trainer:
+    def __init__(self, cfg: Config, out_dir: Path, progress: bool = True):
+        self.cfg, self.out = cfg, Path(out_dir)
+        self.device = resolve_device(cfg.device)
+        self.dist = D.init_distributed(self.device.type)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.progress = progress and self.dist.is_main
+        self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        seed_all(cfg.seed + self.dist.rank)
+
+        self.world = self.dist.world_size
+        self.global_batch = cfg.optim.batch_size * self.world
+        self.effective_batch = self.global_batch * cfg.optim.accum_steps
+        if cfg.method != "byol" and cfg.contrast.queue_size % self.global_batch:
+            raise SyncoError(
+                f"contrast.queue_size={cfg.contrast.queue_size} must be a multiple of the global batch "
+                f"{self.global_batch} (optim.batch_size={cfg.optim.batch_size} x {self.world} processes): "
+                "every step replaces a whole slice of the queue.")
+
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        D.barrier()
+        self.data = build_pretrain_data(cfg, self.dist, bad_image_log=self.out / "bad_images.txt")
+        self.batches_per_epoch = self.data.samples_per_rank // cfg.optim.batch_size
+        self.steps_per_epoch = self.batches_per_epoch // cfg.optim.accum_steps
+        if self.steps_per_epoch < 1:
+            raise SyncoError(
+                f"the dataset has {self.data.epoch_size} images per epoch, fewer than one optimizer step needs "
+                f"({self.effective_batch} = batch {cfg.optim.batch_size} x {self.world} processes x "
+                f"{cfg.optim.accum_steps} accumulation steps); lower optim.batch_size.")
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.window = synthetic_window(cfg)
+
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self.model = SelfSupervisedModel(cfg).to(self.device)
+        if self.world > 1:
+            self.model.online = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model.online)
+            self.model.target = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model.target)
+        self.online = self.model.online
+        if self.world > 1:
+            self.online = DDP(self.model.online, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.peak_lr = schedules.scaled_lr(cfg.optim.base_lr, self.effective_batch)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.peak_lr, self.device)
+        self.warmup_steps = int(round(cfg.optim.warmup_epochs * self.steps_per_epoch))
+        self.scheduler = build_scheduler(self.optimizer, self.total_steps, self.warmup_steps, cfg.optim.min_lr)
+        if cfg.compile:
+            self.online = torch.compile(self.online)
+        self.state = RunState()
+        self.ckpt_path = self.out / "checkpoint.pt"
+        self.last_good_epoch: Optional[int] = None
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def save(self) -> None:
+        if not self.dist.is_main:
+            return
+        ckpt.atomic_save({
+            "version": 1,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": None,  # bf16 autocast needs no loss scaling
+            "step": self.state.step,
+            "epoch": self.state.epoch,
+            "batch_in_epoch": self.state.batch_in_epoch,
+            "config": self.cfg.to_dict(),
+            "world_size": self.world,
+            "global_batch": self.global_batch,
+            "rng": ckpt.rng_state(),
+        }, self.ckpt_path)
+
+    def maybe_resume(self) -> bool:
+        if not self.ckpt_path.exists():
+            return False
+        if not self.cfg.resume:
+            raise SyncoError(f"'{self.out}' already holds a checkpoint; use resume=true to continue it, "
+                             "or choose another --out.")
+        state = ckpt.load(self.ckpt_path)
+        saved_cfg = state.get("config", {})
+        if saved_cfg.get("model", {}).get("backbone") != self.cfg.model.backbone:
+            raise SyncoError(f"'{self.ckpt_path}' was trained with backbone "
+                             f"'{saved_cfg.get('model', {}).get('backbone')}', but this run uses "
+                             f"'{self.cfg.model.backbone}'. Use another --out or the same backbone.")
+        diffs = config_differences(saved_cfg, self.cfg.to_dict())
+        if diffs:
+            raise SyncoError(f"cannot resume '{self.ckpt_path}': the config differs from the one it was "
+                             f"trained with ({'; '.join(diffs[:5])}). Use the same settings or another --out.")
+        if state["global_batch"] != self.global_batch:
+            raise SyncoError(f"cannot resume: the checkpoint's global batch is {state['global_batch']}, now it is "
+                             f"{self.global_batch}. Keep optim.batch_size x processes unchanged.")
+        load_state_checked(self.model, state["model"], f"checkpoint '{self.ckpt_path}'", self.cfg.model.backbone)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.state = RunState(state["step"], state["epoch"], state["batch_in_epoch"])
+        if self.state.batch_in_epoch and state["world_size"] == self.world == 1:
+            ckpt.set_rng_state(state["rng"])  # mid-epoch: continue the exact random stream
+        self.last_good_epoch = self.state.epoch
+        return True
+
+    # -- training ---------------------------------------------------------------------------------
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def train(self) -> dict:
+        cfg, st = self.cfg, self.state
+        resumed = self.maybe_resume()
+        if self.dist.is_main:
+            save_config(cfg, self.out / "config.yaml")
+        logger = MetricsLogger(self.out, enabled=self.dist.is_main, resume_step=st.step if resumed else None)
+        accum = cfg.optim.accum_steps
+        bar = tqdm(total=self.total_steps, initial=st.step, disable=not self.progress, unit="step",
+                   dynamic_ncols=True, desc=f"{cfg.method} pretrain")
+        bad = torch.zeros((), dtype=torch.bool, device=self.device)
+        window_sums: dict[str, torch.Tensor] = {}
+        window_steps, window_images, t_window = 0, 0, time.perf_counter()
+        run_images, t_run = 0, time.perf_counter()
+        self.model.train()
+        while st.epoch < cfg.epochs:
+            epoch = st.epoch
+            if st.batch_in_epoch == 0:
+                seed_all(epoch_seed(cfg, self.dist.rank, epoch))
+            use_syn = schedules.synthetic_active(epoch, self.window)
+            loader = self.data.loader(epoch, skip_batches=st.batch_in_epoch)
+            n_batches = self.steps_per_epoch * accum
+            for (x1, x2), _ in _take(loader, n_batches - st.batch_in_epoch):
+                micro = st.batch_in_epoch % accum
+                x1 = x1.to(self.device, non_blocking=True)
+                x2 = x2.to(self.device, non_blocking=True)
+                if micro == 0:
+                    self.scheduler.step_update(num_updates=st.step)
+                sync_grads = micro == accum - 1 or self.world == 1
+                ctx = self.online.no_sync() if (self.world > 1 and not sync_grads) else _nullcontext()
+                with ctx:
+                    with self._autocast():
+                        loss, stats, (k1, k2) = self.model(x1, x2, use_synthetic=use_syn, online=self.online)
+                    (loss / accum).backward()
+                self.model.enqueue(D.all_gather_cat(k1), D.all_gather_cat(k2))
+                bad |= ~torch.isfinite(loss.detach())
+                stats["loss"] = loss.detach()
+                for key, v in stats.items():
+                    window_sums[key] = window_sums.get(key, 0) + v.float()
+                window_images += x1.shape[0] * self.world
+                st.batch_in_epoch += 1
+                if micro < accum - 1:
+                    continue
+                if cfg.optim.clip_grad:
+                    torch.nn.utils.clip_grad_norm_(self.model.online.parameters(), cfg.optim.clip_grad, foreach=True)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                momentum = schedules.momentum_at(st.step, self.total_steps, cfg.contrast.momentum_start)
+                self.model.momentum_update(momentum)
+                st.step += 1
+                window_steps += 1
+                bar.update(1)
+                if st.step % cfg.log_every == 0 or st.step == self.total_steps:
+                    self._check_finite(bad)
+                    dt = time.perf_counter() - t_window
+                    record = {"step": st.step, "epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"],
+                              "momentum": momentum, "synthetic": int(use_syn),
+                              "images_per_second": window_images / max(dt, 1e-9)}
+                    n_micro = window_steps * accum
+                    record.update({k: float(v) / n_micro for k, v in window_sums.items()})
+                    logger.log(record)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", ep=epoch, syn=int(use_syn))
+                    run_images += window_images
+                    window_sums, window_steps, window_images, t_window = {}, 0, 0, time.perf_counter()
+                if cfg.ckpt_every_steps and st.step % cfg.ckpt_every_steps == 0 and st.batch_in_epoch < n_batches:
+                    self._check_finite(bad)
+                    self.save()
+            st.epoch, st.batch_in_epoch = epoch + 1, 0
+            self._check_finite(bad)
+            self.save()
+            self.last_good_epoch = st.epoch
+            if self.dist.is_main:
+                logger.log({"step": st.step, "epoch": epoch, "epoch_end": True,
+                            "real_images": self.data.epoch_counts(epoch)[0],
+                            "synthetic_images": self.data.epoch_counts(epoch)[1],
+                            "bad_images": self.data.bad_images()})
+        bar.close()
+        logger.close()
+        run_images += window_images
+        elapsed = time.perf_counter() - t_run
+        return {"images_per_second": run_images / max(elapsed, 1e-9), "train_seconds": elapsed,
+                "steps": st.step, "resumed": resumed}
+
+    def _check_finite(self, bad: torch.Tensor) -> None:
+        if self.world > 1:
+            flag = bad.clone().to(torch.int)
+            torch.distributed.all_reduce(flag)
+            bad = flag > 0
+        if bool(bad):
+            kept = (f"the last good checkpoint (epoch {self.last_good_epoch}) is kept in {self.ckpt_path}"
+                    if self.last_good_epoch is not None else "no checkpoint had been written yet")
+            raise NonFiniteLoss(
+                f"the loss became NaN or infinite before step {self.state.step} (epoch {self.state.epoch}); "
+                f"stopping without saving the broken weights: {kept}. Lower optim.base_lr, set "
+                "optim.clip_grad, or try precision=fp32.")
+
+    def export(self) -> Path:
+        path = self.out / "backbone.safetensors"
+        if self.dist.is_main:
+            export_safetensors(self.model.online.backbone, backbone_meta(self.cfg.model), path)
+        return path
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def _take(iterable, n: int):
+    if n <= 0:
+        return
+    for i, item in enumerate(iterable):
+        yield item
+        if i + 1 >= n:
+            return
+
+
+def pretrain(cfg: Config, out_dir: Path, progress: bool = True) -> dict:
+    """Train, export the backbone, evaluate k-NN, write ``summary.json``; returns the summary."""
+    from .summary import evaluate_run
+
+    trainer = Trainer(cfg, out_dir, progress=progress)
+    result = trainer.train()
+    trainer.export()
+    summary = {"method": cfg.method, "backbone": cfg.model.backbone, "epochs": cfg.epochs,
+               "steps": result["steps"], "world_size": trainer.world, "global_batch": trainer.global_batch,
+               "effective_batch": trainer.effective_batch, "peak_lr": trainer.peak_lr,
+               "images_per_second": result["images_per_second"], "train_seconds": result["train_seconds"],
+               "bad_images": trainer.data.bad_images()}
+    if cfg.knn_at_end:
+        summary.update(evaluate_run(cfg, trainer.model.online.backbone, trainer.device, progress=progress))
+    if trainer.dist.is_main:
+        ckpt.atomic_write_text(json.dumps(summary, indent=2) + "\n", Path(out_dir) / "summary.json")
+    D.barrier()
+    return summary
+
+
+def total_steps_for(cfg: Config, epoch_size: int, world: int) -> int:
+    per_rank = epoch_size // world
+    return (per_rank // cfg.optim.batch_size // cfg.optim.accum_steps) * cfg.epochs
+
+
+__all__ = ["Trainer", "pretrain", "NonFiniteLoss", "total_steps_for", "math"]

@@ -1,0 +1,75 @@
+"""The linear classifier of `synco eval linear`, saved as one file other protocols reload.
+
+File format (``linear_head.pt``, read with ``torch.load(weights_only=True)``):
+``{"weight": [C, D], "bias": [C], "bn": bool, "bn_mean": [D] | None, "bn_var": [D] | None,
+   "classes": [names], "backbone": meta dict, "image_size": int}``.
+``bn`` marks a parameter-free BatchNorm (affine=False) applied to features before the linear layer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from ..engine.checkpoint import atomic_save
+from ..errors import SyncoError
+
+
+class LinearHead(nn.Module):
+    def __init__(self, dim: int, num_classes: int, bn: bool = False):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(dim, affine=False) if bn else None
+        self.linear = nn.Linear(dim, num_classes)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        if self.bn is not None:
+            f = self.bn(f)
+        return self.linear(f)
+
+
+class Classifier(nn.Module):
+    """backbone + linear head: the model robustness and adversarial evaluations attack."""
+
+    def __init__(self, backbone: nn.Module, head: LinearHead):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def save_head(head: LinearHead, path: Path, classes: list, backbone_meta: dict, image_size: int) -> None:
+    atomic_save({
+        "weight": head.linear.weight.detach().cpu(), "bias": head.linear.bias.detach().cpu(),
+        "bn": head.bn is not None,
+        "bn_mean": head.bn.running_mean.cpu() if head.bn is not None else None,
+        "bn_var": head.bn.running_var.cpu() if head.bn is not None else None,
+        "classes": list(classes), "backbone": dict(backbone_meta), "image_size": int(image_size),
+    }, path)
+
+
+def load_head(path: str | Path, expect_dim: Optional[int] = None) -> tuple[LinearHead, dict]:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "linear_head.pt"
+    if not p.is_file():
+        raise SyncoError(f"linear head '{path}' not found; train one with `synco eval linear` (it writes linear_head.pt).")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+        weight, bias = state["weight"], state["bias"]
+    except Exception as e:  # noqa: BLE001
+        raise SyncoError(f"cannot read linear head '{p}': {e}") from None
+    num_classes, dim = weight.shape
+    if expect_dim is not None and dim != expect_dim:
+        raise SyncoError(f"linear head '{p}' expects {dim}-d features but the backbone gives {expect_dim}-d: "
+                         "was it trained on another backbone?")
+    head = LinearHead(dim, num_classes, bn=bool(state["bn"]))
+    head.linear.weight.data.copy_(weight)
+    head.linear.bias.data.copy_(bias)
+    if head.bn is not None:
+        head.bn.running_mean.copy_(state["bn_mean"])
+        head.bn.running_var.copy_(state["bn_var"])
+    return head.eval(), state

@@ -1,0 +1,28 @@
+"""Results as JSON (written atomically) plus compact Markdown tables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from ..engine.checkpoint import atomic_write_text
+
+
+def save_result(out_dir: Path, name: str, result: dict) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    atomic_write_text(json.dumps(result, indent=2, default=str) + "\n", path)
+    return path
+
+
+def markdown_table(rows: Iterable[dict], columns: Sequence[str], floatfmt: str = ".2f") -> str:
+    def cell(v):
+        if isinstance(v, float):
+            return format(v, floatfmt)
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)

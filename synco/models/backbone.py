@@ -1,0 +1,182 @@
+"""Backbones come from timm by name; this file only adds the papers' ablation switches and loading.
+
+Features are timm's pooled output with ``num_classes=0``: the [CLS] token for DeiT/ViT
+(``global_pool='token'``) and the global average pool for Swin.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import timm
+import torch
+import torch.nn as nn
+
+from ..errors import SyncoError
+
+# The CPU demo backbone: a 4-block ViT on small images (timm's ViT with overridden sizes).
+TINY_VIT = dict(img_size=16, patch_size=4, embed_dim=96, depth=4, num_heads=3)
+
+
+class TokenBatchNorm(nn.Module):
+    """BatchNorm over the channel (last) dim of token tensors [..., C]; the MoCo-v3 'BN before MLP' trick."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        return self.bn(x.reshape(-1, shape[-1])).reshape(shape)
+
+
+def _blocks(model: nn.Module):
+    for module in model.modules():
+        if hasattr(module, "norm2") and hasattr(module, "mlp"):
+            yield module
+
+
+def create_backbone(name: str, drop_path_rate: float = 0.0, bn_before_mlp: bool = False,
+                    fixed_patch_embed: bool = False, **kwargs: Any) -> nn.Module:
+    """A timm model without classifier; ``model.num_features`` is the feature size."""
+    try:
+        model = timm.create_model(name, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate, **kwargs)
+    except RuntimeError as e:  # timm raises RuntimeError('Unknown model ...')
+        raise SyncoError(f"cannot create backbone '{name}': {e}. Any timm ViT/Swin name works, "
+                         "e.g. deit_small_patch16_224 or swin_tiny_patch4_window7_224.") from None
+    except TypeError as e:
+        raise SyncoError(f"backbone '{name}' does not accept model.backbone_kwargs={kwargs}: {e}") from None
+    if bn_before_mlp:
+        blocks = list(_blocks(model))
+        if not blocks:
+            raise SyncoError(f"model.bn_before_mlp=true needs transformer blocks with norm2/mlp; '{name}' has none.")
+        for block in blocks:
+            block.norm2 = TokenBatchNorm(block.norm2.normalized_shape[0])
+    if fixed_patch_embed:
+        patch = getattr(model, "patch_embed", None)
+        if patch is None:
+            raise SyncoError(f"model.fixed_patch_embed=true needs a patch_embed module; '{name}' has none.")
+        for p in patch.parameters():
+            p.requires_grad_(False)
+    return model
+
+
+def backbone_from_config(model_cfg, drop_path_rate: float = 0.0) -> nn.Module:
+    return create_backbone(model_cfg.backbone, drop_path_rate=drop_path_rate, bn_before_mlp=model_cfg.bn_before_mlp,
+                           fixed_patch_embed=model_cfg.fixed_patch_embed, **model_cfg.backbone_kwargs)
+
+
+def input_size(model: nn.Module) -> int:
+    """The square input size a backbone expects (timm records it in its pretrained_cfg)."""
+    size = getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224))[-1]
+    patch = getattr(model, "patch_embed", None)
+    if patch is not None and getattr(patch, "img_size", None):
+        size = patch.img_size[-1] if isinstance(patch.img_size, (tuple, list)) else patch.img_size
+    return int(size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a trained backbone from a run dir, a checkpoint or an exported safetensors file
+
+META_KEY = "synco"
+
+
+def backbone_meta(model_cfg) -> dict:
+    return {"backbone": model_cfg.backbone, "backbone_kwargs": dict(model_cfg.backbone_kwargs),
+            "bn_before_mlp": bool(model_cfg.bn_before_mlp)}
+
+
+def export_safetensors(model: nn.Module, meta: dict, path: Path) -> None:
+    """Save backbone weights so ``timm.create_model(name, pretrained=True,
+    pretrained_cfg_overlay=dict(file=path), num_classes=0)`` loads them; ``meta`` rides in the header."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = Path(path).with_suffix(".tmp")
+    save_file(state, str(tmp), metadata={META_KEY: json.dumps(meta)})
+    tmp.replace(path)
+
+
+def _meta_from_safetensors(path: Path) -> Optional[dict]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get(META_KEY)
+    return json.loads(raw) if raw else None
+
+
+def _online_backbone_state(state: dict) -> dict:
+    prefix = "online.backbone."
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def load_checkpoint_file(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling/IO failure is the user's file
+        raise SyncoError(f"cannot read checkpoint '{path}': {e.__class__.__name__}: {e}. "
+                         "Is it a synco checkpoint.pt written completely?") from None
+
+
+def load_backbone(path: str, backbone: Optional[str] = None, backbone_kwargs: Optional[dict] = None,
+                  device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Return (backbone in eval mode, meta) from a run directory, its ``checkpoint.pt``, an exported
+    ``backbone.safetensors``, or the word ``random`` (untrained; needs ``backbone``)."""
+    meta: Optional[dict] = None
+    state: Optional[dict] = None
+    if path == "random":
+        if not backbone:
+            raise SyncoError("--checkpoint random needs a backbone name (backbone=deit_small_patch16_224).")
+        meta = {"backbone": backbone, "backbone_kwargs": dict(backbone_kwargs or {}), "bn_before_mlp": False}
+    else:
+        p = Path(path)
+        if p.is_dir():
+            for name in ("checkpoint.pt", "backbone.safetensors"):
+                if (p / name).is_file():
+                    p = p / name
+                    break
+            else:
+                raise SyncoError(f"'{path}' holds neither checkpoint.pt nor backbone.safetensors.")
+        if not p.is_file():
+            raise SyncoError(f"checkpoint '{path}' does not exist.")
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            try:
+                state = load_file(str(p))
+                meta = _meta_from_safetensors(p)
+            except Exception as e:  # noqa: BLE001
+                raise SyncoError(f"cannot read '{p}' as safetensors: {e}") from None
+            if meta is None:
+                if not backbone:
+                    raise SyncoError(f"'{p}' carries no synco metadata; give backbone=NAME.")
+                meta = {"backbone": backbone, "backbone_kwargs": dict(backbone_kwargs or {}), "bn_before_mlp": False}
+        else:
+            ckpt = load_checkpoint_file(p)
+            if "config" not in ckpt or "model" not in ckpt:
+                raise SyncoError(f"'{p}' is not a synco pretraining checkpoint (no config/model entries).")
+            mcfg = ckpt["config"]["model"]
+            meta = {"backbone": mcfg["backbone"], "backbone_kwargs": dict(mcfg["backbone_kwargs"]),
+                    "bn_before_mlp": bool(mcfg["bn_before_mlp"]), "method": ckpt["config"]["method"],
+                    "epoch": ckpt.get("epoch")}
+            state = _online_backbone_state(ckpt["model"])
+        if backbone and backbone != meta["backbone"]:
+            raise SyncoError(f"checkpoint '{path}' holds a '{meta['backbone']}' backbone, but backbone={backbone} was asked for.")
+    model = create_backbone(meta["backbone"], bn_before_mlp=meta.get("bn_before_mlp", False), **meta["backbone_kwargs"])
+    if state is not None:
+        load_state_checked(model, state, f"checkpoint '{path}'", meta["backbone"])
+    meta["source"] = str(path)
+    meta["num_features"] = int(model.num_features)
+    return model.to(device).eval(), meta
+
+
+def load_state_checked(model: nn.Module, state: dict, what: str, arch: str) -> None:
+    """``load_state_dict`` with a short message instead of a page of missing/unexpected keys."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0:3]
+        raise SyncoError(f"{what} does not match the '{arch}' architecture (another backbone or other "
+                         f"model settings?): {' '.join(first)[:400]}") from None

@@ -1,0 +1,298 @@
+"""Synthetic hard negatives in feature space (paper sections 3.2 and 8, equations 2-8).
+
+For every query ``q`` we take its own ``n_hard`` most similar queue entries (its hard set) and
+build ``counts[t]`` synthetic negatives with rule ``t`` (types 1..6 = ``RULES`` in order):
+
+1. interpolate            a*q + (1-a)*n_i,                 a ~ U(0, alpha_max)      (eq. 3)
+2. extrapolate            n_i + b*(n_i - q),               b ~ U(1, beta_max)       (eq. 4)
+3. mix                    g*n_i + (1-g)*n_j,               g ~ U(0, 1)              (eq. 5)
+4. add_noise              n_i + N(0, sigma^2 I)                                     (eq. 6)
+5. gradient_step          n_i + delta * grad_n cos(q, n_i)                          (eq. 7)
+6. signed_gradient_step   n_i + eta * sign(grad_n cos(q, n_i))                      (eq. 8)
+
+``n_i`` and ``n_j`` are drawn uniformly and independently from the query's hard set, and every
+coefficient is drawn per (query, slot). Each raw vector is then L2-normalised (eq. 2).
+
+Differences from the authors' public code (giakoumoglou/synco-v2, ``models/synco.py``), where we
+follow the paper instead:
+
+* Types 5 and 6 there differentiate the *dot product* q.n with autograd, whose gradient is just
+  ``q``, inside a Python loop over slots. We use the cosine similarity the paper defines, whose
+  gradient has the closed form in :func:`cosine_grad`, vectorised over queries and slots.
+* Type 2 there is ``q + b*(n - q)``; equation (4) is ``n + b*(n - q)``.
+* That code also hard-codes sigma = 0.1 (the paper says 0.01).
+
+Everything here is a function of detached inputs: no gradient flows into the synthetic negatives.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+
+from synco.errors import SyncoError
+
+__all__ = [
+    "NegativesArgumentError",
+    "RULES",
+    "Rule",
+    "SyntheticNegatives",
+    "add_noise",
+    "cosine_grad",
+    "extrapolate",
+    "gradient_step",
+    "interpolate",
+    "mix",
+    "signed_gradient_step",
+]
+
+_EPS = 1e-12
+
+
+class NegativesArgumentError(SyncoError, ValueError):
+    """Invalid configuration or inputs: a SyncoError (user-facing) that is also a ValueError."""
+
+
+# --- the six rules as plain maths (broadcasting over any leading dimensions) -------------------
+
+
+def cosine_grad(q: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """Gradient of cos(q, n) with respect to n, along the last dimension.
+
+    grad_n cos(q, n) = q / (|q||n|) - (q.n) n / (|q||n|^3)
+    """
+    q_norm = torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(_EPS)
+    n_norm = torch.linalg.vector_norm(n, dim=-1, keepdim=True).clamp_min(_EPS)
+    dot = torch.linalg.vecdot(q, n, dim=-1).unsqueeze(-1)
+    # = (q - (q.n / |n|^2) n) / (|q||n|); addcmul fuses the [..., C]-sized work into one kernel
+    return torch.addcmul(q, dot / n_norm**2, n, value=-1) / (q_norm * n_norm)
+
+
+def interpolate(q: torch.Tensor, n_i: torch.Tensor, alpha) -> torch.Tensor:
+    """Type 1, eq. (3): alpha*q + (1 - alpha)*n_i."""
+    # lerp(a, b, w) = a + w*(b - a): one fused kernel instead of three broadcast ops
+    return torch.lerp(n_i, q, alpha)
+
+
+def extrapolate(q: torch.Tensor, n_i: torch.Tensor, beta) -> torch.Tensor:
+    """Type 2, eq. (4): n_i + beta*(n_i - q) = q + (1 + beta)*(n_i - q)."""
+    return torch.lerp(q, n_i, 1 + beta)
+
+
+def mix(n_i: torch.Tensor, n_j: torch.Tensor, gamma) -> torch.Tensor:
+    """Type 3, eq. (5): gamma*n_i + (1 - gamma)*n_j."""
+    return torch.lerp(n_j, n_i, gamma)
+
+
+def add_noise(n_i: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Type 4, eq. (6): n_i + noise, with noise ~ N(0, sigma^2 I) drawn by the caller."""
+    return n_i + noise
+
+
+def gradient_step(q: torch.Tensor, n_i: torch.Tensor, delta: float) -> torch.Tensor:
+    """Type 5, eq. (7): n_i + delta * grad_{n_i} cos(q, n_i)."""
+    return torch.add(n_i, cosine_grad(q, n_i), alpha=delta)
+
+
+def signed_gradient_step(q: torch.Tensor, n_i: torch.Tensor, eta: float) -> torch.Tensor:
+    """Type 6, eq. (8): n_i + eta * sign(grad_{n_i} cos(q, n_i))."""
+    return torch.add(n_i, torch.sign(cosine_grad(q, n_i)), alpha=eta)
+
+
+# --- how each rule draws its inputs ----------------------------------------------------------
+
+
+class _Draw:
+    """Random inputs for the [B, count] slots of one rule, drawn in call order.
+
+    ``hard()`` picks one uniformly random entry of each query's hard set per slot and gathers
+    it straight from the queue, so nothing larger than [B, count, C] is materialised.
+    """
+
+    def __init__(self, queue: torch.Tensor, hard_idx: torch.Tensor, count: int, generator):
+        self._queue = queue
+        self._hard_idx = hard_idx
+        self._generator = generator
+        self._shape = (hard_idx.shape[0], count)
+
+    def hard(self) -> torch.Tensor:
+        n_hard = self._hard_idx.shape[1]
+        pick = torch.randint(n_hard, self._shape, generator=self._generator, device=self._queue.device)
+        rows = self._hard_idx.gather(1, pick).reshape(-1)
+        return self._queue.index_select(0, rows).view(*self._shape, self._queue.shape[1])
+
+    def uniform(self, low: float, high: float) -> torch.Tensor:
+        """[B, count, 1] coefficients from U(low, high)."""
+        u = torch.rand(
+            (*self._shape, 1), generator=self._generator, device=self._queue.device, dtype=torch.float32
+        )
+        return u * (high - low) + low
+
+    def normal(self, std: float) -> torch.Tensor:
+        """[B, count, C] noise from N(0, std^2 I)."""
+        z = torch.randn(
+            (*self._shape, self._queue.shape[1]),
+            generator=self._generator,
+            device=self._queue.device,
+            dtype=torch.float32,
+        )
+        return z * std
+
+
+class Rule(NamedTuple):
+    """One synthetic-negative type: ``build(q, draw, cfg) -> raw [B, count, C]``.
+
+    ``q`` is [B, 1, C]; ``draw`` supplies hard entries and coefficients (see ``_Draw``);
+    ``cfg`` is the ``SyntheticNegatives`` instance, for its hyper-parameters. Python evaluates
+    arguments left to right, so the draw order within a rule is the order written below.
+    """
+
+    name: str
+    build: Callable[[torch.Tensor, _Draw, "SyntheticNegatives"], torch.Tensor]
+
+
+# Types 1..6 in slot order; `counts` has one entry per rule. To add a rule: write its maths
+# above, append one line here, and test it.
+RULES: tuple[Rule, ...] = (
+    Rule("interpolate", lambda q, d, c: interpolate(q, d.hard(), d.uniform(0.0, c.alpha_max))),
+    Rule("extrapolate", lambda q, d, c: extrapolate(q, d.hard(), d.uniform(1.0, c.beta_max))),
+    Rule("mix", lambda q, d, c: mix(d.hard(), d.hard(), d.uniform(0.0, 1.0))),
+    Rule("add_noise", lambda q, d, c: add_noise(d.hard(), d.normal(c.sigma))),
+    Rule("gradient_step", lambda q, d, c: gradient_step(q, d.hard(), c.delta)),
+    Rule("signed_gradient_step", lambda q, d, c: signed_gradient_step(q, d.hard(), c.eta)),
+)
+
+DEFAULT_COUNT = 128
+
+
+# --- the generator ---------------------------------------------------------------------------
+
+
+def _real(name: str, value, *, low: float, high: float = math.inf, low_open: bool = False) -> float:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        value = float(value)
+        ok = (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        lo = "(" if low_open else "["
+        hi = f"{high:g}]" if math.isfinite(high) else "inf)"
+        raise NegativesArgumentError(f"{name} must be a finite number in {lo}{low:g}, {hi}, got {value!r}")
+    return value
+
+
+class SyntheticNegatives:
+    """Generate synthetic hard negatives for a batch of queries against a queue of negatives.
+
+    ``gen(q, queue, generator=None)`` takes L2-normalised queries ``q`` [B, C] and queue
+    ``queue`` [K, C] and returns ``[B, num_synthetic, C]`` unit vectors in ``q``'s dtype,
+    detached, slots ordered by type (``counts[0]`` type-1 slots first, and so on).
+
+    Randomness comes from ``generator`` (a ``torch.Generator`` on ``q``'s device) or, if None,
+    the global torch RNG. Draws happen in a fixed order: for each type 1..6 with a non-zero
+    count, that rule's draws (hard-set picks, then its coefficient or noise). A type with count 0
+    draws nothing, so switching one type off changes the draws of the types after it; magnitudes
+    (e.g. sigma = 0) never change what is drawn.
+
+    Maths runs in float32 with autocast disabled, whatever the input dtype or autocast state.
+    """
+
+    def __init__(
+        self,
+        n_hard: int = 256,
+        counts: Sequence[int] | None = None,
+        alpha_max: float = 0.5,
+        beta_max: float = 1.5,
+        sigma: float = 0.01,
+        delta: float = 0.01,
+        eta: float = 0.01,
+    ):
+        if not isinstance(n_hard, numbers.Integral) or isinstance(n_hard, bool) or n_hard < 1:
+            raise NegativesArgumentError(f"n_hard must be an integer >= 1, got {n_hard!r}")
+        if counts is None:
+            counts = (DEFAULT_COUNT,) * len(RULES)
+        if isinstance(counts, (str, bytes)) or not isinstance(counts, Sequence) or len(counts) != len(RULES):
+            names = ", ".join(rule.name for rule in RULES)
+            raise NegativesArgumentError(
+                f"counts must have one entry per rule ({len(RULES)}: {names}), got {counts!r}"
+            )
+        for c in counts:
+            if not isinstance(c, numbers.Integral) or isinstance(c, bool) or c < 0:
+                raise NegativesArgumentError(f"counts must be non-negative integers, got {tuple(counts)!r}")
+
+        self.n_hard = int(n_hard)
+        self.counts = tuple(int(c) for c in counts)
+        self.alpha_max = _real("alpha_max", alpha_max, low=0.0, high=1.0, low_open=True)
+        self.beta_max = _real("beta_max", beta_max, low=1.0)
+        self.sigma = _real("sigma", sigma, low=0.0)
+        self.delta = _real("delta", delta, low=0.0)
+        self.eta = _real("eta", eta, low=0.0)
+
+    @property
+    def num_synthetic(self) -> int:
+        return sum(self.counts)
+
+    @property
+    def slices(self) -> dict[str, slice]:
+        """Slot range of each rule in the output, by rule name (empty slices for count 0)."""
+        out, start = {}, 0
+        for rule, count in zip(RULES, self.counts):
+            out[rule.name] = slice(start, start + count)
+            start += count
+        return out
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(n_hard={self.n_hard}, counts={self.counts}, "
+            f"alpha_max={self.alpha_max:g}, beta_max={self.beta_max:g}, "
+            f"sigma={self.sigma:g}, delta={self.delta:g}, eta={self.eta:g})"
+        )
+
+    def _check_inputs(self, q, queue, generator) -> None:
+        if not isinstance(q, torch.Tensor) or q.dim() != 2 or not q.is_floating_point():
+            raise NegativesArgumentError(f"q must be a 2-D floating tensor [B, C], got {_describe(q)}")
+        if not isinstance(queue, torch.Tensor) or queue.dim() != 2 or not queue.is_floating_point():
+            raise NegativesArgumentError(
+                f"queue must be a 2-D floating tensor [K, C], got {_describe(queue)}"
+            )
+        if q.shape[1] != queue.shape[1]:
+            raise NegativesArgumentError(
+                f"q and queue channel dimensions differ: q is {tuple(q.shape)}, queue is {tuple(queue.shape)}"
+            )
+        if q.device != queue.device:
+            raise NegativesArgumentError(f"q is on {q.device} but queue is on {queue.device}")
+        if self.n_hard > queue.shape[0]:
+            raise NegativesArgumentError(f"n_hard={self.n_hard} exceeds the queue size K={queue.shape[0]}")
+        if generator is not None and generator.device.type != q.device.type:
+            raise NegativesArgumentError(f"generator is on {generator.device} but q is on {q.device}")
+
+    @torch.no_grad()
+    def __call__(self, q: torch.Tensor, queue: torch.Tensor, generator: torch.Generator | None = None):
+        self._check_inputs(q, queue, generator)
+        batch, channels = q.shape
+        if self.num_synthetic == 0:
+            return q.new_zeros((batch, 0, channels))
+
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            q32 = q.detach().float()
+            queue32 = queue.detach().float()
+            # Inputs are unit vectors, so the dot product ranks by cosine similarity.
+            hard_idx = (q32 @ queue32.T).topk(self.n_hard, dim=1, sorted=False).indices
+            q_row = q32.unsqueeze(1)
+
+            out = torch.empty((batch, self.num_synthetic, channels), device=q.device, dtype=torch.float32)
+            for rule, span in zip(RULES, self.slices.values()):
+                if span.stop > span.start:
+                    draw = _Draw(queue32, hard_idx, span.stop - span.start, generator)
+                    out[:, span] = rule.build(q_row, draw, self)
+
+            out.div_(torch.linalg.vector_norm(out, dim=-1, keepdim=True).clamp_min_(_EPS))
+        return out.to(q.dtype)
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
+    return type(x).__name__

@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny offline image datasets and per-test seeding."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+def _photos() -> dict[str, list[np.ndarray]]:
+    """Real photos that ship with scikit-image / scikit-learn, two per class (no download)."""
+    import skimage.data
+    from sklearn.datasets import load_sample_images
+
+    china, flower = load_sample_images().images
+    return {
+        "indoor": [skimage.data.chelsea(), skimage.data.coffee()],
+        "outdoor": [china, flower],
+        "space": [skimage.data.astronaut(), skimage.data.rocket()],
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_imagefolder(tmp_path_factory):
+    """``root/{train,val}/{indoor,outdoor,space}/*.jpg``: 6 train and 3 val 48x48 RGB crops per class."""
+    root = tmp_path_factory.mktemp("tiny_imagefolder")
+    rng = np.random.default_rng(0)
+    for cls, photos in _photos().items():
+        # Shrink first so a 48 px crop shows a recognisable part of the photo, not a flat patch.
+        small = []
+        for p in photos:
+            img = Image.fromarray(p)
+            scale = 96 / min(img.size)
+            small.append(np.asarray(img.resize((round(img.width * scale), round(img.height * scale)))))
+        for split, n in (("train", 6), ("val", 3)):
+            out = root / split / cls
+            out.mkdir(parents=True)
+            for i in range(n):
+                p = small[i % len(small)]
+                y = rng.integers(0, p.shape[0] - 48 + 1)
+                x = rng.integers(0, p.shape[1] - 48 + 1)
+                Image.fromarray(p[y:y + 48, x:x + 48]).save(out / f"{i:02d}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture(scope="session")
+def digits_folder(tmp_path_factory):
+    """``root/{train,val}/<0..9>/*.png``: 32x32 digits, 20 train and 10 val (from the test split) per class."""
+    from synco.data.digits import export_digits_imagefolder
+
+    root = tmp_path_factory.mktemp("digits_folder")
+    export_digits_imagefolder(root / "train", "train", image_size=32, per_class=20)
+    export_digits_imagefolder(root / "val", "test", image_size=32, per_class=10)
+    return root
