@@ -64,6 +64,7 @@ class DataConfig:
     image_size: int = 224
     crop_scale: list = field(default_factory=lambda: [0.08, 1.0])
     num_workers: int = 8
+    max_images: Optional[int] = None  # a fixed random subset of the training set (quick runs, tests)
     synthetic_root: Optional[str] = None  # Syn2Co: ImageFolder of generated images
     synthetic_ratio: float = 0.0  # fraction of each epoch's samples drawn from synthetic_root
     synthetic_mode: str = "replace"  # replace: epoch size = real size; add: real + synthetic
@@ -139,6 +140,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 errors.append(str(e))
         raise SyncoError(errors[0] if errors else f"config key '{key}': bad value {value!r}")
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SyncoError(f"config key '{key}' expects a number, got {value!r}.")
         return float(value)
@@ -345,6 +351,8 @@ def validate(cfg: Config) -> None:
         bad("data.synthetic_mode", "must be replace or add.")
     if d.image_size < 8:
         bad("data.image_size", "must be >= 8.")
+    if d.max_images is not None and d.max_images < 1:
+        bad("data.max_images", "must be >= 1 (or null for all images).")
     if d.num_workers < 0:
         bad("data.num_workers", "must be >= 0.")
 

@@ -62,3 +62,18 @@ def digits_folder(tmp_path_factory):
     export_digits_imagefolder(root / "train", "train", image_size=32, per_class=20)
     export_digits_imagefolder(root / "val", "test", image_size=32, per_class=10)
     return root
+
+
+# A pretraining config small enough for seconds-long CPU runs (digits subset, 1-block ViT).
+TINY_OVERRIDES = [
+    "epochs=2", "optim.warmup_epochs=0", "negatives.warmup_epochs=0", "negatives.cooldown_epochs=0",
+    "optim.batch_size=32", "contrast.queue_size=128", "negatives.n_hard=16", "negatives.counts=[4,4,4,4,4,4]",
+    "model.proj_hidden=64", "model.pred_hidden=64", "model.proj_dim=32",
+    "model.backbone_kwargs={img_size: 16, patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2}",
+    "data.max_images=128", "knn_at_end=false", "log_every=1", "threads=1",
+]
+
+
+@pytest.fixture
+def tiny_overrides():
+    return list(TINY_OVERRIDES)

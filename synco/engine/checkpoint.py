@@ -39,7 +39,9 @@ def load(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - corrupt or foreign file
-        raise SyncoError(f"cannot load checkpoint '{path}': {e.__class__.__name__}: {str(e)[:300]}") from None
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise SyncoError(f"cannot load checkpoint '{path}' ({e.__class__.__name__}: {first}). It may be "
+                         "corrupt or not a synco checkpoint; move it away to start afresh.") from None
 
 
 def rng_state() -> dict:

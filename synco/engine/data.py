@@ -79,6 +79,9 @@ class PretrainData:
         views = TwoViews(t1, t2)
         self.real = build_dataset(d.dataset, root=d.root, split="train", transform=views, class_list=d.class_list,
                                   image_size=d.image_size, bad_image_log=bad_image_log)
+        if d.max_images and d.max_images < len(self.real):
+            keep = torch.randperm(len(self.real), generator=torch.Generator().manual_seed(cfg.seed))[: d.max_images]
+            self.real = torch.utils.data.Subset(self.real, keep.sort().values.tolist())
         self.synthetic = None
         n_real, n_syn = len(self.real), 0
         if d.synthetic_root and d.synthetic_ratio > 0:
@@ -103,9 +106,6 @@ class PretrainData:
                           num_workers=workers, pin_memory=torch.cuda.is_available(),
                           persistent_workers=False, prefetch_factor=4 if workers else None,
                           generator=torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch))
-
-    def epoch_counts(self, epoch: int) -> tuple[int, int]:
-        return self.counts
 
     def bad_images(self) -> int:
         return count_bad_images(self.bad_image_log) if self.bad_image_log else 0

@@ -8,7 +8,6 @@ passes over the whole dataset, whatever the number of processes.
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -196,9 +195,10 @@ class Trainer:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
-    def train(self) -> dict:
+    def train(self, stop_at_step: Optional[int] = None) -> dict:
+        """Run to the end (or, to simulate an interruption, return after checkpointing at ``stop_at_step``)."""
+        resumed = self.maybe_resume()  # replaces self.state: bind st only after it
         cfg, st = self.cfg, self.state
-        resumed = self.maybe_resume()
         if self.dist.is_main:
             save_config(cfg, self.out / "config.yaml")
         logger = MetricsLogger(self.out, enabled=self.dist.is_main, resume_step=st.step if resumed else None)
@@ -259,18 +259,24 @@ class Trainer:
                     bar.set_postfix(loss=f"{record['loss']:.3f}", ep=epoch, syn=int(use_syn))
                     run_images += window_images
                     window_sums, window_steps, window_images, t_window = {}, 0, 0, time.perf_counter()
-                if cfg.ckpt_every_steps and st.step % cfg.ckpt_every_steps == 0 and st.batch_in_epoch < n_batches:
+                if st.batch_in_epoch < n_batches and (
+                        (cfg.ckpt_every_steps and st.step % cfg.ckpt_every_steps == 0) or st.step == stop_at_step):
                     self._check_finite(bad)
                     self.save()
+                if st.step == stop_at_step:
+                    break
+            if stop_at_step is not None and st.step == stop_at_step and st.batch_in_epoch < n_batches:
+                break
             st.epoch, st.batch_in_epoch = epoch + 1, 0
             self._check_finite(bad)
             self.save()
             self.last_good_epoch = st.epoch
             if self.dist.is_main:
-                logger.log({"step": st.step, "epoch": epoch, "epoch_end": True,
-                            "real_images": self.data.epoch_counts(epoch)[0],
-                            "synthetic_images": self.data.epoch_counts(epoch)[1],
-                            "bad_images": self.data.bad_images()})
+                real, synthetic = self.data.counts
+                logger.log({"step": st.step, "epoch": epoch, "epoch_end": True, "real_images": real,
+                            "synthetic_images": synthetic, "bad_images": self.data.bad_images()})
+            if st.step == stop_at_step:
+                break
         bar.close()
         logger.close()
         run_images += window_images
@@ -334,10 +340,3 @@ def pretrain(cfg: Config, out_dir: Path, progress: bool = True) -> dict:
     D.barrier()
     return summary
 
-
-def total_steps_for(cfg: Config, epoch_size: int, world: int) -> int:
-    per_rank = epoch_size // world
-    return (per_rank // cfg.optim.batch_size // cfg.optim.accum_steps) * cfg.epochs
-
-
-__all__ = ["Trainer", "pretrain", "NonFiniteLoss", "total_steps_for", "math"]

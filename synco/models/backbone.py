@@ -116,8 +116,9 @@ def load_checkpoint_file(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling/IO failure is the user's file
-        raise SyncoError(f"cannot read checkpoint '{path}': {e.__class__.__name__}: {e}. "
-                         "Is it a synco checkpoint.pt written completely?") from None
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise SyncoError(f"cannot read checkpoint '{path}' ({e.__class__.__name__}: {first}). "
+                         "Is it a synco checkpoint.pt, written completely?") from None
 
 
 def load_backbone(path: str, backbone: Optional[str] = None, backbone_kwargs: Optional[dict] = None,

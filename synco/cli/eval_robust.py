@@ -1,0 +1,88 @@
+"""`synco eval robustness | adversarial | efficiency` (Tables 13, 14 and 15)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .evaluate import common_arguments, finish, options_from
+
+
+def register_protocols(psub) -> None:
+    p = psub.add_parser(
+        "robustness", help="ImageNet-v2/-C/-A/-W/-Sketch/-R top-1 and ImageNet-O FPR95 with a frozen linear head",
+        description="Benchmarks come from folders (imagenet_v2_root=, imagenet_c_root=, imagenet_a_root=, "
+                    "imagenet_w_root=, imagenet_sketch_root=, imagenet_r_root=, imagenet_o_root=); the clean set "
+                    "from dataset=/root=. Without imagenet_c_root / imagenet_w_root the corruptions and the "
+                    "watermark are generated from the clean set. Missing benchmarks are skipped.")
+    common_arguments(p)
+    p.add_argument("--linear-head", required=True, help="linear_head.pt from `synco eval linear` (or its dir)")
+    p.add_argument("--max-images", type=int, default=None, help="at most this many images per evaluated set")
+    p.set_defaults(func=run_robustness)
+
+    p = psub.add_parser("adversarial", help="FGSM/PGD/C&W/Square/AutoAttack/TIFGSM/OnePixel top-1 (torchattacks)")
+    common_arguments(p)
+    p.add_argument("--linear-head", required=True, help="linear_head.pt from `synco eval linear` (or its dir)")
+    p.add_argument("--attacks", default=None,
+                   help="comma-separated subset of fgsm,pgd,cw,square,autoattack,tifgsm,onepixel (default: all)")
+    p.add_argument("--max-images", type=int, default=None, help="attack a fixed random subset of this many images")
+    p.set_defaults(func=run_adversarial)
+
+    p = psub.add_parser("efficiency", help="params, memory and time per epoch of synco/moby/byol (Table 15)",
+                        description="key=value sets efficiency options (preset, methods, batch_size, steps, "
+                                    "warmup_steps, epoch_images, device, threads) or, for any other key, the "
+                                    "pretraining config of the preset (e.g. model.backbone=...).")
+    p.add_argument("--preset", default=None, help="preset name or YAML (default: cpu-demo)")
+    p.add_argument("--batch-size", type=int, default=None, help="per-process batch (default: the preset's)")
+    p.add_argument("--methods", default=None, help="comma-separated methods (default: byol,moby,synco)")
+    p.add_argument("--steps", type=int, default=None, help="measured steps per method (default: 10)")
+    p.add_argument("--out", default=None, help="output dir (default: runs/efficiency)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=run_efficiency, protocol="efficiency")
+
+
+def _with_max_images(args):
+    if getattr(args, "max_images", None) is not None:
+        args.overrides = list(args.overrides or []) + [f"max_images={args.max_images}"]
+    return args
+
+
+def run_robustness(args) -> int:
+    from ..eval.robustness import RobustnessOptions, run_robustness as run
+
+    opts, out = options_from(_with_max_images(args), RobustnessOptions)
+    run(args.checkpoint, args.linear_head, out, opts, progress=not args.no_progress)
+    finish()
+    return 0
+
+
+def run_adversarial(args) -> int:
+    from ..eval.adversarial import AdversarialOptions, parse_attacks, run_adversarial as run
+
+    opts, out = options_from(_with_max_images(args), AdversarialOptions)
+    if args.attacks is not None:
+        opts.attacks = parse_attacks(args.attacks)
+    run(args.checkpoint, args.linear_head, out, opts, progress=not args.no_progress)
+    finish()
+    return 0
+
+
+def run_efficiency(args) -> int:
+    from dataclasses import fields
+
+    from ..config import apply_overrides
+    from ..eval.efficiency import EfficiencyOptions, run_efficiency as run
+
+    names = {f.name for f in fields(EfficiencyOptions)}
+    own = [o for o in args.overrides or [] if o.split("=", 1)[0].strip() in names]
+    config_overrides = [o for o in args.overrides or [] if o not in own]
+    opts = apply_overrides(EfficiencyOptions(), own)
+    if args.preset is not None:
+        opts.preset = args.preset
+    if args.batch_size is not None:
+        opts.batch_size = args.batch_size
+    if args.steps is not None:
+        opts.steps = args.steps
+    if args.methods is not None:
+        opts.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    run(Path(args.out) if args.out else Path("runs") / "efficiency", opts, config_overrides)
+    return 0

@@ -1,0 +1,243 @@
+"""`synco eval finetune`: end-to-end fine-tuning of a pretrained backbone (SynCo-v2 supplementary 7.6).
+
+All weights are trained: SGD momentum 0.9, lr 1e-3, weight decay 1e-4 (timm's parameter groups:
+norms, biases, position embedding and class token get none), ``epochs`` epochs with
+``warmup_epochs`` of linear warm-up then cosine (timm's CosineLRScheduler, per iteration),
+RandomResizedCrop(0.08-1) + flip, dropout 0.1 before the linear classifier, label smoothing 0.1,
+gradient clipping at norm 1.0. As for the linear probe, the learning rate is scaled by
+``batch_size / lr_batch_ref`` (256; 0 = as given), which leaves it at 1e-3 for the default batch 256.
+
+The test set is evaluated every ``eval_every`` epochs; the result reports the last epoch (the
+number to quote, no selection on test) and, for information, the best test epoch.
+
+A killed run resumes from ``<out>/finetune_ckpt.pt`` (atomic, after every epoch) with the same
+final weights as an uninterrupted run (seeded per-epoch batch order and augmentation). Under
+torchrun the model is wrapped in DistributedDataParallel (SyncBatchNorm when it has BatchNorm) and
+every process takes its share of each global batch of ``batch_size``; rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from ..engine import dist as D
+from ..engine.checkpoint import atomic_save
+from ..engine.checkpoint import load as load_ckpt
+from ..engine.optim import build_scheduler
+from ..errors import SyncoError
+from .common import EvalOptions, eval_image_size, load_eval_backbone, resolve_device
+from .linear import (ProbeData, check_eval_options, check_hparams, check_resumable, epoch_batches, epoch_seed,
+                     fingerprint, head_metrics, predict, probe_data, scaled_lr, steps_per_epoch)
+from .results import markdown_table, save_result
+
+
+@dataclass
+class FinetuneHParams:
+    epochs: int = 100
+    warmup_epochs: int = 10
+    lr: float = 1e-3
+    lr_batch_ref: int = 256  # lr x batch_size / lr_batch_ref; 0 = lr as given
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.1
+    dropout: float = 0.1  # before the classifier
+    clip_grad: Optional[float] = 1.0  # max gradient norm (null = no clipping)
+    crop_scale: list = field(default_factory=lambda: [0.08, 1.0])
+    eval_every: int = 1
+    resume: bool = True  # continue from <out>/finetune_ckpt.pt when it exists
+
+
+@dataclass
+class FinetuneOptions(FinetuneHParams, EvalOptions):
+    pass
+
+
+def check_finetune_hparams(h, prefix: str = "") -> None:
+    check_hparams(h, prefix)
+    if h.lr <= 0:
+        raise SyncoError(f"option '{prefix}lr': must be > 0.")
+    if not 0 <= h.dropout < 1:
+        raise SyncoError(f"option '{prefix}dropout': must be in [0, 1).")
+    if h.clip_grad is not None and h.clip_grad <= 0:
+        raise SyncoError(f"option '{prefix}clip_grad': must be > 0, or null for no clipping.")
+
+
+class FinetuneModel(nn.Module):
+    """backbone -> dropout -> linear classifier (normal std 0.01, zero bias, drawn from ``seed``)."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, dropout: float = 0.1, seed: int = 0):
+        super().__init__()
+        self.backbone = backbone
+        self.dropout = nn.Dropout(dropout)
+        dim = int(backbone.num_features)
+        self.head = nn.Linear(dim, num_classes)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(seed)) * 0.01)
+            self.head.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.backbone(x)))
+
+    def no_weight_decay(self) -> set:
+        names = self.backbone.no_weight_decay() if hasattr(self.backbone, "no_weight_decay") else set()
+        return {f"backbone.{n}" for n in names}
+
+
+def build_optimizer(model: nn.Module, hp: FinetuneHParams, lr: float) -> torch.optim.Optimizer:
+    from timm.optim import create_optimizer_v2
+
+    return create_optimizer_v2(model, opt="nesterov" if hp.nesterov else "momentum", lr=lr,
+                               weight_decay=hp.weight_decay, momentum=hp.momentum)
+
+
+def _epoch_done(epoch: int) -> None:
+    """Called after each finished (and checkpointed) epoch; tests patch it to simulate a kill."""
+
+
+def finetune(backbone: nn.Module, meta: dict, data: ProbeData, out: Path, hp: FinetuneHParams, *, batch_size: int,
+             num_workers: int, seed: int, device: torch.device, image_size: int, checkpoint: str,
+             progress: bool = True, ckpt_name: str = "finetune_ckpt.pt", fp_extra: Optional[dict] = None) -> dict:
+    """Fine-tune ``backbone`` + a new classifier on ``data``; returns the result dict (the caller writes it)."""
+    t0 = time.perf_counter()
+    out = Path(out)
+    check_finetune_hparams(hp)
+    rank, world = D.rank(), D.world_size()
+    n = len(data.train_aug)
+    steps = steps_per_epoch(n, batch_size)
+    lr = scaled_lr(hp.lr, batch_size, hp.lr_batch_ref)
+    for p in backbone.parameters():
+        p.requires_grad_(True)
+    model = FinetuneModel(backbone, len(data.classes), hp.dropout, seed).to(device)
+    if world > 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = build_optimizer(model, hp, lr)
+    scheduler = build_scheduler(optimizer, hp.epochs * steps, hp.warmup_epochs * steps)
+    if data.multilabel:
+        def loss_fn(logits, y):
+            return F.binary_cross_entropy_with_logits(logits, y.float())
+    else:
+        ce = nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing)
+
+        def loss_fn(logits, y):
+            return ce(logits, y.long())
+
+    ckpt_path = out / ckpt_name
+    fp = fingerprint(hp, {**(fp_extra or {}), "checkpoint": checkpoint, "batch_size": batch_size, "seed": seed,
+                          "n_train": n, "image_size": image_size})
+    start_epoch, step, history = 0, 0, []
+    if ckpt_path.exists() and hp.resume:
+        state = load_ckpt(ckpt_path)
+        check_resumable(state.get("fingerprint", {}), fp, ckpt_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, step, history = int(state["epoch"]), int(state["step"]), list(state["history"])
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    bf16 = device.type == "cuda"
+    metric = "map" if data.multilabel else "top1"
+
+    bar = tqdm(total=hp.epochs, initial=start_epoch, desc=f"finetune {data.name}".strip(), unit="epoch",
+               disable=not progress or not D.is_main())
+    for epoch in range(start_epoch, hp.epochs):
+        model.train()
+        aug_seed = epoch_seed(seed, epoch, rank + 1)
+        torch.manual_seed(aug_seed)  # augmentation (num_workers=0) and dropout
+        batches = epoch_batches(n, batch_size, seed, epoch)
+        loader = DataLoader(data.train_aug, batch_sampler=[b[rank::world].tolist() for b in batches],
+                            num_workers=num_workers, pin_memory=device.type == "cuda",
+                            generator=torch.Generator().manual_seed(aug_seed))
+        loss_sum = torch.zeros((), device=device)
+        for x, y in tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not progress or not D.is_main()):
+            scheduler.step_update(num_updates=step)
+            x, y = x.to(device, non_blocking=True), torch.as_tensor(y).to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = net(x)
+            loss = loss_fn(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if hp.clip_grad:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), hp.clip_grad)
+            optimizer.step()
+            step += 1
+            loss_sum += loss.detach()
+        entry = {"epoch": epoch + 1, "train_loss": float(loss_sum) / max(len(batches), 1),
+                 "lr": optimizer.param_groups[0]["lr"]}
+        if (epoch + 1) % hp.eval_every == 0 or epoch + 1 == hp.epochs:
+            model.eval()
+            logits, y = predict(model, data.test, batch_size, num_workers, device, "test", progress)
+            entry["test"] = {k: v[0] for k, v in head_metrics(logits[:, None, :], y, data.multilabel).items()}
+            history.append(entry)
+            bar.set_postfix_str(f"test {metric} {entry['test'][metric]:.1f}")
+        if D.is_main():
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_save({"version": 1, "fingerprint": fp, "epoch": epoch + 1, "step": step,
+                         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "history": history},
+                        ckpt_path)
+        bar.update(1)
+        _epoch_done(epoch + 1)
+    bar.close()
+
+    evaluated = [h for h in history if "test" in h]
+    last = evaluated[-1]
+    best = max(evaluated, key=lambda h: (h["test"][metric], h["epoch"]))
+    result = {
+        "protocol": "finetune", "checkpoint": checkpoint, "backbone": meta["backbone"], "backbone_meta": meta,
+        "dataset": data.name, "num_classes": len(data.classes), "multilabel": data.multilabel, "metric": metric,
+        "n_train": n, "n_test": len(data.test), "epochs": hp.epochs, "batch_size": batch_size, "lr": lr,
+        metric: last["test"][metric], "epoch": last["epoch"],
+        "best_epoch": best["epoch"], "best_" + metric: best["test"][metric],
+        "history": history, "seconds": time.perf_counter() - t0,
+    }
+    if not data.multilabel:
+        result["top5"] = last["test"]["top5"]
+        result["best_top5"] = best["test"]["top5"]
+    return result
+
+
+def report_columns(result: dict, prefix: str = "Fine-tune") -> dict:
+    metric = result["metric"]
+    cols = {f"{prefix} {'top-1' if metric == 'top1' else 'mAP'}": result[metric]}
+    if "top5" in result:
+        cols[f"{prefix} top-5"] = result["top5"]
+    return cols
+
+
+def result_table(result: dict) -> str:
+    metric = result["metric"]
+    row = {"epochs": result["epochs"], "lr": f"{result['lr']:.3g}", f"test {metric}": result[metric]}
+    if "top5" in result:
+        row["test top5"] = result["top5"]
+    row[f"best {metric} (epoch)"] = f"{result['best_' + metric]:.2f} ({result['best_epoch']})"
+    return markdown_table([row], list(row))
+
+
+def run_finetune(checkpoint: str, out: Path, opts: FinetuneOptions, progress: bool = True) -> dict:
+    check_finetune_hparams(opts)
+    check_eval_options(opts)
+    device = resolve_device(opts.device)
+    backbone, meta = load_eval_backbone(checkpoint, opts, device)
+    size = eval_image_size(opts, backbone)
+    data = probe_data(opts, size, opts.crop_scale)
+    result = finetune(backbone, meta, data, Path(out), opts, batch_size=opts.batch_size,
+                      num_workers=opts.num_workers, seed=opts.seed, device=device, image_size=size,
+                      checkpoint=checkpoint, progress=progress,
+                      fp_extra={"dataset": opts.dataset, "root": opts.root, "class_list": opts.class_list})
+    result["options"] = asdict(opts)
+    result["report"] = report_columns(result)
+    if D.is_main():
+        save_result(out, "finetune", result)
+        print(result_table(result))
+    return result

@@ -1,0 +1,84 @@
+"""Efficiency benchmark (Table 15): equal parameter counts across methods, sane time and memory numbers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch.nn as nn
+
+from synco.errors import SyncoError
+from synco.eval.efficiency import EfficiencyOptions, count_parameters, efficiency_table, rss_mb, run_efficiency
+
+# The cpu-demo model made smaller still: a 1-block ViT and narrow heads keep three methods to a few seconds.
+SMALL = ["model.backbone_kwargs={img_size: 16, patch_size: 4, embed_dim: 48, depth: 1, num_heads: 2}",
+         "model.proj_hidden=64", "model.pred_hidden=64", "model.proj_dim=32", "contrast.queue_size=256",
+         "negatives.n_hard=16", "negatives.counts=[8, 8, 8, 8, 8, 8]"]
+
+
+def test_count_parameters():
+    m = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    m[1].requires_grad_(False)
+    c = count_parameters(m)
+    assert c["total_params"] == 15 + 8 and c["trainable_params"] == 15
+    assert c["trainable_pct"] == pytest.approx(100 * 15 / 23)
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eff")
+    opts = EfficiencyOptions(methods=["synco", "moby", "byol"], batch_size=16, steps=2, warmup_steps=1,
+                             device="cpu", epoch_images=1600)
+    return run_efficiency(out, opts, SMALL, log=lambda s: None), out
+
+
+def test_equal_parameter_counts_for_the_three_methods(result):
+    res, _ = result
+    rows = res["methods"]
+    assert list(rows) == ["synco", "moby", "byol"]
+    assert rows["synco"]["total_params"] == rows["moby"]["total_params"] == rows["byol"]["total_params"]
+    assert rows["synco"]["trainable_params"] == rows["moby"]["trainable_params"] == rows["byol"]["trainable_params"]
+    r = rows["synco"]
+    # Trainable = online encoder (backbone + projector + predictor); total adds the target (backbone + projector).
+    assert 0 < r["trainable_params"] < r["total_params"] < 2 * r["trainable_params"]
+    assert 50 < r["trainable_pct"] < 100
+    # The queues are buffers, not parameters: contrastive methods carry them, BYOL does not.
+    assert rows["synco"]["buffer_mb"] == rows["moby"]["buffer_mb"] > rows["byol"]["buffer_mb"]
+    assert rows["synco"]["synthetic"] and not rows["moby"]["synthetic"]
+
+
+def test_time_and_memory_numbers_are_sane(result):
+    res, out = result
+    assert res["epoch_images"] == 1600 and res["memory"]
+    for r in res["methods"].values():
+        assert r["step_ms"] > 0 and r["images_per_s"] == pytest.approx(16 / (r["step_ms"] / 1000))
+        assert r["steps_per_epoch"] == 100
+        assert r["epoch_min"] == pytest.approx(100 * r["step_ms"] / 1000 / 60)
+        assert r["hours_300"] == pytest.approx(3 * r["hours_100"]) and r["hours_100"] == pytest.approx(
+            100 * r["epoch_min"] / 60)
+        assert 10 < r["avg_mem_mb"] <= r["peak_mem_mb"] < 64 * 1024
+    assert res["process_baseline_mb"] > 0 and rss_mb() > 0
+    saved = json.loads((out / "efficiency.json").read_text())
+    assert saved["methods"]["moby"]["total_params"] == res["methods"]["moby"]["total_params"]
+    table = efficiency_table(res)
+    assert "| synco |" in table and "Trainable Params" in table and "300 Ep. (h)" in table
+
+
+def test_bad_options_are_reported():
+    with pytest.raises(SyncoError, match="methods"):
+        run_efficiency(None, EfficiencyOptions(methods=["simclr"]), log=lambda s: None)
+    with pytest.raises(SyncoError, match="multiple of the batch"):
+        run_efficiency(None, EfficiencyOptions(methods=["moby"], batch_size=48, steps=1, device="cpu"), SMALL,
+                       log=lambda s: None)
+
+
+def test_cli_efficiency(tmp_path, capsys):
+    from synco.cli.main import main
+
+    rc = main(["eval", "efficiency", "--methods", "moby,synco", "--steps", "1", "--batch-size", "16",
+               "--out", str(tmp_path), "warmup_steps=0", "device=cpu", *SMALL])
+    assert rc == 0
+    res = json.loads((tmp_path / "efficiency.json").read_text())
+    assert list(res["methods"]) == ["moby", "synco"] and res["overrides"] == SMALL
+    assert res["methods"]["moby"]["batch_size"] == 16 and res["backbone_kwargs"]["embed_dim"] == 48
+    assert "| moby |" in capsys.readouterr().out

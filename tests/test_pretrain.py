@@ -1,0 +1,193 @@
+"""The pretraining engine end to end: outputs, exact resume, NaN stop, clear errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from synco.cli.main import main
+from synco.config import load_config
+from synco.engine.checkpoint import load
+from synco.engine.train import NonFiniteLoss, Trainer, pretrain
+
+
+def run_cli(*args):
+    return main(["pretrain", "--no-progress", *args])
+
+
+def test_cli_run_writes_every_output(tmp_path, tiny_overrides, capsys):
+    out = tmp_path / "run"
+    overrides = [o for o in tiny_overrides if not o.startswith("knn_at_end")]
+    rc = run_cli("--out", str(out), *overrides, "knn.max_train=64", "knn.max_test=64", "knn.k=[5,20]")
+    assert rc == 0
+    for name in ("config.yaml", "metrics.jsonl", "checkpoint.pt", "backbone.safetensors", "summary.json"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("method", "backbone", "epochs", "knn_top1", "knn_top1_random_init", "knn_top1_pixels",
+                "images_per_second"):
+        assert key in summary
+    assert 0 <= summary["knn_top1"] <= 100 and summary["images_per_second"] > 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 9))  # 128 images / 32 = 4 steps x 2 epochs
+    for key in ("loss", "lr", "momentum", "synthetic", "sim_pos", "sim_hardest_neg", "sim_synthetic",
+                "images_per_second"):
+        assert key in steps[-1]
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["optim"]["batch_size"] == 32 and saved["method"] == "synco"
+    assert (out / "tb").is_dir()
+
+
+def test_synthetic_window_in_metrics(tmp_path, tiny_overrides):
+    cfg = load_config("cpu-demo", tiny_overrides + ["epochs=4", "negatives.warmup_epochs=1",
+                                                    "negatives.cooldown_epochs=1"])
+    Trainer(cfg, tmp_path, progress=False).train()
+    recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    active = {r["epoch"]: r["synthetic"] for r in recs if "loss" in r}
+    assert active == {0: 0, 1: 1, 2: 1, 3: 0}
+    assert all(("sim_synthetic" in r) == bool(r["synthetic"]) for r in recs if "loss" in r)
+
+
+def _weights(path):
+    return load(path)["model"]
+
+
+@pytest.mark.parametrize("stop_at", [4, 6])  # an epoch boundary, and mid-epoch
+def test_resume_gives_the_same_weights_as_one_run(tmp_path, tiny_overrides, stop_at):
+    over = tiny_overrides + ["epochs=3", "deterministic=true", "negatives.warmup_epochs=1", "optim.warmup_epochs=1"]
+    cfg = load_config("cpu-demo", over)
+    Trainer(cfg, tmp_path / "full", progress=False).train()
+    split = Trainer(cfg, tmp_path / "split", progress=False)
+    split.train(stop_at_step=stop_at)
+    assert load(tmp_path / "split" / "checkpoint.pt")["step"] == stop_at
+    again = Trainer(cfg, tmp_path / "split", progress=False)
+    assert again.train()["resumed"]
+    a, b = _weights(tmp_path / "full" / "checkpoint.pt"), _weights(tmp_path / "split" / "checkpoint.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    full = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    split_log = [json.loads(x) for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    key = lambda recs: [(r["step"], r.get("lr"), r.get("momentum")) for r in recs if "loss" in r]
+    assert key(full) == key(split_log)  # schedules continued from the true step, no duplicate records
+
+
+def test_sigkill_then_same_command_resumes(tmp_path, tiny_overrides):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "synco", "pretrain", "--no-progress", "--out", str(out), *tiny_overrides,
+           "epochs=40", "data.max_images=64"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = out / "checkpoint.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists() and load(ckpt)["epoch"] >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = load(ckpt)["step"]
+    assert 0 < killed_at < 80
+    done = subprocess.run(cmd[:-2] + ["epochs=40", "data.max_images=64"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    final = load(ckpt)
+    assert final["step"] == 80 and final["epoch"] == 40
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(x)]
+    assert steps == list(range(1, 81))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_overrides, monkeypatch, capsys):
+    from synco.models import method
+
+    original = method.SelfSupervisedModel.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *a, **k):
+        loss, stats, keys = original(self, *a, **k)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] > 5 else loss), stats, keys
+
+    monkeypatch.setattr(method.SelfSupervisedModel, "forward", poisoned)
+    rc = run_cli("--out", str(tmp_path), *tiny_overrides, "epochs=3")
+    err = capsys.readouterr().err
+    assert rc == 2 and "NaN" in err and "epoch 1" in err and "Traceback" not in err
+    state = load(tmp_path / "checkpoint.pt")
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["data.dataset=folder", "data.root=/nonexistent/imagenet"], "/nonexistent/imagenet"),
+    (["contrast.queue_size=100"], "multiple of the global batch"),
+    (["optim.batch_size=256", "contrast.queue_size=256"], "fewer than one optimizer step"),
+    (["negatives.n_hard=1000"], "negatives.n_hard"),
+])
+def test_bad_input_is_one_paragraph_and_exit_2(tmp_path, tiny_overrides, capsys, overrides, needle):
+    rc = run_cli("--out", str(tmp_path / "r"), *tiny_overrides, *overrides)
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err and "Traceback" not in err
+
+
+def test_unknown_preset_and_empty_class_folder(tmp_path, tiny_overrides, capsys):
+    assert main(["pretrain", "--config", "nope"]) == 2
+    assert "unknown preset" in capsys.readouterr().err
+    root = tmp_path / "data" / "train"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (16, 16)).save(root / "a" / "x.png")
+    assert run_cli("--out", str(tmp_path / "r"), *tiny_overrides, "data.dataset=folder",
+                   f"data.root={tmp_path / 'data'}") == 2
+    assert "Class folder(s) b" in capsys.readouterr().err
+
+
+def test_resume_refuses_another_backbone_or_config(tmp_path, tiny_overrides, capsys):
+    assert run_cli("--out", str(tmp_path), *tiny_overrides, "epochs=1") == 0
+    rc = run_cli("--out", str(tmp_path), *tiny_overrides, "epochs=1", "model.backbone=vit_small_patch16_224")
+    assert rc == 2 and "vit_small_patch16_224" in capsys.readouterr().err
+    rc = run_cli("--out", str(tmp_path), *tiny_overrides, "epochs=1", "contrast.temperature=0.1")
+    assert rc == 2 and "contrast.temperature" in capsys.readouterr().err
+    rc = run_cli("--out", str(tmp_path), *tiny_overrides, "epochs=1", "resume=false")
+    assert rc == 2 and "already holds a checkpoint" in capsys.readouterr().err
+
+
+def test_corrupt_image_is_skipped_and_counted(tmp_path, tiny_imagefolder, tiny_overrides):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_imagefolder, root)
+    victim = next((root / "train").rglob("*.jpg"))
+    victim.write_bytes(b"garbage")
+    cfg = load_config("cpu-demo", tiny_overrides + [
+        "data.dataset=folder", f"data.root={root}", "optim.batch_size=6", "contrast.queue_size=12",
+        "negatives.n_hard=4", "epochs=1", "knn_at_end=true", "knn.k=[3]"])
+    summary = pretrain(cfg, tmp_path / "run", progress=False)
+    assert summary["bad_images"] == 1 and 0 <= summary["knn_top1"] <= 100
+    assert str(victim) in (tmp_path / "run" / "bad_images.txt").read_text()
+
+
+def test_mixed_sampler_honours_the_ratio():
+    from torch.utils.data import ConcatDataset, TensorDataset
+
+    from synco.engine.data import MixedSampler, mix_counts
+
+    real, syn = TensorDataset(torch.zeros(100)), TensorDataset(torch.zeros(30))
+    ds = ConcatDataset([real, syn])
+    for ratio, mode, expect in [(0.5, "replace", (50, 50)), (1.0, "replace", (0, 100)),
+                                (0.5, "add", (100, 100)), (0.0, "replace", (100, 0))]:
+        n_real, n_syn = mix_counts(100, ratio, mode)
+        assert (n_real, n_syn) == expect
+        seen = []
+        for rank in range(2):
+            s = MixedSampler(ds, n_real, n_syn, num_replicas=2, rank=rank, shuffle=True, seed=0, drop_last=True)
+            s.set_epoch(3)
+            seen += list(s)
+        assert sum(i >= 100 for i in seen) == n_syn and sum(i < 100 for i in seen) == n_real
+        assert len(set(i for i in seen if i < 100)) == n_real  # real images without repetition
