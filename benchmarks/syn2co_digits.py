@@ -63,8 +63,9 @@ def main(argv=None) -> int:
     if not (model_dir / MODEL_FILE).exists():
         train_diffusion("digits", model_dir, apply_overrides(DiffusionTrainConfig(), train_opts), progress=progress)
     meta = json.loads((model_dir / MODEL_FILE).read_text())
-    results["diffusion"] = {k: meta[k] for k in ("train_steps", "train_seconds", "final_loss", "parameters",
-                                                 "image_size", "sampler", "sample_steps", "guidance")}
+    results["diffusion"] = {k: meta.get(k) for k in ("train_steps", "train_seconds", "train_cpu_seconds_last_run",
+                                                     "final_loss", "parameters", "image_size", "sampler",
+                                                     "sample_steps", "guidance")}
 
     # 2. synthetic clone
     gen_opts = [f"threads={args.threads}", *args.generate]
@@ -128,8 +129,9 @@ def report(r: dict) -> str:
     d, g = r["diffusion"], r["generation"]
     lines = ["## Syn2Co on digits", "",
              f"Diffusion model: {d['parameters'] / 1e6:.2f}M-parameter UNet2DModel at {d['image_size']}x"
-             f"{d['image_size']}, {d['train_steps']} steps in {d['train_seconds']:.0f} s (final loss "
-             f"{d['final_loss']:.4f}).",
+             f"{d['image_size']}, {d['train_steps']} steps in {d['train_seconds']:.0f} s"
+             + (f" ({d['train_cpu_seconds_last_run']:.0f} CPU-seconds)" if d.get("train_cpu_seconds_last_run") else "")
+             + f", final loss {d['final_loss']:.4f}.",
              f"Generation: {g['images']} images ({g['sampler']}, {g['steps']} steps, guidance {g['guidance']}, "
              f"saved at {g['resolution']}x{g['resolution']}), {g['images_per_second']} images/s.",
              f"Threads: {r['threads']}.", "", to_markdown(r["fidelity"]),

@@ -27,8 +27,8 @@ def test_count_parameters():
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("eff")
-    opts = EfficiencyOptions(methods=["synco", "moby", "byol"], batch_size=16, steps=2, warmup_steps=1,
-                             device="cpu", epoch_images=1600)
+    opts = EfficiencyOptions(methods=["synco", "moby", "byol"], batch_size=16, steps=2, warmup_steps=0,
+                             device="cpu", epoch_images=1600, isolate=False)
     return run_efficiency(out, opts, SMALL, log=lambda s: None), out
 
 
@@ -57,6 +57,7 @@ def test_time_and_memory_numbers_are_sane(result):
         assert r["hours_300"] == pytest.approx(3 * r["hours_100"]) and r["hours_100"] == pytest.approx(
             100 * r["epoch_min"] / 60)
         assert 10 < r["avg_mem_mb"] <= r["peak_mem_mb"] < 64 * 1024
+        assert r["peak_over_before_mb"] == pytest.approx(r["peak_mem_mb"] - r["before_model_mb"])
     assert res["process_baseline_mb"] > 0 and rss_mb() > 0
     saved = json.loads((out / "efficiency.json").read_text())
     assert saved["methods"]["moby"]["total_params"] == res["methods"]["moby"]["total_params"]
@@ -67,16 +68,24 @@ def test_time_and_memory_numbers_are_sane(result):
 def test_bad_options_are_reported():
     with pytest.raises(SyncoError, match="methods"):
         run_efficiency(None, EfficiencyOptions(methods=["simclr"]), log=lambda s: None)
-    with pytest.raises(SyncoError, match="multiple of the batch"):
-        run_efficiency(None, EfficiencyOptions(methods=["moby"], batch_size=48, steps=1, device="cpu"), SMALL,
-                       log=lambda s: None)
+    with pytest.raises(SyncoError, match="multiple of the batch"):  # checked before anything is measured
+        run_efficiency(None, EfficiencyOptions(methods=["byol", "moby"], batch_size=48, steps=1, device="cpu"),
+                       SMALL, log=lambda s: None)
+
+
+def test_isolated_measurement_in_a_fresh_process(result):
+    # On CPU the default: each method measured in a spawned process (same start for every method).
+    opts = EfficiencyOptions(methods=["byol"], batch_size=16, steps=1, warmup_steps=0, device="cpu", threads=1)
+    res = run_efficiency(None, opts, SMALL, log=lambda s: None)
+    assert res["isolated"] and res["methods"]["byol"]["total_params"] == result[0]["methods"]["byol"]["total_params"]
+    assert res["methods"]["byol"]["peak_mem_mb"] > 0 and res["methods"]["byol"]["step_ms"] > 0
 
 
 def test_cli_efficiency(tmp_path, capsys):
     from synco.cli.main import main
 
     rc = main(["eval", "efficiency", "--methods", "moby,synco", "--steps", "1", "--batch-size", "16",
-               "--out", str(tmp_path), "warmup_steps=0", "device=cpu", *SMALL])
+               "--out", str(tmp_path), "warmup_steps=0", "device=cpu", "isolate=false", *SMALL])
     assert rc == 0
     res = json.loads((tmp_path / "efficiency.json").read_text())
     assert list(res["methods"]) == ["moby", "synco"] and res["overrides"] == SMALL

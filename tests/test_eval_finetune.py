@@ -12,7 +12,7 @@ import synco.eval.finetune as FT
 from synco.cli.main import main
 from synco.engine.checkpoint import load
 from synco.eval.finetune import FinetuneHParams, FinetuneModel, finetune
-from test_eval_linear import ColourImages, MeanColour, colour_data  # noqa: F401 (shared toy data)
+from test_eval_linear import MeanColour, colour_data  # the toy data of the linear tests
 
 CPU = torch.device("cpu")
 

@@ -176,7 +176,7 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path, tiny_imagefolder, tiny_o
 def test_mixed_sampler_honours_the_ratio():
     from torch.utils.data import ConcatDataset, TensorDataset
 
-    from synco.engine.data import MixedSampler, mix_counts
+    from synco.engine.data import GlobalBatchSampler, mix_counts
 
     real, syn = TensorDataset(torch.zeros(100)), TensorDataset(torch.zeros(30))
     ds = ConcatDataset([real, syn])
@@ -186,8 +186,27 @@ def test_mixed_sampler_honours_the_ratio():
         assert (n_real, n_syn) == expect
         seen = []
         for rank in range(2):
-            s = MixedSampler(ds, n_real, n_syn, num_replicas=2, rank=rank, shuffle=True, seed=0, drop_last=True)
+            s = GlobalBatchSampler(ds, 10, counts=(n_real, n_syn), num_replicas=2, rank=rank, shuffle=True,
+                                   seed=0, drop_last=True)
             s.set_epoch(3)
             seen += list(s)
         assert sum(i >= 100 for i in seen) == n_syn and sum(i < 100 for i in seen) == n_real
         assert len(set(i for i in seen if i < 100)) == n_real  # real images without repetition
+
+
+def test_global_batches_are_the_same_for_any_number_of_processes():
+    from torch.utils.data import TensorDataset
+
+    from synco.engine.data import GlobalBatchSampler
+
+    ds = TensorDataset(torch.zeros(50))
+    one = GlobalBatchSampler(ds, 8, num_replicas=1, rank=0, seed=0, drop_last=True)
+    two = [GlobalBatchSampler(ds, 4, num_replicas=2, rank=r, seed=0, drop_last=True) for r in range(2)]
+    for s in [one, *two]:
+        s.set_epoch(5)
+    a, (b0, b1) = list(one), [list(s) for s in two]
+    assert len(a) == 48 and len(b0) == len(b1) == 24
+    merged = [i for step in range(6) for i in b0[4 * step:4 * step + 4] + b1[4 * step:4 * step + 4]]
+    assert merged == a  # rank blocks, gathered in rank order, rebuild the single-process batch
+    one.set_epoch(6)
+    assert list(one) != a

@@ -64,8 +64,10 @@ def test_class_index_map_by_name_and_integer_folders():
     head = ["n001", "n002", "n003", "n004"]
     assert class_index_map(["n004", "n002"], head) == {"n004": 3, "n002": 1}
     assert class_index_map(["n004", "nXXX"], head) == {"n004": 3}
-    assert class_index_map(["0", "3", "12"], head) == {"0": 0, "3": 3}  # ImageNet-v2: folder = class index
     assert class_index_map(["3", "1"], ["0", "1", "2", "3"]) == {"3": 3, "1": 1}  # names win over indices
+    # ImageNet-v2: integer folders index the 1000 sorted ImageNet classes, never a smaller head's.
+    assert class_index_map(["0", "3", "999", "1000"], HEAD_CLASSES) == {"0": 0, "3": 3, "999": 999}
+    assert class_index_map(["0", "3"], head) == {}
 
 
 def test_masked_argmax_picks_among_allowed_classes():

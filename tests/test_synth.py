@@ -56,6 +56,13 @@ def test_train_saves_a_diffusers_model_that_loads(tiny_model):
     assert x.shape == (2, 1, 8, 8) and 0 <= x.min() and x.max() <= 1
 
 
+def test_samples_in_the_training_process_match_the_saved_model(tmp_path):
+    """The preview drawn right after training equals one drawn from the reloaded model (same schedule keys)."""
+    train_diffusion("digits", tmp_path / "m", tiny_cfg(preview=True), progress=False)
+    D.write_preview(load_model(tmp_path / "m"), tmp_path / "again.png")
+    assert (tmp_path / "m" / "preview.png").read_bytes() == (tmp_path / "again.png").read_bytes()
+
+
 def test_killed_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
     cfg = tiny_cfg(steps=4, ckpt_every=2)
     train_diffusion("digits", tmp_path / "once", cfg, progress=False)
@@ -75,6 +82,9 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
     with pytest.raises(SyncoError, match="different settings"):
         train_diffusion("digits", tmp_path / "twice", tiny_cfg(steps=4, ckpt_every=2, lr=0.5), progress=False)
     train_diffusion("digits", tmp_path / "twice", cfg, progress=False)
+    assert not (tmp_path / "twice" / D.STATE_FILE).exists()
+    log = [json.loads(line)["step"] for line in (tmp_path / "twice" / "train_log.jsonl").read_text().splitlines()]
+    assert log == [1, 2, 3, 4]  # step 3, logged before the kill but after the last saved state, is not repeated
     a, b = load_model(tmp_path / "once").unet.state_dict(), load_model(tmp_path / "twice").unet.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(SyncoError, match="already holds a trained model"):
@@ -105,7 +115,7 @@ def test_generate_clone_then_pretrain_reads_it(tiny_model, tmp_path, tiny_overri
     assert len(entries) == 30 and len({e["file"] for e in entries}) == 30
     e = next(e for e in entries if e["file"] == "4/00002.png")
     assert (e["class"], e["class_id"], e["index"], e["seed"]) == ("4", 4, 2, image_seed(5, "4", 2))
-    assert (e["sampler"], e["steps"], e["guidance"]) == ("dpm", 2, 1.0) and e["model"] == str(tiny_model.resolve())
+    assert (e["sampler"], e["steps"], e["guidance"]) == ("dpm", 2, 2.0) and e["model"] == str(tiny_model.resolve())
     settings = json.loads((syn / "generation.json").read_text())
     assert settings["status"] == "complete" and settings["per_class"] == 3
 
@@ -223,3 +233,18 @@ def test_local_class_conditional_pipeline(tmp_path):
     assert entries["n01440764"]["sampler"] == "DDIMScheduler" and entries["n01440764"]["steps"] == 2
     with Image.open(out / "n02123045" / "00000.png") as im:
         assert im.size == (8, 8) and im.mode == "RGB"
+
+
+def test_syn2co_presets():
+    from synco.config import load_config
+
+    d = load_config("syn2co-digits")
+    base = load_config("cpu-demo")
+    assert (d.data.synthetic_root, d.data.synthetic_ratio, d.data.synthetic_mode) == ("synthetic/digits", 0.5, "replace")
+    assert d.model == base.model and d.epochs == base.epochs and d.data.image_size == 16
+    for arch, backbone in (("deit-s", "deit_small_patch16_224"), ("swin-t", "swin_tiny_patch4_window7_224")):
+        c = load_config(f"syn2co-imagenet100-{arch}", ["data.root=/data"])
+        assert c.data.dataset == "imagenet100" and c.model.backbone == backbone and c.method == "synco"
+        assert (c.data.synthetic_root, c.data.synthetic_ratio, c.data.synthetic_mode) == \
+            ("synthetic/imagenet100", 0.5, "add")
+        assert c.epochs == 300 and c.negatives.cooldown_epochs == 100

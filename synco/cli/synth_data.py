@@ -22,7 +22,11 @@ from ..errors import SyncoError
 
 
 def _options_help(cls) -> str:
-    return ", ".join(f"{f.name}" for f in fields(cls))
+    defaults = cls()
+    def show(v):
+        return v if isinstance(v, str) else json.dumps(v)
+
+    return ", ".join(f"{f.name}={show(getattr(defaults, f.name))}" for f in fields(cls))
 
 
 def register(sub) -> None:
@@ -30,9 +34,10 @@ def register(sub) -> None:
     from ..synth.generate import GenerateConfig
 
     p = sub.add_parser("synth-data", help="train a small diffusion model / generate a synthetic dataset clone",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Syn2Co: a synthetic clone of a labelled dataset made by a class-conditional "
                                    "diffusion model, for `synco pretrain data.synthetic_root=DIR "
-                                   "data.synthetic_ratio=R`.")
+                                   "data.synthetic_ratio=R`.\n\nexamples:\n" + __doc__.split("\n\n", 1)[1])
     ssub = p.add_subparsers(dest="synth_command", metavar="ACTION", required=True)
 
     t = ssub.add_parser("train", help="train a small class-conditional diffusion model (diffusers UNet2DModel)",

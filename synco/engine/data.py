@@ -28,33 +28,61 @@ def mix_counts(n_real: int, ratio: float, mode: str) -> tuple[int, int]:
     return n_real, int(round(n_real * ratio / (1 - ratio)))
 
 
-class MixedSampler(DistributedSampler):
-    """A DistributedSampler over ConcatDataset([real, synthetic]) drawing, each epoch, a fresh random
-    subset of each source in the configured proportion (synthetic drawn with replacement only if it is
-    smaller than needed), shuffled together, then sharded across processes as DistributedSampler does."""
+class GlobalBatchSampler(DistributedSampler):
+    """A DistributedSampler whose every global batch is a contiguous run of one epoch-wide permutation,
+    rank r taking the r-th block of it. All-gathering the ranks' keys then gives the same queue content,
+    in the same order, for any number of processes with the same global batch; resuming with another
+    number of processes continues the same data order.
 
-    def __init__(self, dataset: ConcatDataset, n_real: int, n_syn: int, **kwargs):
+    With ``counts=(n_real, n_synthetic)`` over ConcatDataset([real, synthetic]) each epoch draws a fresh
+    random subset of each source in that proportion (synthetic with replacement only if it is smaller than
+    needed), shuffled together.
+    """
+
+    def __init__(self, dataset, batch_size: int, counts: tuple[int, int] | None = None, **kwargs):
         super().__init__(dataset, **kwargs)
-        self.sizes = [len(d) for d in dataset.datasets]
-        self.counts = (n_real, n_syn)
-        total = n_real + n_syn
-        self.num_samples = total // self.num_replicas  # drop_last semantics
-        self.total_size = self.num_samples * self.num_replicas
+        self.batch_size = batch_size
+        self.counts = counts
+        total = sum(counts) if counts else len(dataset)
+        self.global_batch = batch_size * self.num_replicas
+        self.total_size = total // self.global_batch * self.global_batch
+        self.num_samples = self.total_size // self.num_replicas
 
-    def __iter__(self):
+    def epoch_indices(self) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        (n_real_all, n_syn_all), (n_real, n_syn) = self.sizes, self.counts
+        if self.counts is None:
+            return torch.randperm(len(self.dataset), generator=g)
+        (n_real_all, n_syn_all), (n_real, n_syn) = [len(d) for d in self.dataset.datasets], self.counts
         real = torch.randperm(n_real_all, generator=g)[:n_real]
         if n_syn <= n_syn_all:
             syn = torch.randperm(n_syn_all, generator=g)[:n_syn]
         else:
             syn = torch.randint(n_syn_all, (n_syn,), generator=g)
         idx = torch.cat([real, syn + n_real_all])
-        idx = idx[torch.randperm(len(idx), generator=g)][: self.total_size]
-        return iter(idx[self.rank: self.total_size: self.num_replicas].tolist())
+        return idx[torch.randperm(len(idx), generator=g)]
+
+    def __iter__(self):
+        idx = self.epoch_indices()[: self.total_size].view(-1, self.num_replicas, self.batch_size)
+        return iter(idx[:, self.rank].reshape(-1).tolist())
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class IndexSeeded(torch.utils.data.Dataset):
+    """Draw each sample's augmentation from a stream keyed by (seed, epoch, index), not by the process:
+    the same image gets the same views whichever rank or worker loads it, and after any resume."""
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch * 1_000_033 + int(i)) % 2**63)
+            return self.dataset[i]
 
 
 class _Skip(torch.utils.data.Sampler):
@@ -91,15 +119,17 @@ class PretrainData:
         self.epoch_size = n_real + n_syn
         common = dict(num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=cfg.seed, drop_last=True)
         if self.synthetic is None:
-            self.dataset = self.real
-            self.sampler = DistributedSampler(self.real, **common)
+            self.dataset = IndexSeeded(self.real, cfg.seed)
+            self.sampler = GlobalBatchSampler(self.dataset, cfg.optim.batch_size, **common)
         else:
-            self.dataset = ConcatDataset([self.real, self.synthetic])
-            self.sampler = MixedSampler(self.dataset, n_real, n_syn, **common)
+            self.dataset = IndexSeeded(ConcatDataset([self.real, self.synthetic]), cfg.seed)
+            self.sampler = GlobalBatchSampler(self.dataset.dataset, cfg.optim.batch_size, counts=self.counts,
+                                              **common)
         self.samples_per_rank = len(self.sampler)
 
     def loader(self, epoch: int, skip_batches: int = 0) -> DataLoader:
         self.sampler.set_epoch(epoch)
+        self.dataset.epoch = epoch
         sampler = _Skip(self.sampler, skip_batches * self.cfg.optim.batch_size) if skip_batches else self.sampler
         workers = self.cfg.data.num_workers
         return DataLoader(self.dataset, batch_size=self.cfg.optim.batch_size, sampler=sampler, drop_last=True,

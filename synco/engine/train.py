@@ -29,6 +29,7 @@ from . import dist as D
 from .data import build_pretrain_data
 from .metrics import MetricsLogger
 from .optim import build_optimizer, build_scheduler
+from .syncbn import convert_sync_batchnorm
 
 
 class NonFiniteLoss(SyncoError):
@@ -129,8 +130,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = SelfSupervisedModel(cfg).to(self.device)
         if self.world > 1:
-            self.model.online = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model.online)
-            self.model.target = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model.target)
+            self.model.online = convert_sync_batchnorm(self.model.online, self.device)
+            self.model.target = convert_sync_batchnorm(self.model.target, self.device)
         self.online = self.model.online
         if self.world > 1:
             self.online = DDP(self.model.online, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -254,7 +255,12 @@ class Trainer:
                               "momentum": momentum, "synthetic": int(use_syn),
                               "images_per_second": window_images / max(dt, 1e-9)}
                     n_micro = window_steps * accum
-                    record.update({k: float(v) / n_micro for k, v in window_sums.items()})
+                    keys = sorted(window_sums)
+                    values = torch.stack([window_sums[k] for k in keys])
+                    if self.world > 1:  # log the global-batch average, not rank 0's half
+                        torch.distributed.all_reduce(values)
+                        values /= self.world
+                    record.update({k: float(v) / n_micro for k, v in zip(keys, values.tolist())})
                     logger.log(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", ep=epoch, syn=int(use_syn))
                     run_images += window_images

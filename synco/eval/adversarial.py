@@ -22,6 +22,7 @@ the largest L-inf and mean L2 perturbation each attack actually used.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -168,7 +169,9 @@ def attack_accuracy(model: nn.Module, loader: DataLoader, attacks: Sequence[str]
         t0 = time.perf_counter()
         for x, y in tqdm(loader, desc=name, disable=not progress or not D.is_main(), leave=False):
             x, y = x.to(device), torch.as_tensor(y).to(device)
-            adv = atk(x, y).detach()
+            with warnings.catch_warnings():  # OnePixel's differential evolution divides by a zero spread
+                warnings.filterwarnings("ignore", category=RuntimeWarning, module="torchattacks")
+                adv = atk(x, y).detach()
             delta = (adv - x).flatten(1)
             linf = max(linf, float(delta.abs().max()) if delta.numel() else 0.0)
             l2_sum += float(delta.norm(dim=1).sum())

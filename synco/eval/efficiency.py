@@ -9,7 +9,10 @@ as the trainer does them. Data loading is left out, so the numbers compare the m
 * memory: on CUDA the peak of ``torch.cuda.memory_allocated`` within each step (CUDA caching allocator), its
   average over the measured steps ("Avg Mem") and maximum; on CPU the process's peak resident set size within
   each step (``/proc/self/status`` VmHWM, reset before each step through ``/proc/self/clear_refs``; where that
-  is not possible, VmRSS after each step), so CPU numbers include the Python/PyTorch runtime;
+  is not possible, VmRSS after each step), so CPU numbers include the Python/PyTorch runtime; "Peak - Before"
+  subtracts what was in use just before the method's model was built (model, optimizer state, activations).
+  On CPU each method runs in a fresh (spawned) process by default (``isolate``), so no method inherits
+  another's allocator state;
 * time: CUDA events around each step on CUDA, ``time.perf_counter`` on CPU; time per epoch = steps per epoch
   (``epoch_images // batch_size``) x mean step time, projected to 100 and 300 epochs, for one process.
 """
@@ -46,6 +49,7 @@ class EfficiencyOptions:
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU (as the trainer)
     threads: int = 0  # torch CPU threads (0 = torch default)
+    isolate: Optional[bool] = None  # each method in a fresh process (default: on CPU, where RSS is per process)
     seed: int = 0
 
 
@@ -145,6 +149,12 @@ def _epoch_images(opts: EfficiencyOptions, cfg) -> tuple[int, str]:
     return IMAGENET_TRAIN_IMAGES, "ImageNet-1k train"
 
 
+def check_batch(cfg) -> None:
+    if cfg.method != "byol" and cfg.contrast.queue_size % cfg.optim.batch_size:
+        raise SyncoError(f"contrast.queue_size={cfg.contrast.queue_size} must be a multiple of the batch size "
+                         f"{cfg.optim.batch_size}; choose batch_size accordingly or set contrast.queue_size.")
+
+
 def measure_method(cfg, opts: EfficiencyOptions, device: torch.device, probe: MemoryProbe) -> dict:
     """Time and memory of ``opts.steps`` training steps of ``cfg.method`` (after ``opts.warmup_steps``)."""
     from ..engine.optim import build_optimizer
@@ -153,9 +163,9 @@ def measure_method(cfg, opts: EfficiencyOptions, device: torch.device, probe: Me
 
     torch.manual_seed(opts.seed)
     batch = cfg.optim.batch_size
-    if cfg.method != "byol" and cfg.contrast.queue_size % batch:
-        raise SyncoError(f"contrast.queue_size={cfg.contrast.queue_size} must be a multiple of the batch size "
-                         f"{batch}; choose batch_size accordingly or set contrast.queue_size.")
+    check_batch(cfg)
+    gc.collect()
+    before = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else rss_mb()
     model = SelfSupervisedModel(cfg).to(device)
     params = count_parameters(model)
     optimizer = build_optimizer(model, cfg.optim, scaled_lr(cfg.optim.base_lr, batch), device)
@@ -205,7 +215,44 @@ def measure_method(cfg, opts: EfficiencyOptions, device: torch.device, probe: Me
     step_s = float(np.mean(times))
     return {**params, "batch_size": batch, "image_size": size, "synthetic": use_syn,
             "step_ms": 1000.0 * step_s, "step_ms_std": 1000.0 * float(np.std(times)),
-            "images_per_s": batch / step_s, "avg_mem_mb": float(np.mean(mems)), "peak_mem_mb": float(np.max(mems))}
+            "images_per_s": batch / step_s, "avg_mem_mb": float(np.mean(mems)), "peak_mem_mb": float(np.max(mems)),
+            "before_model_mb": before, "peak_over_before_mb": float(np.max(mems)) - before}
+
+
+def _measure_child(cfg, opts: EfficiencyOptions, device: str, conn) -> None:
+    """Entry point of an isolated measurement (a spawned process): one method, result sent through ``conn``."""
+    try:
+        if opts.threads > 0:
+            torch.set_num_threads(opts.threads)
+        dev = torch.device(device)
+        conn.send(("ok", measure_method(cfg, opts, dev, MemoryProbe(dev))))
+    except SyncoError as e:
+        conn.send(("error", str(e)))
+    finally:
+        conn.close()
+
+
+def measure_isolated(cfg, opts: EfficiencyOptions, device: torch.device) -> dict:
+    """:func:`measure_method` in a fresh process, so every method starts from the same process memory."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_measure_child, args=(cfg, opts, str(device), send), daemon=True)
+    proc.start()
+    send.close()
+    try:
+        status, payload = recv.recv()
+    except EOFError:
+        proc.join()
+        raise SyncoError(f"the {cfg.method} measurement process died (exit code {proc.exitcode}); "
+                         "out of memory? Try a smaller batch_size.") from None
+    finally:
+        recv.close()
+    proc.join()
+    if status != "ok":
+        raise SyncoError(payload)
+    return payload
 
 
 def run_efficiency(out: Optional[Path], opts: EfficiencyOptions, overrides: Optional[list[str]] = None,
@@ -222,14 +269,16 @@ def run_efficiency(out: Optional[Path], opts: EfficiencyOptions, overrides: Opti
     if opts.threads > 0:
         torch.set_num_threads(opts.threads)
     probe = MemoryProbe(device)
+    isolate = device.type == "cpu" if opts.isolate is None else bool(opts.isolate)
     baseline = rss_mb()
-    rows, cfg0 = {}, None
-    for method in methods:
-        cfg = _config(opts, method, overrides or [])
-        cfg0 = cfg0 or cfg
+    configs = {method: _config(opts, method, overrides or []) for method in methods}
+    for cfg in configs.values():
+        check_batch(cfg)
+    rows, cfg0 = {}, configs[methods[0]]
+    for method, cfg in configs.items():
         log(f"{method}: {opts.warmup_steps} warm-up + {opts.steps} measured steps, batch {cfg.optim.batch_size}, "
             f"{cfg.model.backbone} at {cfg.data.image_size}px on {device.type}")
-        rows[method] = measure_method(cfg, opts, device, probe)
+        rows[method] = measure_isolated(cfg, opts, device) if isolate else measure_method(cfg, opts, device, probe)
     epoch_images, source = _epoch_images(opts, cfg0)
     for r in rows.values():
         steps_per_epoch = max(epoch_images // r["batch_size"], 1)
@@ -240,7 +289,7 @@ def run_efficiency(out: Optional[Path], opts: EfficiencyOptions, overrides: Opti
     result = {"protocol": "efficiency", "preset": opts.preset, "overrides": list(overrides or []),
               "backbone": cfg0.model.backbone, "backbone_kwargs": cfg0.model.backbone_kwargs,
               "device": _device_name(device), "threads": torch.get_num_threads(), "memory": probe.kind,
-              "process_baseline_mb": baseline if device.type == "cpu" else None,
+              "process_baseline_mb": baseline if device.type == "cpu" else None, "isolated": isolate,
               "epoch_images": epoch_images, "epoch_images_source": source, "methods": rows,
               "options": asdict(opts)}
     if out is not None:
@@ -267,15 +316,19 @@ def _millions(n: int) -> str:
 
 def efficiency_table(result: dict) -> str:
     epochs = [int(e) for e in result["options"]["epochs"]]
-    cols = ["Method", "Total Params", "Trainable Params", "Avg Mem (MB)", "Peak Mem (MB)", "Step (ms)", "Images/s",
+    cols = ["Method", "Total Params", "Trainable Params", "Avg Mem (MB)", "Peak Mem (MB)", "Peak - Before (MB)",
+            "Step (ms)", "Images/s",
             "Time/Epoch (min)", *[f"{e} Ep. (h)" for e in epochs]]
     rows = []
     for method, r in result["methods"].items():
         rows.append({"Method": method, "Total Params": _millions(r["total_params"]),
                      "Trainable Params": f"{_millions(r['trainable_params'])} ({r['trainable_pct']:.2f}%)",
-                     "Avg Mem (MB)": r["avg_mem_mb"], "Peak Mem (MB)": r["peak_mem_mb"], "Step (ms)": r["step_ms"],
+                     "Avg Mem (MB)": r["avg_mem_mb"], "Peak Mem (MB)": r["peak_mem_mb"],
+                     "Peak - Before (MB)": r["peak_over_before_mb"], "Step (ms)": r["step_ms"],
                      "Images/s": r["images_per_s"], "Time/Epoch (min)": r["epoch_min"],
                      **{f"{e} Ep. (h)": r[f"hours_{e}"] for e in epochs}})
-    head = (f"{result['backbone']} on {result['device']}; memory: {result['memory']}; "
+    head = (f"{result['backbone']} on {result['device']}; memory: {result['memory']} (Peak - Before: above the "
+            f"memory in use before the method's model was built); "
+            f"{'each method in a fresh process; ' if result.get('isolated') else ''}"
             f"epoch = {result['epoch_images']} images ({result['epoch_images_source']})")
     return head + "\n" + markdown_table(rows, cols)

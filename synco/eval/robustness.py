@@ -228,11 +228,14 @@ def subset_indices(n: int, max_images: Optional[int], seed: int) -> list[int]:
 
 
 def class_index_map(folder_classes: Sequence[str], head_classes: Sequence[str]) -> dict[str, int]:
-    """Folder name -> head class index, by name (wnid). When no folder name is a head class and all are
-    integers (ImageNet-v2's ``0..999``), they are read as head class indices."""
+    """Folder name -> head class index, by name (wnid). When no folder name is a head class, all are integers
+    (ImageNet-v2's ``0..999``) and the head has the 1000 ImageNet classes, they are read as class indices
+    (ImageNet-v2 numbers the classes in sorted-wnid order, which is the order of a head trained on an
+    ImageNet folder)."""
     index = {str(c): i for i, c in enumerate(head_classes)}
     out = {name: index[name] for name in folder_classes if name in index}
-    if not out and folder_classes and all(n.isdigit() for n in folder_classes):
+    if (not out and folder_classes and len(head_classes) == 1000 and all(n.isdigit() for n in folder_classes)
+            and list(head_classes) == sorted(head_classes)):
         out = {n: int(n) for n in folder_classes if int(n) < len(head_classes)}
     return out
 
@@ -272,9 +275,11 @@ def open_class_folder(root: Path, head_classes: Sequence[str], what: str):
         raise SyncoError(f"{what}: '{root}' has no class sub-folders (expected <class>/<image>).")
     mapping = class_index_map(present, head_classes)
     if not mapping:
+        hint = (" Integer folders (ImageNet-v2) are read as indices into the 1000 ImageNet classes only with a "
+                "1000-class head." if all(n.isdigit() for n in present) else "")
         raise SyncoError(f"{what}: none of the {len(present)} class folders in '{root}' ({_preview(present)}) is a "
                          f"class of the linear head ({_preview(map(str, head_classes))}); folders must be named "
-                         "by the head's class names (wnids).")
+                         f"by the head's class names (wnids).{hint}")
     unknown = [n for n in present if n not in mapping]
     if unknown:
         warnings.warn(f"{what}: {len(unknown)} class folder(s) in '{root}' are not classes of the linear head and "

@@ -119,6 +119,10 @@ class ToRGB:
         return img.convert("RGB") if hasattr(img, "convert") else img
 
 
+def _base_image(base, j):
+    return base[j][0]
+
+
 class SplitView(Dataset):
     """Samples ``(base, index)`` of torchvision datasets, as RGB images through ``transform``, with the
     given targets (class index, or a multi-hot float vector for VOC)."""
@@ -126,7 +130,7 @@ class SplitView(Dataset):
     def __init__(self, items: list, targets: list, classes: list, transform=None,
                  load: Optional[Callable] = None):
         self.items, self.targets, self.classes, self.transform = items, targets, classes, transform
-        self.load = load or (lambda base, j: base[j][0])
+        self.load = load or _base_image
         self._rgb = ToRGB()
 
     def __len__(self) -> int:

@@ -65,13 +65,15 @@ class DiffusionTrainConfig:
     channels: int = 0  # 0 = 1 (grayscale) for digits, 3 for image folders
     resolution: int = 0  # default output size for generate; 0 = 16 for digits (cpu-demo), image_size otherwise
     class_list: Optional[str] = None  # image folders: only these classes (file or shipped name)
-    block_out_channels: list = field(default_factory=lambda: [32, 64])
+    # The defaults are sized for the built-in digits (about 3 CPU-minutes); give image folders a bigger UNet,
+    # e.g. block_out_channels=[64,128,256] attention=[false,true,true] image_size=32, and more steps.
+    block_out_channels: list = field(default_factory=lambda: [16, 32])
     attention: list = field(default_factory=lambda: [False, True])  # self-attention per UNet level
     layers_per_block: int = 1
     norm_num_groups: int = 8
-    steps: int = 2000
+    steps: int = 1500
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.01
     warmup_steps: int = 100
     ema_decay: float = 0.995
@@ -81,7 +83,7 @@ class DiffusionTrainConfig:
     hflip: bool = False  # random horizontal flips (never for digits)
     sampler: str = "dpm"  # default sampler stored with the model
     sample_steps: int = 20  # default number of sampling steps stored with the model
-    guidance: float = 1.0  # default classifier-free guidance scale stored with the model (1 = none)
+    guidance: float = 2.0  # default classifier-free guidance scale stored with the model (1 = none)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
@@ -162,7 +164,21 @@ def make_scheduler(name: str, config) -> object:
         raise SyncoError(f"unknown sampler '{name}': choose one of {', '.join(SAMPLERS)}.")
     cls = getattr(diffusers, SAMPLERS[name])
     extra = {"algorithm_type": "sde-dpmsolver++"} if name == "dpm_sde" else {}
+    # Pass every key of the training schedule on (timestep spacing above all), including the ones it took by
+    # default: from_config would otherwise swap those for the new class's defaults, and sampling in the
+    # training process would differ from sampling the saved model.
+    config = {k: v for k, v in dict(config).items() if k != "_use_default_values"}
     return cls.from_config(config, **extra)
+
+
+def build_noise_scheduler(cfg: DiffusionTrainConfig):
+    """The training noise schedule (DDPM), every sampling-relevant key explicit."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
+                         beta_start=0.0001, beta_end=0.02, prediction_type="epsilon", clip_sample=True,
+                         clip_sample_range=1.0, timestep_spacing="leading", steps_offset=0,
+                         variance_type="fixed_small")
 
 
 def _step_takes_generator(scheduler) -> bool:
@@ -261,7 +277,8 @@ def load_model(path, device="cpu", dtype=torch.float32) -> SmallDiffusion:
         meta = json.loads(meta_path.read_text())
         if meta.get("format") != FORMAT:
             raise ValueError(f"format is {meta.get('format')!r}")
-        unet = UNet2DModel.from_pretrained(path / "unet", local_files_only=True, dtype=dtype)
+        # low_cpu_mem_usage=False: the model is small, and without `accelerate` diffusers would warn otherwise.
+        unet = UNet2DModel.from_pretrained(path / "unet", local_files_only=True, dtype=dtype, low_cpu_mem_usage=False)
         scheduler = DDPMScheduler.from_pretrained(path / "scheduler", local_files_only=True)
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
         raise SyncoError(f"cannot load the diffusion model in '{path}' ({e.__class__.__name__}: {str(e)[:200]}). "
@@ -397,10 +414,10 @@ def _config_diff(saved: dict, cfg: DiffusionTrainConfig) -> list[str]:
 def train_diffusion(data: str, out, cfg: Optional[DiffusionTrainConfig] = None, progress: bool = True) -> dict:
     """Train a class-conditional diffusion model on ``data`` ('digits' or an image folder) into ``out``.
 
-    A killed run resumes from ``out/train_state.pt``; a finished one is refused (choose a new ``out``).
+    A killed run resumes from ``out/train_state.pt`` (saved every ``ckpt_every`` steps; removed once the model
+    is written); a finished one is refused (choose a new ``out``).
     Returns a summary dict (also in ``synco_diffusion.json``).
     """
-    from diffusers import DDPMScheduler
     from diffusers.optimization import get_cosine_schedule_with_warmup
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
@@ -420,13 +437,12 @@ def train_diffusion(data: str, out, cfg: Optional[DiffusionTrainConfig] = None, 
     batches, classes, size, channels, resolution, described = load_training_data(data, cfg)
     torch.manual_seed(cfg.seed)
     unet = build_unet(cfg, size, channels, len(classes)).to(device)
-    scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
-                              prediction_type="epsilon")
+    scheduler = build_noise_scheduler(cfg)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     lr_sched = get_cosine_schedule_with_warmup(opt, min(cfg.warmup_steps, cfg.steps), cfg.steps)
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=3 / 4)
     ema.to(device)
-    step, seconds_before = 0, 0.0
+    step, seconds_before, loss_avg = 0, 0.0, float("nan")
     state_path = out / STATE_FILE
     if state_path.exists():
         state = ckpt.load(state_path)
@@ -441,8 +457,7 @@ def train_diffusion(data: str, out, cfg: Optional[DiffusionTrainConfig] = None, 
         ema.load_state_dict(state["ema"])
         ema.to(device)
         step, seconds_before = int(state["step"]), float(state.get("seconds", 0.0))
-        if step >= cfg.steps:
-            raise SyncoError(f"the unfinished run in '{out}' is already at step {step}; pass steps > {step}.")
+        loss_avg = float(state.get("loss", float("nan")))
         print(f"synco: resuming diffusion training in {out} at step {step}", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     n_params = sum(p.numel() for p in unet.parameters())
@@ -453,15 +468,17 @@ def train_diffusion(data: str, out, cfg: Optional[DiffusionTrainConfig] = None, 
         ckpt.atomic_save({"unet": unet.state_dict(), "optimizer": opt.state_dict(),
                           "lr_scheduler": lr_sched.state_dict(), "ema": ema.state_dict(), "step": step,
                           "seconds": seconds_before + time.perf_counter() - t0, "config": asdict(cfg),
-                          "data": data}, state_path)
+                          "data": data, "loss": loss_avg}, state_path)
 
     log_path = out / "train_log.jsonl"
-    if step == 0 and log_path.exists():
-        log_path.unlink()
+    if log_path.exists():  # drop what a killed run logged after its last saved state
+        keep = [line for line in log_path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= step]
+        log_path.write_text("".join(line + "\n" for line in keep))
     bar = tqdm(total=cfg.steps, initial=step, desc="diffusion", unit="step", disable=not progress,
                dynamic_ncols=True)
-    t0 = time.perf_counter()
-    loss_sum, loss_n, loss_avg = 0.0, 0, float("nan")
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    loss_sum, loss_n = 0.0, 0
     unet.train()
     while step < cfg.steps:
         g = _step_generator(cfg.seed, step)
@@ -499,7 +516,8 @@ def train_diffusion(data: str, out, cfg: Optional[DiffusionTrainConfig] = None, 
             save_state()
     bar.close()
     seconds = seconds_before + time.perf_counter() - t0
-    save_state()  # the last state stays, so a later run could continue from it by hand
+    cpu_seconds = time.process_time() - cpu0  # this process only: tells a busy machine from a slow model
+    save_state()  # a kill while the model is being written resumes here and only writes it
 
     ema.copy_to(unet.parameters())  # the saved model carries the EMA weights
     unet.eval()
@@ -507,11 +525,13 @@ def train_diffusion(data: str, out, cfg: Optional[DiffusionTrainConfig] = None, 
             "image_size": size, "channels": channels, "resolution": resolution, "data": data,
             "sampler": cfg.sampler, "sample_steps": cfg.sample_steps, "guidance": cfg.guidance,
             "p_uncond": cfg.p_uncond, "train_steps": step, "train_seconds": round(seconds, 2),
+            "train_cpu_seconds_last_run": round(cpu_seconds, 2),
             "final_loss": loss_avg, "parameters": n_params, "device": str(device), "config": asdict(cfg)}
     model = SmallDiffusion(unet, scheduler, meta, out)
     if cfg.preview:
         write_preview(model, out / "preview.png", device=device)
     save_model(model, out)
+    state_path.unlink()
     print(f"synco: trained in {seconds:.1f} s ({step / max(seconds, 1e-9):.1f} steps/s), final loss "
           f"{loss_avg:.4f} -> {out}", file=sys.stderr)
     return {k: meta[k] for k in ("classes", "image_size", "channels", "train_steps", "train_seconds",

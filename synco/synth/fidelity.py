@@ -130,7 +130,7 @@ def to_markdown(result: dict) -> str:
     def pct(v):
         return "-" if v is None else f"{100 * v:.1f}"
 
-    lines = [f"# Fidelity of `{result['synthetic']}`", "",
+    lines = [f"## Fidelity of `{result['synthetic']}`", "",
              f"{result['classifier']} trained on {result['n_real_train']} real `{result['real']}` train images "
              f"({result['size']}x{result['size']} grayscale pixels) classifies {result['n_synthetic']} synthetic "
              "images.", "",

@@ -206,9 +206,12 @@ class PipelineBackend:
         if not path.is_dir() and not HUB_ID.match(model):
             raise SyncoError(_missing_model_message(model, cfg.cache_dir))
         source = str(path) if path.is_dir() else model
+        import importlib.util
+
+        extra = {} if importlib.util.find_spec("accelerate") else {"low_cpu_mem_usage": False}  # no warning
         try:
             pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, local_files_only=True,
-                                                     cache_dir=cfg.cache_dir)
+                                                     cache_dir=cfg.cache_dir, **extra)
         except (OSError, ValueError, EnvironmentError) as e:
             if path.is_dir():
                 raise SyncoError(f"cannot load the diffusers pipeline in '{model}' ({e.__class__.__name__}: "
