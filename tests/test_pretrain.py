@@ -1,7 +1,6 @@
 """The pretraining engine end to end: outputs, exact resume, NaN stop, clear errors."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import yaml
 from synco.cli.main import main
 from synco.config import load_config
 from synco.engine.checkpoint import load
-from synco.engine.train import NonFiniteLoss, Trainer, pretrain
+from synco.engine.train import Trainer, pretrain
 
 
 def run_cli(*args):

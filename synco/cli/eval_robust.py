@@ -13,13 +13,19 @@ def register_protocols(psub) -> None:
         description="Benchmarks come from folders (imagenet_v2_root=, imagenet_c_root=, imagenet_a_root=, "
                     "imagenet_w_root=, imagenet_sketch_root=, imagenet_r_root=, imagenet_o_root=); the clean set "
                     "from dataset=/root=. Without imagenet_c_root / imagenet_w_root the corruptions and the "
-                    "watermark are generated from the clean set. Missing benchmarks are skipped.")
+                    "watermark are generated from the clean set. Missing benchmarks are skipped. Other options: "
+                    "corruptions=[...], severities=[1,...,5], benchmarks=[clean,v2,c,a,w,sketch,r,o], "
+                    "corruption_on_the_fly, watermark_on_the_fly, max_images, crop_ratio, batch_size, "
+                    "num_workers, device. Writes robustness.json.")
     common_arguments(p)
     p.add_argument("--linear-head", required=True, help="linear_head.pt from `synco eval linear` (or its dir)")
     p.add_argument("--max-images", type=int, default=None, help="at most this many images per evaluated set")
     p.set_defaults(func=run_robustness)
 
-    p = psub.add_parser("adversarial", help="FGSM/PGD/C&W/Square/AutoAttack/TIFGSM/OnePixel top-1 (torchattacks)")
+    p = psub.add_parser("adversarial", help="FGSM/PGD/C&W/Square/AutoAttack/TIFGSM/OnePixel top-1 (torchattacks)",
+                        description="Untargeted attacks with the SynCo-v2 settings (section 8.3) on [0, 1] images, "
+                                    "normalisation inside the attacked model, on the clean validation set "
+                                    "(dataset=, root=). Writes adversarial.json.")
     common_arguments(p)
     p.add_argument("--linear-head", required=True, help="linear_head.pt from `synco eval linear` (or its dir)")
     p.add_argument("--attacks", default=None,

@@ -5,43 +5,13 @@ A kill at any moment leaves either the previous complete checkpoint or the new o
 
 from __future__ import annotations
 
-import os
 import random
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..errors import SyncoError
-
-
-def atomic_save(obj, path: Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - corrupt or foreign file
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise SyncoError(f"cannot load checkpoint '{path}' ({e.__class__.__name__}: {first}). It may be "
-                         "corrupt or not a synco checkpoint; move it away to start afresh.") from None
+from ..io import atomic_save, atomic_write_text  # noqa: F401 (the engine's checkpoint API)
+from ..io import load_torch_file as load  # noqa: F401
 
 
 def rng_state() -> dict:

@@ -7,6 +7,7 @@ passes over the whole dataset, whatever the number of processes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -225,7 +226,7 @@ class Trainer:
                 if micro == 0:
                     self.scheduler.step_update(num_updates=st.step)
                 sync_grads = micro == accum - 1 or self.world == 1
-                ctx = self.online.no_sync() if (self.world > 1 and not sync_grads) else _nullcontext()
+                ctx = self.online.no_sync() if (self.world > 1 and not sync_grads) else contextlib.nullcontext()
                 with ctx:
                     with self._autocast():
                         loss, stats, (k1, k2) = self.model(x1, x2, use_synthetic=use_syn, online=self.online)
@@ -308,14 +309,6 @@ class Trainer:
         if self.dist.is_main:
             export_safetensors(self.model.online.backbone, backbone_meta(self.cfg.model), path)
         return path
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def _take(iterable, n: int):

@@ -9,59 +9,8 @@ from __future__ import annotations
 from typing import Iterable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from ..engine import dist as D
-
-
-@torch.no_grad()
-def extract_features(model: torch.nn.Module, loader: DataLoader, device: torch.device | str,
-                     desc: str = "features", progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised float32 features and labels of every sample the loader yields, in order.
-
-    Under torchrun, give each rank a shard of the data (see ``shard_indices``); the shards are
-    gathered in sample order, with no duplicates and nothing dropped.
-    """
-    model.eval()
-    device = torch.device(device)
-    feats, labels = [], []
-    use_bf16 = device.type == "cuda"
-    for x, y in tqdm(loader, desc=desc, disable=not progress or not D.is_main(), leave=False):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            f = model(x.to(device, non_blocking=True))
-        feats.append(F.normalize(f.float(), dim=1))
-        labels.append(torch.as_tensor(y).to(device))
-    f, y = torch.cat(feats), torch.cat(labels)
-    if D.world_size() > 1:
-        order = loader.sampler.indices if hasattr(loader.sampler, "indices") else None
-        idx = torch.as_tensor(order, device=device) if order is not None else None
-        f, y = D.all_gather_varsize(f), D.all_gather_varsize(y)
-        if idx is not None:
-            idx = D.all_gather_varsize(idx)
-            perm = torch.argsort(idx)
-            f, y = f[perm], y[perm]
-    return f, y
-
-
-class ShardSampler(torch.utils.data.Sampler):
-    """Every rank takes indices rank, rank+W, ... in order: no padding, so nothing is duplicated."""
-
-    def __init__(self, n: int, rank: int, world_size: int):
-        self.indices = list(range(rank, n, world_size))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-def feature_loader(dataset, batch_size: int = 256, num_workers: int = 0) -> DataLoader:
-    sampler = ShardSampler(len(dataset), D.rank(), D.world_size()) if D.world_size() > 1 else None
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=sampler, num_workers=num_workers,
-                      pin_memory=torch.cuda.is_available())
+from .features import ShardSampler, extract_features, feature_loader, predict  # noqa: F401 (re-exported)
 
 
 @torch.no_grad()

@@ -41,7 +41,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -57,7 +57,7 @@ from ..engine.optim import build_scheduler
 from ..errors import SyncoError
 from .common import EvalOptions, eval_datasets, eval_image_size, load_eval_backbone, resolve_device
 from .head import LinearHead, save_head
-from .knn import feature_loader
+from .features import predict
 from .results import markdown_table, save_result
 
 PAPER_LRS = [0.1, 0.5, 0.75, 1.0, 1.25, 1.5]
@@ -302,30 +302,6 @@ def select_best(history: list[dict], metric: str = "top1", use_heldout: bool = T
 
 
 @torch.no_grad()
-def predict(fn: Callable[[torch.Tensor], torch.Tensor], dataset: Dataset, batch_size: int, num_workers: int,
-            device: torch.device, desc: str = "features", progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """``fn(images)`` (e.g. backbone features or logits, float32, not normalised) and labels of every
-    sample, in dataset order. Under torchrun each process computes a shard (``feature_loader``) and
-    the shards are gathered in order on every process."""
-    loader = feature_loader(dataset, max(1, batch_size // D.world_size()), num_workers)
-    outs, labels = [], []
-    bf16 = device.type == "cuda"
-    for x, y in tqdm(loader, desc=desc, disable=not progress or not D.is_main(), leave=False):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = fn(x.to(device, non_blocking=True))
-        outs.append(out.float())
-        labels.append(torch.as_tensor(y).to(device))
-    if not outs:
-        raise SyncoError("a dataset split is empty: nothing to evaluate.")
-    f, y = torch.cat(outs), torch.cat(labels)
-    if D.world_size() > 1:
-        idx = torch.as_tensor(loader.sampler.indices, device=device)
-        f, y, idx = D.all_gather_varsize(f), D.all_gather_varsize(y), D.all_gather_varsize(idx)
-        perm = torch.argsort(idx)
-        f, y = f[perm], y[perm]
-    return f, y
-
-
 def dataset_targets(dataset) -> Optional[list]:
     t = getattr(dataset, "targets", None)
     return list(t) if t is not None else None

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import SyncoError
+from ..io import load_torch_file
 
 # The CPU demo backbone: a 4-block ViT on small images (timm's ViT with overridden sizes).
 TINY_VIT = dict(img_size=16, patch_size=4, embed_dim=96, depth=4, num_heads=3)
@@ -112,15 +113,6 @@ def _online_backbone_state(state: dict) -> dict:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def load_checkpoint_file(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling/IO failure is the user's file
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise SyncoError(f"cannot read checkpoint '{path}' ({e.__class__.__name__}: {first}). "
-                         "Is it a synco checkpoint.pt, written completely?") from None
-
-
 def load_backbone(path: str, backbone: Optional[str] = None, backbone_kwargs: Optional[dict] = None,
                   device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """Return (backbone in eval mode, meta) from a run directory, its ``checkpoint.pt``, an exported
@@ -155,7 +147,7 @@ def load_backbone(path: str, backbone: Optional[str] = None, backbone_kwargs: Op
                     raise SyncoError(f"'{p}' carries no synco metadata; give backbone=NAME.")
                 meta = {"backbone": backbone, "backbone_kwargs": dict(backbone_kwargs or {}), "bn_before_mlp": False}
         else:
-            ckpt = load_checkpoint_file(p)
+            ckpt = load_torch_file(p)
             if "config" not in ckpt or "model" not in ckpt:
                 raise SyncoError(f"'{p}' is not a synco pretraining checkpoint (no config/model entries).")
             mcfg = ckpt["config"]["model"]
