@@ -29,7 +29,7 @@ except ImportError:  # run from a checkout without the package installed
 
 from synco.cli.main import main as synco_main  # noqa: E402
 from synco.config import apply_overrides  # noqa: E402
-from synco.engine.checkpoint import atomic_write_text  # noqa: E402
+from synco.io import atomic_write_text  # noqa: E402
 from synco.synth.diffusion import MODEL_FILE, DiffusionTrainConfig, train_diffusion  # noqa: E402
 from synco.synth.fidelity import fidelity, to_markdown, write_report  # noqa: E402
 from synco.synth.generate import SETTINGS, GenerateConfig, generate  # noqa: E402

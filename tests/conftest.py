@@ -77,3 +77,12 @@ TINY_OVERRIDES = [
 @pytest.fixture
 def tiny_overrides():
     return list(TINY_OVERRIDES)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for tests that time or compare runs on this shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

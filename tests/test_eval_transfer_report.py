@@ -20,12 +20,7 @@ from synco.eval.report import build_report, write_report
 from synco.eval.transfer import TransferOptions, build_transfer_split, run_transfer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------

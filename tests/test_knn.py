@@ -13,12 +13,7 @@ from synco.eval.knn import extract_features, feature_loader, knn_classify
 from synco.models.backbone import create_backbone, export_safetensors, load_backbone
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def brute_force_knn(train, train_y, test, test_y, k, T, num_classes):

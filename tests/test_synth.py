@@ -56,6 +56,18 @@ def test_train_saves_a_diffusers_model_that_loads(tiny_model):
     assert x.shape == (2, 1, 8, 8) and 0 <= x.min() and x.max() <= 1
 
 
+def test_cli_trains_on_an_image_folder(digits_folder, tmp_path, capsys):
+    out = tmp_path / "m"
+    opts = [f"{k}={json.dumps(v)}" for k, v in {**TINY, "steps": 2, "image_size": 8}.items()]
+    assert main(["synth-data", "train", "--data", str(digits_folder), "--out", str(out), "--no-progress", *opts]) == 0
+    meta = json.loads((out / "synco_diffusion.json").read_text())
+    assert meta["classes"] == [str(d) for d in range(10)] and (meta["channels"], meta["resolution"]) == (3, 8)
+    assert load_model(out).sample([2], [0]).shape == (1, 3, 8, 8)
+    capsys.readouterr()
+    assert main(["synth-data", "train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
+    assert "neither 'digits' nor an existing directory" in capsys.readouterr().err
+
+
 def test_samples_in_the_training_process_match_the_saved_model(tmp_path):
     """The preview drawn right after training equals one drawn from the reloaded model (same schedule keys)."""
     train_diffusion("digits", tmp_path / "m", tiny_cfg(preview=True), progress=False)

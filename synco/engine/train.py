@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .. import schedules
 from ..config import Config, save_config, synthetic_window
+from ..device import resolve_device
 from ..errors import SyncoError
 from ..models.backbone import backbone_meta, export_safetensors, load_state_checked
 from ..models.method import SelfSupervisedModel
@@ -40,14 +41,6 @@ class NonFiniteLoss(SyncoError):
 # Config keys that may change when a run is resumed (they do not change the maths of training).
 RESUMABLE_CHANGES = {"resume", "log_every", "ckpt_every_steps", "knn_at_end", "threads", "device", "compile",
                      "data.num_workers", "data.root", "optim.batch_size", "knn"}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SyncoError("device=cuda was asked for but no CUDA GPU is visible; use device=cpu or device=auto.")
-    return torch.device(name)
 
 
 def seed_all(seed: int) -> None:

@@ -9,6 +9,7 @@ import torch
 
 from ..data.build import build_dataset
 from ..data.transforms import eval_transform
+from ..device import resolve_device  # noqa: F401 (protocols import it from here)
 from ..errors import SyncoError
 from ..models.backbone import input_size, load_backbone
 
@@ -25,12 +26,6 @@ class EvalOptions:
     seed: int = 0
     backbone: Optional[str] = None  # a timm name or a synco preset name; needed for --checkpoint random
     backbone_kwargs: dict = field(default_factory=dict)
-
-
-def resolve_device(name: str) -> torch.device:
-    from ..engine.train import resolve_device as _resolve
-
-    return _resolve(name)
 
 
 def backbone_spec(opts: EvalOptions) -> tuple[Optional[str], dict]:

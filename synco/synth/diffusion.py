@@ -37,6 +37,7 @@ from typing import Optional
 import torch
 from PIL import Image
 
+from ..device import resolve_device  # noqa: F401 (generate imports it from here)
 from ..errors import SyncoError
 
 logger = logging.getLogger("synco.synth")
@@ -139,14 +140,6 @@ def validate_train_config(cfg: DiffusionTrainConfig) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Helpers shared with generate
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SyncoError("device=cuda was asked for but no CUDA GPU is visible; use device=cpu or device=auto.")
-    return torch.device(name)
 
 
 def image_seed(base_seed: int, class_name: str, index: int) -> int:
@@ -289,7 +282,7 @@ def load_model(path, device="cpu", dtype=torch.float32) -> SmallDiffusion:
 def save_model(model: SmallDiffusion, path) -> None:
     """``save_pretrained`` for the UNet and scheduler, then the metadata file last (its presence marks a
     complete model)."""
-    from ..engine.checkpoint import atomic_write_text
+    from ..io import atomic_write_text
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -422,7 +415,7 @@ def train_diffusion(data: str, out, cfg: Optional[DiffusionTrainConfig] = None, 
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
-    from ..engine import checkpoint as ckpt
+    from ..io import atomic_save, load_torch_file
 
     cfg = cfg or DiffusionTrainConfig()
     validate_train_config(cfg)
@@ -445,7 +438,7 @@ def train_diffusion(data: str, out, cfg: Optional[DiffusionTrainConfig] = None, 
     step, seconds_before, loss_avg = 0, 0.0, float("nan")
     state_path = out / STATE_FILE
     if state_path.exists():
-        state = ckpt.load(state_path)
+        state = load_torch_file(state_path)
         diff = _config_diff(state["config"], cfg)
         if diff or state["data"] != data:
             what = ", ".join(diff) if diff else "--data"
@@ -465,7 +458,7 @@ def train_diffusion(data: str, out, cfg: Optional[DiffusionTrainConfig] = None, 
           f"{channels}x{size}x{size}) on {described} for {cfg.steps} steps on {device}", file=sys.stderr)
 
     def save_state():
-        ckpt.atomic_save({"unet": unet.state_dict(), "optimizer": opt.state_dict(),
+        atomic_save({"unet": unet.state_dict(), "optimizer": opt.state_dict(),
                           "lr_scheduler": lr_sched.state_dict(), "ema": ema.state_dict(), "step": step,
                           "seconds": seconds_before + time.perf_counter() - t0, "config": asdict(cfg),
                           "data": data, "loss": loss_avg}, state_path)

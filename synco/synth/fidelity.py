@@ -144,7 +144,7 @@ def to_markdown(result: dict) -> str:
 
 
 def write_report(result: dict, out) -> tuple[Path, Path]:
-    from ..engine.checkpoint import atomic_write_text
+    from ..io import atomic_write_text
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -325,7 +325,7 @@ def generate(model: str, classes: Optional[str | list[str]], per_class: int, out
     total, generated, skipped, seconds, images_per_second."""
     from tqdm.auto import tqdm
 
-    from ..engine.checkpoint import atomic_write_text
+    from ..io import atomic_write_text
 
     cfg = cfg or GenerateConfig()
     validate_generate_config(cfg)
@@ -336,6 +336,10 @@ def generate(model: str, classes: Optional[str | list[str]], per_class: int, out
     device = resolve_device(cfg.device)
     backend = load_backend(model, cfg, device)
     names = classes if isinstance(classes, list) else parse_classes(classes, backend.available)
+    bad = [c for c in names if not c or c.startswith(".") or "/" in c or "\\" in c]
+    if bad:
+        raise SyncoError(f"class name(s) {', '.join(map(repr, bad[:5]))} cannot be folder names (empty, hidden or "
+                         "containing a path separator).")
     ids = backend.class_ids(names)
     fmt = "jpg" if cfg.format == "jpeg" else cfg.format
     settings = {"model": backend.name, "backend": backend.kind, "sampler": backend.sampler, "steps": backend.steps,
@@ -349,10 +353,13 @@ def generate(model: str, classes: Optional[str | list[str]], per_class: int, out
         except json.JSONDecodeError:
             old = {}
         diff = [k for k in IDENTITY_KEYS if k in old and old[k] != settings[k]]
+        listed = list(dict.fromkeys([*old.get("classes", []), *names]))  # every class the folder holds
         if diff:
             raise SyncoError(f"'{out}' already holds images generated with other settings ("
                              + ", ".join(f"{k}: {old[k]!r} there, {settings[k]!r} now" for k in diff)
                              + "). Use the same settings to resume or extend it, or a new --out.")
+    else:
+        listed = list(names)
     out.mkdir(parents=True, exist_ok=True)
     for c in names:
         (out / c).mkdir(exist_ok=True)
@@ -380,7 +387,7 @@ def generate(model: str, classes: Optional[str | list[str]], per_class: int, out
             else:
                 pending.append((c, i))
     atomic_write_text("".join(json.dumps(e) + "\n" for e in kept.values()), manifest_path)
-    atomic_write_text(json.dumps({**settings, "classes": names, "per_class": per_class, "status": "running"},
+    atomic_write_text(json.dumps({**settings, "classes": listed, "per_class": per_class, "status": "running"},
                                  indent=2) + "\n", settings_path)
     total = per_class * len(names)
     print(f"synco: {total} images ({len(names)} classes x {per_class}) from {backend.name} with {backend.sampler}, "
@@ -410,7 +417,7 @@ def generate(model: str, classes: Optional[str | list[str]], per_class: int, out
     rate = done / seconds if done else 0.0
     figures = {"total": total, "generated": done, "skipped": skipped, "seconds": round(seconds, 3),
                "images_per_second": round(rate, 3), "device": str(device)}
-    atomic_write_text(json.dumps({**settings, "classes": names, "per_class": per_class, "status": "complete",
+    atomic_write_text(json.dumps({**settings, "classes": listed, "per_class": per_class, "status": "complete",
                                   "last_run": figures}, indent=2) + "\n", settings_path)
     print(f"synco: generated {done} images in {seconds:.1f} s ({rate:.2f} images/s); {total} in {out}",
           file=sys.stderr)
