@@ -113,6 +113,11 @@ class PretrainData:
         self.synthetic = None
         n_real, n_syn = len(self.real), 0
         if d.synthetic_root and d.synthetic_ratio > 0:
+            if not Path(d.synthetic_root).is_dir():
+                raise SyncoError(f"data.synthetic_root '{d.synthetic_root}' does not exist. Make a synthetic clone "
+                                 "first, e.g. `synco synth-data train --data digits --out runs/ddpm-digits` then "
+                                 "`synco synth-data generate --model runs/ddpm-digits --classes all --per-class 150 "
+                                 f"--out {d.synthetic_root}`.")
             self.synthetic = SafeImageFolder(d.synthetic_root, transform=views, bad_image_log=bad_image_log)
             n_real, n_syn = mix_counts(len(self.real), d.synthetic_ratio, d.synthetic_mode)
         self.counts = (n_real, n_syn)
