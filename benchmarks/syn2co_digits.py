@@ -1,6 +1,6 @@
 """Syn2Co on the built-in digits, end to end (issue 5 acceptance numbers).
 
-    python benchmarks/syn2co_digits.py --out runs/syn2co-digits --epochs 15
+    python benchmarks/syn2co_digits.py --out runs/syn2co-digits --epochs 25
 
 1. trains the small class-conditional diffusion model on the real digits train split (timed);
 2. generates a synthetic clone, ``--per-class`` images per class (throughput in images/s);
@@ -42,7 +42,7 @@ def say(msg: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/syn2co-digits")
-    p.add_argument("--epochs", type=int, default=15, help="pretraining epochs per ratio (cpu-demo has 40)")
+    p.add_argument("--epochs", type=int, default=15, help="pretraining epochs per ratio (the cpu-demo preset has 25)")
     p.add_argument("--ratios", default="0,0.5,1")
     p.add_argument("--per-class", type=int, default=144, help="synthetic images per class (real: ~144)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads for every stage")

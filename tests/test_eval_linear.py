@@ -198,7 +198,8 @@ def test_killed_run_resumes_to_the_same_heads(tmp_path, monkeypatch):
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert a["step"] == b["step"]
     assert resumed["history"] == full["history"] and resumed["best"] == full["best"]
-    ha, hb = torch.load(tmp_path / "full" / "linear_head.pt"), torch.load(tmp_path / "killed" / "linear_head.pt")
+    ha = torch.load(tmp_path / "full" / "linear_head.pt", weights_only=True)
+    hb = torch.load(tmp_path / "killed" / "linear_head.pt", weights_only=True)
     assert torch.equal(ha["weight"], hb["weight"]) and torch.equal(ha["bn_mean"], hb["bn_mean"])
     # resuming with other settings is refused, naming the setting
     with pytest.raises(SyncoError, match="epochs"):
