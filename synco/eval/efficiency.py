@@ -208,7 +208,7 @@ def measure_method(cfg, opts: EfficiencyOptions, device: torch.device, probe: Me
             step()
             times.append(time.perf_counter() - t0)
         mems.append(probe.stop())
-    del model, optimizer, x1, x2
+    model = optimizer = x1 = x2 = None  # free them before the next method is measured
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
