@@ -6,7 +6,6 @@ wrong type, is a :class:`SyncoError` naming that key. The resolved config is sav
 
 from __future__ import annotations
 
-import dataclasses
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -274,12 +273,6 @@ def load_config(preset: Optional[str] = "cpu-demo", overrides: Optional[list[str
     return cfg
 
 
-def config_from_dict(data: dict) -> Config:
-    cfg = apply_dict(Config(), data)
-    validate(cfg)
-    return cfg
-
-
 def save_config(cfg: Config, path: Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
@@ -363,6 +356,3 @@ def synthetic_window(cfg: Config) -> tuple[int, int]:
         return (0, 0)
     return (cfg.negatives.warmup_epochs, cfg.epochs - cfg.negatives.cooldown_epochs)
 
-
-def replace(cfg: Config, **changes: Any) -> Config:
-    return dataclasses.replace(cfg, **changes)

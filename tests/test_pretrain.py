@@ -13,7 +13,8 @@ import yaml
 from synco.cli.main import main
 from synco.config import load_config
 from synco.engine.checkpoint import load
-from synco.engine.train import Trainer, pretrain
+from synco.engine.train import Trainer
+from synco.pretrain import pretrain
 
 
 def run_cli(*args):

@@ -33,7 +33,7 @@ def default_out(preset: str) -> Path:
 
 
 def run(args) -> int:
-    from ..engine.train import pretrain
+    from ..pretrain import pretrain
 
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else default_out(args.config)

@@ -78,14 +78,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def broadcast_object(obj):
-    if world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

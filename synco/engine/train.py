@@ -8,7 +8,6 @@ passes over the whole dataset, whatever the number of processes.
 from __future__ import annotations
 
 import contextlib
-import json
 import random
 import time
 from dataclasses import dataclass
@@ -311,24 +310,3 @@ def _take(iterable, n: int):
         yield item
         if i + 1 >= n:
             return
-
-
-def pretrain(cfg: Config, out_dir: Path, progress: bool = True) -> dict:
-    """Train, export the backbone, evaluate k-NN, write ``summary.json``; returns the summary."""
-    from .summary import evaluate_run
-
-    trainer = Trainer(cfg, out_dir, progress=progress)
-    result = trainer.train()
-    trainer.export()
-    summary = {"method": cfg.method, "backbone": cfg.model.backbone, "epochs": cfg.epochs,
-               "steps": result["steps"], "world_size": trainer.world, "global_batch": trainer.global_batch,
-               "effective_batch": trainer.effective_batch, "peak_lr": trainer.peak_lr,
-               "images_per_second": result["images_per_second"], "train_seconds": result["train_seconds"],
-               "bad_images": trainer.data.bad_images()}
-    if cfg.knn_at_end:
-        summary.update(evaluate_run(cfg, trainer.model.online.backbone, trainer.device, progress=progress))
-    if trainer.dist.is_main:
-        ckpt.atomic_write_text(json.dumps(summary, indent=2) + "\n", Path(out_dir) / "summary.json")
-    D.barrier()
-    return summary
-

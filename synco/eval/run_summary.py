@@ -5,23 +5,19 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Subset
 
-from ..data.build import build_dataset
-from ..data.transforms import eval_transform
+from ..engine import dist as D
 from ..errors import SyncoError
-from ..eval.knn import best_top1, extract_features, feature_loader, knn_classify
 from ..models.backbone import backbone_from_config
-from . import dist as D
+from .common import EvalOptions, eval_datasets
+from .knn import best_top1, extract_features, feature_loader, knn_classify
 
 
 def knn_datasets(cfg):
     """(train, test) labelled datasets with the evaluation transform, or None when the data has no val split."""
     d = cfg.data
-    crop_ratio = 1.0 if d.dataset == "digits" else 224 / 256
-    t = eval_transform(d.image_size, crop_ratio=crop_ratio)
-    kwargs = dict(root=d.root, transform=t, class_list=d.class_list, image_size=d.image_size)
-    train = build_dataset(d.dataset, split="train", **kwargs)
+    opts = EvalOptions(dataset=d.dataset, root=d.root, class_list=d.class_list, image_size=d.image_size)
     try:
-        test = build_dataset(d.dataset, split="val" if d.dataset != "digits" else "test", **kwargs)
+        train, test = eval_datasets(opts, d.image_size)
     except SyncoError:
         return None
     return _cap(train, cfg.knn.max_train, cfg.seed), _cap(test, cfg.knn.max_test, cfg.seed)
