@@ -17,7 +17,23 @@ import yaml
 
 from .errors import SyncoError
 
-METHODS = ("synco", "moby", "byol")
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a method needs, stated once (solo-learn style): the engine, the model and the tools ask this, never
+    the method's name."""
+
+    name: str
+    uses_queue: bool  # contrastive: InfoNCE against two queues of past keys (so the queue/global-batch rules apply)
+    uses_synthetic: bool  # synthetic hard negatives inside the [warm-up, epochs - cool-down) window
+
+
+METHOD_SPECS = {m.name: m for m in (MethodSpec("synco", True, True), MethodSpec("moby", True, False),
+                                    MethodSpec("byol", False, False))}
+METHODS = tuple(METHOD_SPECS)
+
+
+def method_spec(cfg) -> MethodSpec:
+    return METHOD_SPECS[cfg.method]
 
 
 @dataclass
@@ -42,7 +58,7 @@ class ContrastConfig:
 
 @dataclass
 class NegativesConfig:
-    """Synthetic hard negatives (ignored unless method == 'synco')."""
+    """Synthetic hard negatives (ignored unless the method uses them: see MethodSpec)."""
 
     n_hard: int = 256
     counts: list = field(default_factory=lambda: [128] * 6)
@@ -56,12 +72,28 @@ class NegativesConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """The two BYOL views of Table 11 (SynCo-v2). A pair ``[a, b]`` gives view 1 (T) and view 2 (T')."""
+
+    on: str = "workers"  # workers: per image in DataLoader workers | device: per batch on the training device
+    crop_scale: list = field(default_factory=lambda: [0.08, 1.0])
+    crop_ratio: list = field(default_factory=lambda: [3 / 4, 4 / 3])
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    jitter: list = field(default_factory=lambda: [0.4, 0.4, 0.2, 0.1])  # brightness, contrast, saturation, hue
+    grayscale_p: float = 0.2
+    blur_p: list = field(default_factory=lambda: [1.0, 0.1])
+    blur_sigma: list = field(default_factory=lambda: [0.1, 2.0])
+    solarize_p: list = field(default_factory=lambda: [0.0, 0.2])
+
+
+@dataclass
 class DataConfig:
     dataset: str = "digits"  # digits | imagenet100 | folder
     root: Optional[str] = None
     class_list: Optional[str] = None  # file of class folder names, or "imagenet100"
     image_size: int = 224
-    crop_scale: list = field(default_factory=lambda: [0.08, 1.0])
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     num_workers: int = 8
     max_images: Optional[int] = None  # a fixed random subset of the training set (quick runs, tests)
     synthetic_root: Optional[str] = None  # Syn2Co: ImageFolder of generated images
@@ -102,6 +134,7 @@ class Config:
     log_every: int = 10
     ckpt_every_steps: int = 0  # also checkpoint every N optimizer steps (0 = only at epoch ends)
     knn_at_end: bool = True
+    knn_every: int = 0  # k-NN monitor every N epochs, logged to metrics.jsonl as learning curves (0 = off)
     threads: int = 0  # torch CPU threads (0 = torch default)
     model: ModelConfig = field(default_factory=ModelConfig)
     contrast: ContrastConfig = field(default_factory=ContrastConfig)
@@ -189,7 +222,7 @@ def _set(cfg: Any, dotted: str, value: Any) -> None:
                 if not isinstance(value, dict):
                     raise SyncoError(f"config key '{dotted}' is a section; give a mapping or set its fields.")
                 for k, v in value.items():
-                    _set(cfg, f"{dotted}.{k}", v)
+                    _set(cfg, f"{dotted}.{_yaml_key(k)}", v)
             else:
                 setattr(node, part, _coerce(dotted, value, hints[part]))
         else:
@@ -198,9 +231,14 @@ def _set(cfg: Any, dotted: str, value: Any) -> None:
                 raise SyncoError(f"config key '{dotted}': '{'.'.join(parts[: i + 1])}' is not a section.")
 
 
+def _yaml_key(key: Any) -> str:
+    # YAML 1.1 (PyYAML) reads an unquoted `on:` key as the boolean True; the only such key here is augment.on.
+    return "on" if key is True else str(key)
+
+
 def apply_dict(cfg: Any, data: dict, prefix: str = "") -> Any:
     for key, value in data.items():
-        _set(cfg, f"{prefix}{key}", value)
+        _set(cfg, f"{prefix}{_yaml_key(key)}", value)
     return cfg
 
 
@@ -282,28 +320,53 @@ def validate(cfg: Config) -> None:
     def bad(key: str, msg: str) -> None:
         raise SyncoError(f"config key '{key}': {msg}")
 
+    _check_finite(cfg)
     if cfg.method not in METHODS:
         bad("method", f"must be one of {', '.join(METHODS)}, got '{cfg.method}'.")
     if cfg.epochs < 1:
         bad("epochs", "must be >= 1.")
+    if not 0 <= cfg.seed < 2**63:
+        bad("seed", f"must be an integer in [0, 2^63), got {cfg.seed}.")
+    if cfg.log_every < 1:
+        bad("log_every", f"must be >= 1 (metrics are written every log_every steps), got {cfg.log_every}.")
+    if cfg.ckpt_every_steps < 0:
+        bad("ckpt_every_steps", "must be >= 0 (0 = checkpoint at epoch ends only).")
+    if cfg.threads < 0:
+        bad("threads", "must be >= 0 (0 = torch's default).")
+    if cfg.knn_every < 0:
+        bad("knn_every", "must be >= 0 (0 turns the k-NN monitor off).")
     if cfg.device not in ("auto", "cpu", "cuda"):
         bad("device", "must be auto, cpu or cuda.")
     if cfg.precision not in ("auto", "bf16", "fp32"):
         bad("precision", "must be auto, bf16 or fp32.")
     o = cfg.optim
-    if o.batch_size < 1:
-        bad("optim.batch_size", "must be >= 1.")
+    if o.batch_size < 2:
+        bad("optim.batch_size", f"must be >= 2, got {o.batch_size}: the projector and predictor use BatchNorm, "
+                                "which needs at least two images per batch.")
     if o.accum_steps < 1:
         bad("optim.accum_steps", "must be >= 1.")
     if o.base_lr <= 0:
         bad("optim.base_lr", "must be > 0.")
-    if o.warmup_epochs < 0 or o.warmup_epochs > cfg.epochs:
+    if o.weight_decay < 0:
+        bad("optim.weight_decay", "must be >= 0.")
+    if o.min_lr < 0:
+        bad("optim.min_lr", "must be >= 0.")
+    if o.clip_grad is not None and o.clip_grad <= 0:
+        bad("optim.clip_grad", "must be > 0, or null for no clipping.")
+    if o.warmup_epochs < 0:
         bad("optim.warmup_epochs", f"must be in [0, epochs={cfg.epochs}].")
-    if len(o.betas) != 2:
-        bad("optim.betas", "must be a list of two numbers.")
+    if o.warmup_epochs > cfg.epochs:
+        _note(f"optim.warmup_epochs={o.warmup_epochs:g} is more than epochs={cfg.epochs}: the warm-up is clamped "
+              f"to {cfg.epochs} epochs (set optim.warmup_epochs=N to choose it).")
+        o.warmup_epochs = float(cfg.epochs)
+    if len(o.betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                                    for b in o.betas):
+        bad("optim.betas", f"must be two numbers in [0, 1) (AdamW's beta1, beta2), got {o.betas}.")
     c = cfg.contrast
     if c.temperature <= 0:
         bad("contrast.temperature", "must be > 0.")
+    if c.temperature > 100:
+        bad("contrast.temperature", f"must be <= 100 (papers use 0.2), got {c.temperature}.")
     if c.queue_size < 1:
         bad("contrast.queue_size", "must be >= 1.")
     if not 0.0 <= c.momentum_start <= 1.0:
@@ -316,11 +379,15 @@ def validate(cfg: Config) -> None:
         if getattr(m, key) < 1:
             bad(f"model.{key}", "must be >= 1.")
     n = cfg.negatives
-    if cfg.method == "synco":
+    if METHOD_SPECS[cfg.method].uses_synthetic:
         if n.n_hard > c.queue_size:
             bad("negatives.n_hard", f"{n.n_hard} is larger than the queue (contrast.queue_size={c.queue_size}).")
         if n.warmup_epochs < 0 or n.cooldown_epochs < 0:
             bad("negatives.warmup_epochs", "warm-up and cool-down must be >= 0.")
+        if n.warmup_epochs >= cfg.epochs - n.cooldown_epochs:
+            _note(f"no synthetic negatives in this run: the window [negatives.warmup_epochs={n.warmup_epochs}, "
+                  f"epochs - negatives.cooldown_epochs={cfg.epochs - n.cooldown_epochs}) is empty, so method=synco "
+                  "trains exactly as moby. Lower the warm-up/cool-down to use them.")
         # The generator validates the rest (counts, alpha_max, ...) with the same key names.
         from .negatives import SyntheticNegatives
 
@@ -332,10 +399,13 @@ def validate(cfg: Config) -> None:
     d = cfg.data
     if d.dataset not in ("digits", "imagenet100", "folder"):
         bad("data.dataset", f"must be digits, imagenet100 or folder, got '{d.dataset}'.")
+    if d.dataset == "digits" and d.root:
+        _note(f"data.root={d.root} is given without data.dataset: using data.dataset=folder (the built-in "
+              "digits take no root).")
+        d.dataset = "folder"
     if d.dataset != "digits" and not d.root:
         bad("data.root", f"dataset '{d.dataset}' needs data.root=/path/to/images.")
-    if len(d.crop_scale) != 2 or not 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1:
-        bad("data.crop_scale", "must be [min, max] with 0 < min <= max <= 1.")
+    validate_augment(d.augment)
     if not 0.0 <= d.synthetic_ratio <= 1.0:
         bad("data.synthetic_ratio", "must be in [0, 1].")
     if d.synthetic_ratio > 0 and not d.synthetic_root:
@@ -348,11 +418,99 @@ def validate(cfg: Config) -> None:
         bad("data.max_images", "must be >= 1 (or null for all images).")
     if d.num_workers < 0:
         bad("data.num_workers", "must be >= 0.")
+    _match_image_size(cfg)
+    k = cfg.knn
+    if not k.k or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in k.k):
+        bad("knn.k", f"must be a list of integers >= 1, got {k.k} (k=0 neighbours would report chance level).")
+    if k.temperature <= 0:
+        bad("knn.temperature", "must be > 0.")
+    for key in ("max_train", "max_test"):
+        if getattr(k, key) is not None and getattr(k, key) < 1:
+            bad(f"knn.{key}", "must be >= 1 (or null for all).")
+
+
+def _note(message: str) -> None:
+    """A config value was adjusted or has a consequence worth knowing: say it (stderr, via logging)."""
+    import logging
+
+    logging.getLogger("synco.config").warning(message)
+
+
+def _check_finite(node: Any, prefix: str = "") -> None:
+    """Every float (and every number in a list) of the config is finite: NaN and inf pass comparisons
+    like ``x <= 0`` unnoticed and would only surface as a diverged run."""
+    import math
+
+    for f in fields(node):
+        value, key = getattr(node, f.name), f"{prefix}{f.name}"
+        if is_dataclass(value):
+            _check_finite(value, key + ".")
+            continue
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in items):
+            raise SyncoError(f"config key '{key}': must be a finite number, got {value!r}.")
+
+
+# timm modules whose models are built for one input size (``img_size``): ViT, DeiT, Swin and relatives.
+_FIXED_SIZE_MODULES = ("vision_transformer", "vision_transformer_hybrid", "vision_transformer_relpos",
+                       "vision_transformer_sam", "deit", "swin_transformer", "swin_transformer_v2",
+                       "swin_transformer_v2_cr", "beit", "eva", "cait", "xcit", "pit", "tnt", "crossvit", "volo")
+
+
+def _match_image_size(cfg: Config) -> None:
+    """The backbone must be built for ``data.image_size``. Without ``img_size`` in model.backbone_kwargs the
+    backbone follows data.image_size; an explicit, different img_size is an error naming the fix."""
+    size, kwargs = cfg.data.image_size, cfg.model.backbone_kwargs
+    if "img_size" in kwargs:
+        built = kwargs["img_size"]
+        built = built[-1] if isinstance(built, (list, tuple)) and built else built
+        if built != size:
+            fixed = {**kwargs, "img_size": size}
+            text = "{" + ", ".join(f"{k}: {v}" for k, v in fixed.items()) + "}"
+            raise SyncoError(
+                f"config key 'data.image_size': {size} px images, but the backbone is built for {built} px "
+                f"(model.backbone_kwargs.img_size={kwargs['img_size']}). Set both, e.g. data.image_size={size} "
+                f"'model.backbone_kwargs={text}', or keep data.image_size={built}.")
+        return
+    try:
+        import timm.models as tm
+
+        default = tm.get_pretrained_cfg_value(cfg.model.backbone, "input_size")
+        fixed_size = tm.is_model_in_modules(cfg.model.backbone, list(_FIXED_SIZE_MODULES))
+    except Exception:  # noqa: BLE001 - unknown name: create_backbone reports it
+        return
+    if fixed_size and default and default[-1] != size:
+        cfg.model.backbone_kwargs = {**kwargs, "img_size": size}
+        _note(f"data.image_size={size}: building {cfg.model.backbone} for {size} px inputs "
+              f"(model.backbone_kwargs.img_size={size}; its default is {default[-1]}).")
+
+
+def validate_augment(a: AugmentConfig) -> None:
+    def bad(key: str, msg: str) -> None:
+        raise SyncoError(f"config key 'data.augment.{key}': {msg}")
+
+    if a.on not in ("workers", "device"):
+        bad("on", f"must be workers or device, got '{a.on}'.")
+    if len(a.crop_scale) != 2 or not 0 < a.crop_scale[0] <= a.crop_scale[1] <= 1:
+        bad("crop_scale", "must be [min, max] with 0 < min <= max <= 1.")
+    if len(a.crop_ratio) != 2 or not 0 < a.crop_ratio[0] <= a.crop_ratio[1]:
+        bad("crop_ratio", "must be [min, max] with 0 < min <= max.")
+    if len(a.jitter) != 4 or any(not 0 <= v for v in a.jitter) or a.jitter[3] > 0.5:
+        bad("jitter", "must be [brightness, contrast, saturation, hue], all >= 0 and hue <= 0.5.")
+    if len(a.blur_sigma) != 2 or not 0 < a.blur_sigma[0] <= a.blur_sigma[1]:
+        bad("blur_sigma", "must be [min, max] with 0 < min <= max.")
+    for key in ("flip_p", "jitter_p", "grayscale_p"):
+        if not 0.0 <= getattr(a, key) <= 1.0:
+            bad(key, "must be a probability in [0, 1].")
+    for key in ("blur_p", "solarize_p"):
+        v = getattr(a, key)
+        if len(v) != 2 or not all(0.0 <= p <= 1.0 for p in v):
+            bad(key, "must be two probabilities [view 1, view 2], each in [0, 1].")
 
 
 def synthetic_window(cfg: Config) -> tuple[int, int]:
-    """Epochs [start, end) during which synthetic negatives are used (empty unless method == synco)."""
-    if cfg.method != "synco":
+    """Epochs [start, end) during which synthetic negatives are used (empty unless the method uses them)."""
+    if not method_spec(cfg).uses_synthetic:
         return (0, 0)
     return (cfg.negatives.warmup_epochs, cfg.epochs - cfg.negatives.cooldown_epochs)
 

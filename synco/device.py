@@ -17,3 +17,8 @@ def resolve_device(name: str) -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise SyncoError(f"device={name!r} is not a torch device (use auto, cpu or cuda).") from None
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """``precision=auto`` means bf16 autocast on CUDA and fp32 elsewhere (CPUs without bf16 units run it slower)."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")

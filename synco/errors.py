@@ -3,3 +3,17 @@
 
 class SyncoError(Exception):
     """An error caused by the user's input (data, config, checkpoint), reported without a traceback."""
+
+    exit_code = 2
+
+
+class Interrupted(KeyboardInterrupt):
+    """The process was asked to stop (SIGINT / SIGTERM); exits 128 + the signal number, as a shell expects.
+
+    A KeyboardInterrupt, not a SyncoError or an Exception: no ``except SyncoError`` / ``except Exception``
+    on the way up may take it for a data or config problem and carry on."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + int(signum)

@@ -2,31 +2,50 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 
 
 def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float,
-             synthetic: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
+             synthetic: Optional[torch.Tensor] = None,
+             synthetic_slices: Optional[Mapping[str, slice]] = None) -> tuple[torch.Tensor, dict]:
     """InfoNCE of Eq. (1) over [positive, K queue negatives, synthetic negatives] (Algorithm 1).
 
     q, k: [B, C] normalised queries and their positive keys; queue: [K, C] normalised negatives;
-    synthetic: optional [B, S, C] per-query negatives. Returns the mean loss and detached statistics
-    (mean positive cosine, mean hardest real-negative cosine, mean synthetic cosine).
+    synthetic: optional [B, S, C] per-query negatives, whose slots ``synthetic_slices`` names by type.
+    Returns the mean loss and detached statistics: mean positive cosine, mean hardest queue cosine, the
+    fraction of queries whose hardest queue entry beats their positive, and for synthetic negatives
+    their mean cosine (overall and per type, Section 8 of SynBY) and how often one beats the positive.
     """
     l_pos = (q * k).sum(dim=1, keepdim=True)
     l_neg = q @ queue.t()
     parts = [l_pos, l_neg]
-    stats = {"sim_pos": l_pos.detach().mean(), "sim_hardest_neg": l_neg.detach().max(dim=1).values.mean()}
+    pos, hardest = l_pos.detach(), l_neg.detach().max(dim=1, keepdim=True).values
+    # frac_queue_above_pos: queries whose hardest queue entry beats the positive; frac_negatives_above_pos: the
+    # share of all queue entries that do (on digits the hardest one is often the same digit, written alike).
+    stats = {"sim_pos": pos.mean(), "sim_hardest_neg": hardest.mean(),
+             "frac_queue_above_pos": (hardest > pos).float().mean(),
+             "frac_negatives_above_pos": (l_neg.detach() > pos).float().mean()}
     if synthetic is not None and synthetic.shape[1] > 0:
         l_syn = torch.einsum("bc,bsc->bs", q, synthetic.to(q.dtype))
         parts.append(l_syn)
-        stats["sim_synthetic"] = l_syn.detach().mean()
+        syn = l_syn.detach()
+        stats["sim_synthetic"] = syn.mean()
+        stats["frac_synthetic_above_pos"] = (syn > pos).float().mean()
+        for name, span in (synthetic_slices or {}).items():
+            if span.stop > span.start:
+                stats[f"sim_syn_{name}"] = syn[:, span].mean()
     logits = torch.cat(parts, dim=1) / temperature
     labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
     return F.cross_entropy(logits.float(), labels), stats
+
+
+def chance_loss(num_negatives: int) -> float:
+    """InfoNCE when the positive is no more similar than any negative: ln(1 + negatives) (one view)."""
+    return math.log(1 + num_negatives)
 
 
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, dict]:

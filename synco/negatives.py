@@ -23,6 +23,12 @@ follow the paper instead:
 * That code also hard-codes sigma = 0.1 (the paper says 0.01).
 
 Everything here is a function of detached inputs: no gradient flows into the synthetic negatives.
+
+Memory: every [B, count, C] or [B, S, C] array is written into a buffer the generator keeps between
+calls (``_Workspace``), through ``out=`` arguments and in-place ops. Fresh CPU arrays of that size
+lie above glibc's mmap threshold, so each call would otherwise fault its pages in again (229K faults
+per call at S = 1536), and the cost would grow faster than linearly in S. The results are bit for bit
+those of fresh arrays.
 """
 
 from __future__ import annotations
@@ -57,49 +63,58 @@ class NegativesArgumentError(SyncoError, ValueError):
 
 
 # --- the six rules as plain maths (broadcasting over any leading dimensions) -------------------
+#
+# Each takes an optional ``out`` of the broadcast shape to write its result into (and returns it);
+# ``out`` must not overlap the inputs.
 
 
-def cosine_grad(q: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+def cosine_grad(q: torch.Tensor, n: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Gradient of cos(q, n) with respect to n, along the last dimension.
 
     grad_n cos(q, n) = q / (|q||n|) - (q.n) n / (|q||n|^3)
     """
     q_norm = torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(_EPS)
     n_norm = torch.linalg.vector_norm(n, dim=-1, keepdim=True).clamp_min(_EPS)
-    dot = torch.linalg.vecdot(q, n, dim=-1).unsqueeze(-1)
+    # q.n as torch.linalg.vecdot computes it (product, then sum), with the product held in `out`
+    # (overwritten below) instead of a [..., C] temporary of its own; bit for bit the same.
+    dot = torch.mul(q, n, out=out).sum(dim=-1, keepdim=True)
     # = (q - (q.n / |n|^2) n) / (|q||n|); addcmul fuses the [..., C]-sized work into one kernel
-    return torch.addcmul(q, dot / n_norm**2, n, value=-1) / (q_norm * n_norm)
+    return torch.addcmul(q, dot / n_norm**2, n, value=-1, out=out).div_(q_norm * n_norm)
 
 
-def interpolate(q: torch.Tensor, n_i: torch.Tensor, alpha) -> torch.Tensor:
+def interpolate(q: torch.Tensor, n_i: torch.Tensor, alpha, out: torch.Tensor | None = None) -> torch.Tensor:
     """Type 1, eq. (3): alpha*q + (1 - alpha)*n_i."""
     # lerp(a, b, w) = a + w*(b - a): one fused kernel instead of three broadcast ops
-    return torch.lerp(n_i, q, alpha)
+    return torch.lerp(n_i, q, alpha, out=out)
 
 
-def extrapolate(q: torch.Tensor, n_i: torch.Tensor, beta) -> torch.Tensor:
+def extrapolate(q: torch.Tensor, n_i: torch.Tensor, beta, out: torch.Tensor | None = None) -> torch.Tensor:
     """Type 2, eq. (4): n_i + beta*(n_i - q) = q + (1 + beta)*(n_i - q)."""
-    return torch.lerp(q, n_i, 1 + beta)
+    return torch.lerp(q, n_i, 1 + beta, out=out)
 
 
-def mix(n_i: torch.Tensor, n_j: torch.Tensor, gamma) -> torch.Tensor:
+def mix(n_i: torch.Tensor, n_j: torch.Tensor, gamma, out: torch.Tensor | None = None) -> torch.Tensor:
     """Type 3, eq. (5): gamma*n_i + (1 - gamma)*n_j."""
-    return torch.lerp(n_j, n_i, gamma)
+    return torch.lerp(n_j, n_i, gamma, out=out)
 
 
-def add_noise(n_i: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+def add_noise(n_i: torch.Tensor, noise: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Type 4, eq. (6): n_i + noise, with noise ~ N(0, sigma^2 I) drawn by the caller."""
-    return n_i + noise
+    return torch.add(n_i, noise, out=out)
 
 
-def gradient_step(q: torch.Tensor, n_i: torch.Tensor, delta: float) -> torch.Tensor:
+def gradient_step(
+    q: torch.Tensor, n_i: torch.Tensor, delta: float, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Type 5, eq. (7): n_i + delta * grad_{n_i} cos(q, n_i)."""
-    return torch.add(n_i, cosine_grad(q, n_i), alpha=delta)
+    return torch.add(n_i, cosine_grad(q, n_i, out=out), alpha=delta, out=out)
 
 
-def signed_gradient_step(q: torch.Tensor, n_i: torch.Tensor, eta: float) -> torch.Tensor:
+def signed_gradient_step(
+    q: torch.Tensor, n_i: torch.Tensor, eta: float, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Type 6, eq. (8): n_i + eta * sign(grad_{n_i} cos(q, n_i))."""
-    return torch.add(n_i, torch.sign(cosine_grad(q, n_i)), alpha=eta)
+    return torch.add(n_i, cosine_grad(q, n_i, out=out).sign_(), alpha=eta, out=out)
 
 
 # --- how each rule draws its inputs ----------------------------------------------------------
@@ -109,20 +124,33 @@ class _Draw:
     """Random inputs for the [B, count] slots of one rule, drawn in call order.
 
     ``hard()`` picks one uniformly random entry of each query's hard set per slot and gathers
-    it straight from the queue, so nothing larger than [B, count, C] is materialised.
+    it straight from the queue, so nothing larger than [B, count, C] is materialised. It and
+    ``normal()`` write their [B, count, C] arrays into the next unused of the flat ``work``
+    buffers (at least B*count*C elements each), so a rule may make ``len(work)`` such draws.
     """
 
-    def __init__(self, queue: torch.Tensor, hard_idx: torch.Tensor, count: int, generator):
+    def __init__(self, queue: torch.Tensor, hard_idx: torch.Tensor, count: int, generator, work):
         self._queue = queue
         self._hard_idx = hard_idx
         self._generator = generator
         self._shape = (hard_idx.shape[0], count)
+        self._work = iter(work)
+
+    def _buffer(self) -> torch.Tensor:
+        """The next unused work buffer, as a contiguous [B, count, C] view."""
+        shape = (*self._shape, self._queue.shape[1])
+        buf = next(self._work, None)
+        if buf is None:
+            raise RuntimeError(f"a rule drew more [B, count, C] arrays than the {_DRAW_BUFFERS} work buffers")
+        return buf[: math.prod(shape)].view(shape)
 
     def hard(self) -> torch.Tensor:
         n_hard = self._hard_idx.shape[1]
         pick = torch.randint(n_hard, self._shape, generator=self._generator, device=self._queue.device)
         rows = self._hard_idx.gather(1, pick).reshape(-1)
-        return self._queue.index_select(0, rows).view(*self._shape, self._queue.shape[1])
+        out = self._buffer()
+        torch.index_select(self._queue, 0, rows, out=out.view(-1, self._queue.shape[1]))
+        return out
 
     def uniform(self, low: float, high: float) -> torch.Tensor:
         """[B, count, 1] coefficients from U(low, high)."""
@@ -133,42 +161,85 @@ class _Draw:
 
     def normal(self, std: float) -> torch.Tensor:
         """[B, count, C] noise from N(0, std^2 I)."""
-        z = torch.randn(
-            (*self._shape, self._queue.shape[1]),
-            generator=self._generator,
-            device=self._queue.device,
-            dtype=torch.float32,
-        )
-        return z * std
+        z = self._buffer()
+        return torch.randn(z.shape, generator=self._generator, out=z).mul_(std)
+
+
+# How many [B, count, C] arrays one rule may draw (mix draws two hard sets; add_noise one and noise).
+_DRAW_BUFFERS = 2
 
 
 class Rule(NamedTuple):
-    """One synthetic-negative type: ``build(q, draw, cfg) -> raw [B, count, C]``.
+    """One synthetic-negative type: ``build(q, draw, cfg, out)`` writes raw [B, count, C] into ``out``.
 
     ``q`` is [B, 1, C]; ``draw`` supplies hard entries and coefficients (see ``_Draw``);
-    ``cfg`` is the ``SyntheticNegatives`` instance, for its hyper-parameters. Python evaluates
-    arguments left to right, so the draw order within a rule is the order written below.
+    ``cfg`` is the ``SyntheticNegatives`` instance, for its hyper-parameters; ``out`` is the
+    rule's [B, count, C] slice of the output. Python evaluates arguments left to right, so the
+    draw order within a rule is the order written below.
     """
 
     name: str
-    build: Callable[[torch.Tensor, _Draw, "SyntheticNegatives"], torch.Tensor]
+    build: Callable[[torch.Tensor, _Draw, "SyntheticNegatives", torch.Tensor], torch.Tensor]
 
 
 # Types 1..6 in slot order; `counts` has one entry per rule. To add a rule: write its maths
 # above, append one line here, and test it.
 RULES: tuple[Rule, ...] = (
-    Rule("interpolate", lambda q, d, c: interpolate(q, d.hard(), d.uniform(0.0, c.alpha_max))),
-    Rule("extrapolate", lambda q, d, c: extrapolate(q, d.hard(), d.uniform(1.0, c.beta_max))),
-    Rule("mix", lambda q, d, c: mix(d.hard(), d.hard(), d.uniform(0.0, 1.0))),
-    Rule("add_noise", lambda q, d, c: add_noise(d.hard(), d.normal(c.sigma))),
-    Rule("gradient_step", lambda q, d, c: gradient_step(q, d.hard(), c.delta)),
-    Rule("signed_gradient_step", lambda q, d, c: signed_gradient_step(q, d.hard(), c.eta)),
+    Rule("interpolate", lambda q, d, c, out: interpolate(q, d.hard(), d.uniform(0.0, c.alpha_max), out)),
+    Rule("extrapolate", lambda q, d, c, out: extrapolate(q, d.hard(), d.uniform(1.0, c.beta_max), out)),
+    Rule("mix", lambda q, d, c, out: mix(d.hard(), d.hard(), d.uniform(0.0, 1.0), out)),
+    Rule("add_noise", lambda q, d, c, out: add_noise(d.hard(), d.normal(c.sigma), out)),
+    Rule("gradient_step", lambda q, d, c, out: gradient_step(q, d.hard(), c.delta, out)),
+    Rule("signed_gradient_step", lambda q, d, c, out: signed_gradient_step(q, d.hard(), c.eta, out)),
 )
 
 DEFAULT_COUNT = 128
 
 
 # --- the generator ---------------------------------------------------------------------------
+
+
+def _storage_uses(t: torch.Tensor) -> int | None:
+    """How many references torch holds to ``t``'s memory (views, autograd's saved tensors, ...);
+    None where this torch cannot tell."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    return None if use_count is None else use_count(t.untyped_storage()._cdata)
+
+
+class _Workspace:
+    """The large arrays a generator keeps between calls, keyed by name, shape, dtype and device.
+
+    Work buffers never leave a call: one of each is kept and replaced when its shape changes.
+    Outputs are handed to the caller, so one is reused only once nothing else refers to its
+    memory any more. A training step holds two until backward (one per view, in the loss's
+    autograd graph), so up to ``MAX_OUTPUTS`` are kept; when all are in use, a fresh one is
+    returned and not kept.
+    """
+
+    MAX_OUTPUTS = 2
+
+    def __init__(self):
+        self._work: dict[str, torch.Tensor] = {}
+        self._outputs: list[tuple[torch.Tensor, int]] = []  # (buffer, its use count when unshared)
+
+    def work(self, name: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        buf = self._work.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != device:
+            self._work[name] = None  # free the old one first
+            buf = self._work[name] = torch.empty(shape, dtype=dtype, device=device)
+        return buf
+
+    def output(self, shape: tuple, device: torch.device) -> torch.Tensor:
+        """A float32 buffer of ``shape`` that nothing outside this workspace refers to."""
+        self._outputs = [(t, n) for t, n in self._outputs if t.shape == shape and t.device == device]
+        for t, unshared in self._outputs:
+            if _storage_uses(t) == unshared:
+                return t
+        t = torch.empty(shape, dtype=torch.float32, device=device)
+        unshared = _storage_uses(t)
+        if unshared is not None and len(self._outputs) < self.MAX_OUTPUTS:
+            self._outputs.append((t, unshared))
+        return t
 
 
 def _real(name: str, value, *, low: float, high: float = math.inf, low_open: bool = False) -> float:
@@ -188,7 +259,13 @@ class SyntheticNegatives:
 
     ``gen(q, queue, generator=None)`` takes L2-normalised queries ``q`` [B, C] and queue
     ``queue`` [K, C] and returns ``[B, num_synthetic, C]`` unit vectors in ``q``'s dtype,
-    detached, slots ordered by type (``counts[0]`` type-1 slots first, and so on).
+    detached, slots ordered by type: row ``b`` holds query ``b``'s negatives, the types
+    concatenated in ``RULES`` order with ``counts[t]`` slots each (``counts[0]`` type-1 slots
+    first, and so on); ``slices`` gives each type's slot range.
+
+    The generator keeps its large arrays between calls (see ``_Workspace``): a returned tensor's
+    memory is written again by a later call only once nothing refers to it any more (neither the
+    caller nor an autograd graph), so results stay valid for as long as they are held.
 
     Randomness comes from ``generator`` (a ``torch.Generator`` on ``q``'s device) or, if None,
     the global torch RNG. Draws happen in a fixed order: for each type 1..6 with a non-zero
@@ -229,6 +306,7 @@ class SyntheticNegatives:
         self.sigma = _real("sigma", sigma, low=0.0)
         self.delta = _real("delta", delta, low=0.0)
         self.eta = _real("eta", eta, low=0.0)
+        self._workspace = _Workspace()
 
     @property
     def num_synthetic(self) -> int:
@@ -242,6 +320,13 @@ class SyntheticNegatives:
             out[rule.name] = slice(start, start + count)
             start += count
         return out
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_workspace"}  # buffers are not state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._workspace = _Workspace()
 
     def __repr__(self) -> str:
         return (
@@ -278,18 +363,23 @@ class SyntheticNegatives:
         with torch.autocast(device_type=q.device.type, enabled=False):
             q32 = q.detach().float()
             queue32 = queue.detach().float()
+            work, f32 = self._workspace, torch.float32
             # Inputs are unit vectors, so the dot product ranks by cosine similarity.
-            hard_idx = (q32 @ queue32.T).topk(self.n_hard, dim=1, sorted=False).indices
+            sim = torch.mm(q32, queue32.T, out=work.work("sim", (batch, queue.shape[0]), f32, q.device))
+            hard_idx = sim.topk(self.n_hard, dim=1, sorted=False).indices
             q_row = q32.unsqueeze(1)
 
-            out = torch.empty((batch, self.num_synthetic, channels), device=q.device, dtype=torch.float32)
+            size = (batch * max(self.counts) * channels,)
+            draws = [work.work(f"draw{i}", size, f32, q.device) for i in range(_DRAW_BUFFERS)]
+            out = work.output((batch, self.num_synthetic, channels), q.device)
             for rule, span in zip(RULES, self.slices.values()):
                 if span.stop > span.start:
-                    draw = _Draw(queue32, hard_idx, span.stop - span.start, generator)
-                    out[:, span] = rule.build(q_row, draw, self)
+                    draw = _Draw(queue32, hard_idx, span.stop - span.start, generator, draws)
+                    rule.build(q_row, draw, self, out[:, span])
 
             out.div_(torch.linalg.vector_norm(out, dim=-1, keepdim=True).clamp_min_(_EPS))
-        return out.to(q.dtype)
+        # float32: a new tensor object on the kept memory, so the workspace sees the caller hold it
+        return out.detach() if q.dtype == torch.float32 else out.to(q.dtype)
 
 
 def _describe(x) -> str:

@@ -88,3 +88,18 @@ def test_two_processes_equal_one_process_with_double_batch(tmp_path, tiny_overri
     for k in ("5", "20"):
         assert r1["results"][k]["top1"] == pytest.approx(r2["results"][k]["top1"], abs=1e-9)
         assert r1["results"][k]["top5"] == pytest.approx(r2["results"][k]["top5"], abs=1e-9)
+
+
+def test_device_augmentation_two_processes_equal_one(tmp_path, tiny_overrides):
+    """Views made on the device from (seed, epoch, index) streams: 2 x b is the run 1 x 2b is."""
+    base = tiny_overrides + EQUIV + ["data.augment.on=device", "epochs=1"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(["pretrain", "--no-progress", "--out", str(one), *base, "optim.batch_size=32"])
+    run(["pretrain", "--no-progress", "--out", str(two), *base, "optim.batch_size=16"], nproc=2)
+    a, b = load(one / "checkpoint.pt"), load(two / "checkpoint.pt")
+    for q in ("queue1", "queue2"):
+        torch.testing.assert_close(a["model"][q], b["model"][q], rtol=0, atol=5e-5)
+    assert_same_weights(a["model"], b["model"])
+    for ra, rb in zip(steps(one), steps(two)):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5, abs=1e-5)
+

@@ -4,11 +4,24 @@ from __future__ import annotations
 
 import json
 
+import math
+
 import pytest
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from synco.errors import SyncoError
-from synco.eval.efficiency import EfficiencyOptions, count_parameters, efficiency_table, rss_mb, run_efficiency
+from synco.eval.efficiency import (
+    PARTS,
+    EfficiencyOptions,
+    count_flops,
+    count_parameters,
+    efficiency_table,
+    matmul_peak,
+    rss_mb,
+    run_efficiency,
+)
 
 # The cpu-demo model made smaller still: a 1-block ViT and narrow heads keep three methods to a few seconds.
 SMALL = ["model.backbone_kwargs={img_size: 16, patch_size: 4, embed_dim: 48, depth: 1, num_heads: 2}",
@@ -91,3 +104,76 @@ def test_cli_efficiency(tmp_path, capsys):
     assert list(res["methods"]) == ["moby", "synco"] and res["overrides"] == SMALL
     assert res["methods"]["moby"]["batch_size"] == 16 and res["backbone_kwargs"]["embed_dim"] == 48
     assert "| moby |" in capsys.readouterr().out
+
+
+# --- FLOPs, MFU and the breakdown of a step ----------------------------------------------------------------
+
+
+def test_flops_of_a_matmul_only_module_match_the_formula():
+    b, i, h, o = 8, 16, 32, 4
+    model = nn.Sequential(nn.Linear(i, h, bias=False), nn.Linear(h, o, bias=False))
+    x = torch.randn(b, i)  # no gradient for the input: the first layer's backward computes its weight grad only
+    total, per_module = count_flops(lambda: model(x).sum().backward())
+    # forward 2bih + 2bho; backward: dW1 = 2bih, dW2 = 2bho and dX2 = 2bho
+    assert total == 4 * b * i * h + 6 * b * h * o
+    assert per_module["Global"] == total
+    assert count_flops(lambda: model(x))[0] == 2 * b * (i * h + h * o)
+
+
+def test_flops_of_attention_on_cpu_are_counted():
+    """torch counts only the CUDA attention kernels; the CPU one is counted with the same formula."""
+    bs, heads, seq, d = 2, 3, 5, 8
+    q, k, v = (torch.randn(bs, heads, seq, d, requires_grad=True) for _ in range(3))
+    forward, _ = count_flops(lambda: F.scaled_dot_product_attention(q, k, v))
+    assert forward == 2 * (2 * bs * heads * seq * seq * d)  # q k^T and (softmax) v
+    both, _ = count_flops(lambda: F.scaled_dot_product_attention(q, k, v).sum().backward())
+    assert both == 3 * forward + 2 * bs * heads * seq * seq * d  # backward: 5 products of the same size
+
+
+def test_matmul_peak_is_measured_here(one_thread):
+    peak = matmul_peak(torch.device("cpu"), torch.float32, size=256, repeats=2)
+    assert math.isfinite(peak["peak_flops_per_s"]) and peak["peak_flops_per_s"] > 1e7
+    assert peak["peak_matmul"] == "256^3 float32" and peak["peak_threads"] == 1
+
+
+def test_flop_and_mfu_report(result):
+    res, _ = result
+    rows = res["methods"]
+    for method, r in rows.items():
+        for key in ("flops_per_step", "flops_per_image", "achieved_flops_per_s", "peak_flops_per_s", "mfu",
+                    "mfu_model"):
+            assert math.isfinite(r[key]) and r[key] > 0, (method, key)
+        assert r["flops_per_image"] == pytest.approx(r["flops_per_step"] / 16)
+        assert r["achieved_flops_per_s"] == pytest.approx(r["flops_per_step"] / (r["step_ms"] / 1000))
+        assert r["mfu"] == pytest.approx(r["achieved_flops_per_s"] / r["peak_flops_per_s"])
+        assert r["mfu"] <= r["mfu_model"] < 10
+        parts = r["flops_by_part"]
+        assert sum(parts.values()) == r["flops_per_step"]
+        assert parts["online"] > 2 * parts["target"] > 0  # forward + backward against a forward
+        assert set(r["breakdown_ms"]) == set(PARTS) and all(v >= 0 for v in r["breakdown_ms"].values())
+        # the marks cover the whole step, so the parts add up to it
+        assert sum(r["breakdown_ms"].values()) == pytest.approx(r["step_ms"], rel=0.05)
+        assert r["breakdown_ms"]["online forward"] > 0 and r["breakdown_ms"]["backward"] > 0
+        assert sum(r["breakdown_share"].values()) == pytest.approx(1, rel=0.05)
+    # synthetic negatives: a part of synco's step only, with FLOPs of their own (the similarity to the queue and
+    # the logits against them); BYOL has no queue at all
+    assert rows["synco"]["breakdown_ms"]["synthetic negatives"] > 0
+    assert rows["moby"]["breakdown_ms"]["synthetic negatives"] == 0
+    assert rows["byol"]["breakdown_ms"]["synthetic negatives"] == 0
+    assert rows["synco"]["flops_per_step"] > rows["moby"]["flops_per_step"] > rows["byol"]["flops_per_step"]
+    table = efficiency_table(res)
+    assert "MFU" in table and "GFLOP/step" in table and "synthetic negatives (%)" in table
+    assert "1024^3 float32" in table
+
+
+def test_breakdown_with_the_training_data_pipeline(result):
+    """inputs=loader: batches come from the preset's pipeline, so the step waits for data; FLOPs stay the model's."""
+    opts = EfficiencyOptions(methods=["moby"], batch_size=16, steps=2, warmup_steps=0, device="cpu", isolate=False,
+                             inputs="loader", epoch_images=1600)
+    res = run_efficiency(None, opts, SMALL + ["data.num_workers=0"], log=lambda s: None)
+    r = res["methods"]["moby"]
+    assert r["inputs"] == "loader" and r["breakdown_ms"]["data wait"] > 0
+    assert r["flops_per_step"] == result[0]["methods"]["moby"]["flops_per_step"]  # no augmentation FLOPs counted
+    assert r["mfu"] < r["mfu_model"]
+    with pytest.raises(SyncoError, match="inputs"):
+        run_efficiency(None, EfficiencyOptions(methods=["moby"], inputs="disk"), SMALL, log=lambda s: None)

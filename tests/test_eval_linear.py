@@ -13,9 +13,12 @@ from PIL import Image
 import synco.eval.linear as L
 from synco.cli.main import main
 from synco.data.transforms import eval_transform, train_classification_transform
+from synco.engine.checkpoint import load as load_ckpt
 from synco.errors import SyncoError
+from synco.eval.grid import GridTrainer, select_best
 from synco.eval.head import Classifier, load_head
-from synco.eval.linear import GridTrainer, LinearHParams, ProbeData, linear_probe, select_best
+from synco.eval.linear import LinearHParams, linear_probe
+from synco.eval.probe import ProbeData, batch_scaled_lr, epoch_batches, steps_per_epoch
 
 CPU = torch.device("cpu")
 
@@ -89,7 +92,7 @@ def probe(out, hp, data=None, batch_size=16):
 
 def _train(trainer, x, y, epochs, batch, seed=0):
     for epoch in range(epochs):
-        for b in L.epoch_batches(len(x), batch, seed, epoch):
+        for b in epoch_batches(len(x), batch, seed, epoch):
             trainer.step(x[b], y[b])
 
 
@@ -97,7 +100,7 @@ def test_grid_trainer_recovers_a_linearly_separable_problem():
     x, y = separable_features()
     xt, yt = separable_features(seed=1)
     hp = LinearHParams(epochs=15, warmup_epochs=1, label_smoothing=0.1)
-    trainer = GridTrainer(8, 4, [0.1, 1.0], hp, L.steps_per_epoch(len(x), 32))
+    trainer = GridTrainer(8, 4, [0.1, 1.0], hp, steps_per_epoch(len(x), 32))
     _train(trainer, x, y, hp.epochs, 32)
     m = trainer.evaluate(xt, yt)
     assert m["top1"] == [100.0, 100.0]
@@ -112,16 +115,16 @@ def test_one_pass_grid_equals_training_each_head_alone(bn):
     x, y = separable_features(n_per_class=20, dim=6, classes=3)
     hp = LinearHParams(epochs=3, warmup_epochs=1, bn=bn, nesterov=True)
     lrs = [0.1, 0.75, 1.5]
-    grid = GridTrainer(6, 3, lrs, hp, L.steps_per_epoch(len(x), 16))
+    grid = GridTrainer(6, 3, lrs, hp, steps_per_epoch(len(x), 16))
     _train(grid, x, y, hp.epochs, 16)
     for g, lr in enumerate(lrs):
-        solo = GridTrainer(6, 3, [lr], hp, L.steps_per_epoch(len(x), 16))
+        solo = GridTrainer(6, 3, [lr], hp, steps_per_epoch(len(x), 16))
         _train(solo, x, y, hp.epochs, 16)
         torch.testing.assert_close(grid.model.weights[g], solo.model.weights[0], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(grid.model.biases[g], solo.model.biases[0], rtol=1e-5, atol=1e-6)
         assert not torch.equal(solo.model.weights[0], GridTrainer(6, 3, [lr], hp, 1).model.weights[0])  # it learned
     if bn:
-        assert grid.model.bn.num_batches_tracked == hp.epochs * L.steps_per_epoch(len(x), 16)
+        assert grid.model.bn.num_batches_tracked == hp.epochs * steps_per_epoch(len(x), 16)
 
 
 def test_select_best_uses_heldout_then_loss_then_epoch():
@@ -172,8 +175,8 @@ def test_grid_pipeline_equals_a_single_head_run(tmp_path):
     for a, b in zip(grid["history"], solo["history"]):
         assert a["test"]["top1"][1] == pytest.approx(b["test"]["top1"][0])
         assert a["train_loss"][1] == pytest.approx(b["train_loss"][0], rel=1e-5)
-    wg = L.load_ckpt(tmp_path / "grid" / "linear_ckpt.pt")["trainer"]["model"]["weights.1"]
-    ws = L.load_ckpt(tmp_path / "solo" / "linear_ckpt.pt")["trainer"]["model"]["weights.0"]
+    wg = load_ckpt(tmp_path / "grid" / "linear_ckpt.pt")["trainer"]["model"]["weights.1"]
+    ws = load_ckpt(tmp_path / "solo" / "linear_ckpt.pt")["trainer"]["model"]["weights.0"]
     torch.testing.assert_close(wg, ws, rtol=1e-5, atol=1e-6)
 
 
@@ -188,12 +191,12 @@ def test_killed_run_resumes_to_the_same_heads(tmp_path, monkeypatch):
     monkeypatch.setattr(L, "_epoch_done", kill)
     with pytest.raises(KeyboardInterrupt):
         probe(tmp_path / "killed", hp)
-    assert L.load_ckpt(tmp_path / "killed" / "linear_ckpt.pt")["epoch"] == 2
+    assert load_ckpt(tmp_path / "killed" / "linear_ckpt.pt")["epoch"] == 2
     assert not (tmp_path / "killed" / "linear_head.pt").exists()
     monkeypatch.setattr(L, "_epoch_done", lambda epoch: None)
     resumed = probe(tmp_path / "killed", hp)
-    a = L.load_ckpt(tmp_path / "full" / "linear_ckpt.pt")["trainer"]
-    b = L.load_ckpt(tmp_path / "killed" / "linear_ckpt.pt")["trainer"]
+    a = load_ckpt(tmp_path / "full" / "linear_ckpt.pt")["trainer"]
+    b = load_ckpt(tmp_path / "killed" / "linear_ckpt.pt")["trainer"]
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert a["step"] == b["step"]
@@ -217,7 +220,7 @@ def test_options_are_checked():
         L.check_hparams(LinearHParams(lrs=[]))
     with pytest.raises(SyncoError, match="'warmup_epochs'"):
         L.check_hparams(LinearHParams(epochs=2, warmup_epochs=5))
-    assert L.scaled_lr(1.0, 512, 256) == 2.0 and L.scaled_lr(1.0, 512, 0) == 1.0
+    assert batch_scaled_lr(1.0, 512, 256) == 2.0 and batch_scaled_lr(1.0, 512, 0) == 1.0
 
 
 # ---------------------------------------------------------------------------------------------

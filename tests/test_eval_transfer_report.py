@@ -15,7 +15,7 @@ from PIL import Image
 import synco.eval.transfer as T
 from synco.cli.main import main
 from synco.errors import SyncoError
-from synco.eval.linear import multilabel_map
+from synco.eval.probe import multilabel_map
 from synco.eval.report import build_report, write_report
 from synco.eval.transfer import TransferOptions, build_transfer_split, run_transfer
 

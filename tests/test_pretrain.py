@@ -1,6 +1,7 @@
 """The pretraining engine end to end: outputs, exact resume, NaN stop, clear errors."""
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -37,11 +38,35 @@ def test_cli_run_writes_every_output(tmp_path, tiny_overrides, capsys):
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 9))  # 128 images / 32 = 4 steps x 2 epochs
     for key in ("loss", "lr", "momentum", "synthetic", "sim_pos", "sim_hardest_neg", "sim_synthetic",
-                "images_per_second"):
+                "images_per_second", "frac_queue_above_pos", "frac_synthetic_above_pos",
+                "sim_syn_interpolate", "sim_syn_signed_gradient_step"):
         assert key in steps[-1]
+    # the EMA after optimizer step t uses m(t), t counted from 1 (MoBY), so the last step reaches m = 1
+    from synco.schedules import momentum_at
+    m0 = load_config("cpu-demo").contrast.momentum_start
+    assert [r["momentum"] for r in steps] == pytest.approx([momentum_at(t, 8, m0) for t in range(1, 9)])
+    assert steps[-1]["momentum"] == 1.0
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["optim"]["batch_size"] == 32 and saved["method"] == "synco"
     assert (out / "tb").is_dir()
+
+
+def test_knn_monitor_logs_a_learning_curve(tmp_path, tiny_overrides):
+    cfg = load_config("cpu-demo", tiny_overrides + ["epochs=3", "knn_every=2", "knn_at_end=true", "knn.max_train=64",
+                                                    "knn.max_test=32", "knn.k=[5]"])
+    pretrain(cfg, tmp_path, progress=False)
+    recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    curve = [(r["epoch"], r["knn_top1"]) for r in recs if "knn_top1" in r]
+    assert [e for e, _ in curve] == [1, 2]  # every 2 epochs, and always after the last one
+    assert all(0 <= v <= 100 for _, v in curve)
+    # the monitor evaluates the same backbone as the end-of-run k-NN, so the last point equals it
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert curve[-1][1] == pytest.approx(summary["knn_top1"])
+    assert summary["knn_curve"] == [[e + 1, v] for e, v in curve]
+    # K = 128 queue entries + 24 synthetic (window covers the last epoch here), summed over both views
+    assert summary["chance_loss"] == pytest.approx(2 * math.log(1 + 128 + 24))
+    last = [r for r in recs if "loss" in r][-1]
+    assert (summary["final_loss"], summary["pos_cos"]) == (last["loss"], last["sim_pos"])
 
 
 def test_synthetic_window_in_metrics(tmp_path, tiny_overrides):
@@ -58,9 +83,10 @@ def _weights(path):
     return load(path)["model"]
 
 
-@pytest.mark.parametrize("stop_at", [4, 6])  # an epoch boundary, and mid-epoch
-def test_resume_gives_the_same_weights_as_one_run(tmp_path, tiny_overrides, stop_at):
-    over = tiny_overrides + ["epochs=3", "deterministic=true", "negatives.warmup_epochs=1", "optim.warmup_epochs=1"]
+@pytest.mark.parametrize("stop_at,augment_on", [(4, "workers"), (6, "workers"), (6, "device")])  # epoch end, mid-epoch
+def test_resume_gives_the_same_weights_as_one_run(tmp_path, tiny_overrides, stop_at, augment_on):
+    over = tiny_overrides + ["epochs=3", "deterministic=true", "negatives.warmup_epochs=1", "optim.warmup_epochs=1",
+                             f"data.augment.on={augment_on}"]
     cfg = load_config("cpu-demo", over)
     Trainer(cfg, tmp_path / "full", progress=False).train()
     split = Trainer(cfg, tmp_path / "split", progress=False)
@@ -189,7 +215,7 @@ def test_mixed_sampler_honours_the_ratio():
             s = GlobalBatchSampler(ds, 10, counts=(n_real, n_syn), num_replicas=2, rank=rank, shuffle=True,
                                    seed=0, drop_last=True)
             s.set_epoch(3)
-            seen += list(s)
+            seen += [i for _, i in s]  # the sampler yields (epoch, index)
         assert sum(i >= 100 for i in seen) == n_syn and sum(i < 100 for i in seen) == n_real
         assert len(set(i for i in seen if i < 100)) == n_real  # real images without repetition
 
@@ -210,3 +236,16 @@ def test_global_batches_are_the_same_for_any_number_of_processes():
     assert merged == a  # rank blocks, gathered in rank order, rebuild the single-process batch
     one.set_epoch(6)
     assert list(one) != a
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path, tiny_overrides):
+    cfg = load_config("cpu-demo", tiny_overrides + ["optim.accum_steps=2", "optim.batch_size=16"])
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    result = trainer.train()
+    # 128 images / 16 = 8 micro-batches per epoch -> 4 optimizer steps per epoch, 2 epochs
+    assert result["steps"] == trainer.total_steps == 8
+    recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert [r["step"] for r in recs] == list(range(1, 9))
+    assert all(math.isfinite(r["loss"]) for r in recs)
+    # the queue received every micro-batch's keys: 16 micro-batches x 16 keys, modulo its 128 slots
+    assert int(trainer.model.queue_ptr) == (16 * 16) % 128

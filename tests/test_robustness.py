@@ -12,11 +12,14 @@ from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from synco.errors import SyncoError
+from synco.eval.benchmarks import find_v2_variants
+from synco.eval.classes import class_index_map, masked_argmax
+from synco.eval.corruptions import IMAGENET_C, Corruption, Watermark, summarize_corruptions
 from synco.eval.head import Classifier, LinearHead, save_head
 from synco.eval.ood import auroc, fpr_at_tpr, max_softmax_probability, ood_metrics
-from synco.eval.robustness import (IMAGENET_C, BenchmarkView, Corruption, RobustnessEvaluator, RobustnessOptions,
-                                   Watermark, center_crop_ops, class_index_map, find_v2_variants, masked_argmax,
-                                   summarize_corruptions, table13_row)
+from synco.eval.robustness import RobustnessEvaluator, RobustnessOptions
+from synco.eval.robustness_tables import table13_row
+from synco.eval.views import BenchmarkView, center_crop_ops
 
 CPU = torch.device("cpu")
 

@@ -73,3 +73,28 @@ def test_byol_loss_is_mse_of_normalised_vectors():
     assert loss.item() == pytest.approx(mse.item(), rel=1e-5)
     assert byol_loss(p, 3 * p)[0].item() == pytest.approx(0.0, abs=1e-6)
     assert byol_loss(p, -p)[0].item() == pytest.approx(4.0, abs=1e-5)
+
+
+def test_info_nce_statistics_per_synthetic_type_and_above_positive():
+    # q = e0; positive cos 0.5; queue cosines 0.6 and -1; type a slots cos 0.9 and 0.1, type b 0.3.
+    e = torch.eye(3)
+    q = e[:1]
+    unit = lambda c: torch.tensor([[c, (1 - c * c) ** 0.5, 0.0]])  # noqa: E731
+    k, queue = unit(0.5), torch.cat([unit(0.6), -e[:1]])
+    syn = torch.cat([unit(0.9), unit(0.1), unit(0.3)]).unsqueeze(0)
+    _, stats = info_nce(q, k, queue, 0.2, syn, {"a": slice(0, 2), "b": slice(2, 3), "off": slice(3, 3)})
+    assert stats["sim_syn_a"].item() == pytest.approx(0.5, abs=1e-6)
+    assert stats["sim_syn_b"].item() == pytest.approx(0.3, abs=1e-6)
+    assert "sim_syn_off" not in stats  # a type switched off (count 0) logs nothing
+    assert stats["sim_synthetic"].item() == pytest.approx((0.9 + 0.1 + 0.3) / 3, abs=1e-6)
+    assert stats["frac_synthetic_above_pos"].item() == pytest.approx(1 / 3)  # only 0.9 beats 0.5
+    assert stats["frac_queue_above_pos"].item() == 1.0  # the hardest queue entry (0.6) beats it
+    assert stats["frac_negatives_above_pos"].item() == 0.5  # 0.6 does, -1 does not
+
+
+def test_chance_loss_is_infonce_of_uninformative_features():
+    from synco.losses import chance_loss
+
+    q = F.normalize(torch.ones(4, 8), dim=1)  # positive and all 255 negatives equally similar
+    loss, _ = info_nce(q, q, q[:1].expand(255, 8), 0.2)
+    assert loss.item() == pytest.approx(chance_loss(255), rel=1e-6) == pytest.approx(math.log(256))

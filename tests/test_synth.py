@@ -13,8 +13,9 @@ from PIL import Image
 from synco.cli.main import main
 from synco.errors import SyncoError
 from synco.synth import diffusion as D
-from synco.synth.diffusion import DiffusionTrainConfig, image_seed, load_model, train_diffusion
+from synco.synth.diffusion import DiffusionTrainConfig, train_diffusion
 from synco.synth.generate import (GenerateConfig, generate, imagenet_class_ids, imagenet_wnids, parse_classes)
+from synco.synth.model import MODEL_FILE, image_seed, load_model, write_preview
 
 # A UNet small enough to train a few steps in well under a second.
 TINY = dict(block_out_channels=[8, 16], attention=[False, True], norm_num_groups=4, batch_size=8,
@@ -71,7 +72,7 @@ def test_cli_trains_on_an_image_folder(digits_folder, tmp_path, capsys):
 def test_samples_in_the_training_process_match_the_saved_model(tmp_path):
     """The preview drawn right after training equals one drawn from the reloaded model (same schedule keys)."""
     train_diffusion("digits", tmp_path / "m", tiny_cfg(preview=True), progress=False)
-    D.write_preview(load_model(tmp_path / "m"), tmp_path / "again.png")
+    write_preview(load_model(tmp_path / "m"), tmp_path / "again.png")
     assert (tmp_path / "m" / "preview.png").read_bytes() == (tmp_path / "again.png").read_bytes()
 
 
@@ -89,7 +90,7 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(D, "_step_generator", die_at_3)
     with pytest.raises(KeyboardInterrupt):
         train_diffusion("digits", tmp_path / "twice", cfg, progress=False)
-    assert (tmp_path / "twice" / D.STATE_FILE).is_file() and not (tmp_path / "twice" / D.MODEL_FILE).exists()
+    assert (tmp_path / "twice" / D.STATE_FILE).is_file() and not (tmp_path / "twice" / MODEL_FILE).exists()
     monkeypatch.setattr(D, "_step_generator", real)
     with pytest.raises(SyncoError, match="different settings"):
         train_diffusion("digits", tmp_path / "twice", tiny_cfg(steps=4, ckpt_every=2, lr=0.5), progress=False)

@@ -6,10 +6,17 @@ touches its module only."""
 from __future__ import annotations
 
 import importlib
+import logging
+import os
 from pathlib import Path
 
 from ..config import apply_overrides
 from ..engine import dist as D
+from ..errors import SyncoError
+
+logger = logging.getLogger("synco")
+# Protocols whose accuracy is meaningless with fewer than two classes (100 % by construction).
+CLASSIFICATION_PROTOCOLS = ("knn", "linear", "finetune")
 
 PROTOCOL_MODULES = ("synco.cli.eval_knn", "synco.cli.eval_protocols", "synco.cli.eval_robust")
 
@@ -43,13 +50,75 @@ def default_out(checkpoint: str, protocol: str) -> Path:
 
 
 def options_from(args, options_cls):
-    """Protocol options dataclass with the command line's key=value overrides applied."""
+    """Protocol options dataclass with the command line's key=value overrides applied, checked before any
+    work: the output folder is writable, ``backbone=`` agrees with the checkpoint, the data has classes."""
     from ..engine.dist import init_distributed
     from ..eval.common import resolve_device
+    from ..io import check_output_dir, remove_stale_temps
 
     opts = apply_overrides(options_cls(), args.overrides)
+    out = Path(args.out) if args.out else default_out(args.checkpoint, args.protocol)
+    if args.protocol != "transfer":
+        infer_folder_dataset(opts)
+    check_backbone_option(args.checkpoint, opts)
+    if args.protocol in CLASSIFICATION_PROTOCOLS:
+        require_two_classes(opts)
+    if _launch_rank() == 0:
+        check_output_dir(out, "--out")
+        remove_stale_temps(out)
     init_distributed(resolve_device(opts.device).type)
-    return opts, Path(args.out) if args.out else default_out(args.checkpoint, args.protocol)
+    return opts, out
+
+
+def _launch_rank() -> int:
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def infer_folder_dataset(opts) -> None:
+    """``root=DIR`` without ``dataset=``: the built-in digits take no root, so the folder is meant."""
+    if getattr(opts, "dataset", None) == "digits" and getattr(opts, "root", None):
+        opts.dataset = "folder"
+        logger.warning("root=%s is given without dataset=: using dataset=folder (the built-in digits take no "
+                       "root)", opts.root)
+
+
+def check_backbone_option(checkpoint: str, opts) -> None:
+    """``backbone=`` / ``backbone_kwargs=`` choose the architecture of ``--checkpoint random`` (or of a
+    safetensors file without synco metadata); for a trained checkpoint they must agree with what it holds."""
+    name = getattr(opts, "backbone", None)
+    kwargs = getattr(opts, "backbone_kwargs", None) or {}
+    if checkpoint == "random" or (not name and not kwargs):
+        return
+    from ..eval.common import backbone_spec
+    from ..models.backbone import peek_meta
+
+    meta = peek_meta(checkpoint)
+    if meta is None:
+        return  # a bare safetensors file: backbone= is how its architecture is given
+    wanted = backbone_spec(opts)[0] if name else meta["backbone"]
+    if wanted != meta["backbone"]:
+        raise SyncoError(f"--checkpoint {checkpoint} holds a '{meta['backbone']}' backbone, but backbone={name} "
+                         "was given. backbone= only chooses the architecture of --checkpoint random; drop it to "
+                         f"evaluate this checkpoint, or point --checkpoint at a {wanted} run.")
+    differing = {k: v for k, v in kwargs.items()  # only what was given explicitly, not a preset's kwargs
+                 if k not in meta["backbone_kwargs"] or meta["backbone_kwargs"][k] != v}
+    if differing:
+        raise SyncoError(f"--checkpoint {checkpoint} was trained with backbone_kwargs={meta['backbone_kwargs']}; "
+                         f"the given {differing} cannot apply to its weights. Drop backbone_kwargs=.")
+
+
+def require_two_classes(opts) -> None:
+    if not hasattr(opts, "dataset"):
+        return
+    from ..data.build import count_classes
+
+    n = count_classes(opts.dataset, root=getattr(opts, "root", None), class_list=getattr(opts, "class_list", None))
+    if n is not None and n < 2:
+        raise SyncoError(f"the {opts.dataset} data at {getattr(opts, 'root', None)} has {n} class: a classifier's "
+                         "accuracy would be 100 % by construction. Evaluate on data with at least two classes.")
 
 
 def finish() -> None:

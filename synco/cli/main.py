@@ -4,15 +4,17 @@ with ``register(subparsers)``; user errors print one paragraph and exit 2, never
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
+import signal
 import sys
 from typing import Optional
 
 from .. import __version__
-from ..errors import SyncoError
+from ..errors import Interrupted, SyncoError
 
-SUBCOMMANDS = ("pretrain", "evaluate", "report", "synth_data", "visualize")
+SUBCOMMANDS = ("pretrain", "evaluate", "report", "synth_data", "visualize", "sweep")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,11 +43,69 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     if extra:
         args.overrides = list(args.overrides or []) + extra
+    from ..engine.signals import handle_signals
+
     try:
-        return int(args.func(args) or 0)
+        with handle_signals():  # SIGINT/SIGTERM: a message, and training stops with a checkpoint
+            return int(args.func(args) or 0)
+    except Interrupted as e:
+        print(f"synco: {e}", file=sys.stderr)
+        return e.exit_code
     except SyncoError as e:
-        print(f"synco: error: {e}", file=sys.stderr)
+        print(f"synco: error: {user_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("synco: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        message = os_error_message(e)
+        if message is None:
+            raise
+        print(f"synco: error: {message}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        stopped = worker_killed(e)
+        if stopped is None:
+            raise
+        print(f"synco: {stopped[0]}", file=sys.stderr)
+        return stopped[1]
+
+
+def user_message(e: SyncoError) -> str:
+    """The error's own paragraph. A SyncoError raised in a DataLoader worker comes back wrapped by torch in
+    "Caught SyncoError in DataLoader worker process 0. Original Traceback ...": keep only its message."""
+    text = str(e)
+    if "Original Traceback" in text and "SyncoError: " in text:
+        text = text.rsplit("SyncoError: ", 1)[1].strip()
+    return text
+
+
+def worker_killed(e: BaseException) -> Optional[tuple[str, int]]:
+    """(message, exit code) when a DataLoader worker was killed by a signal (torch's RuntimeError), else None.
+    SIGTERM/SIGINT sent to the whole process group reach the workers too: that is a stop, not a crash."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = str(e)
+        if "DataLoader worker" in text and "killed by signal" in text:
+            if "Terminated" in text or "Interrupt" in text:
+                sig = signal.SIGTERM if "Terminated" in text else signal.SIGINT
+                name = "SIGTERM" if sig == signal.SIGTERM else "SIGINT (Ctrl-C)"
+                return (f"{name} received: stopped. A pretraining run keeps its last checkpoint and resumes from "
+                        "it when the same command is re-run.", 128 + int(sig))
+            return (f"error: a data-loading worker died ({text.split('killed by signal:')[-1].strip()}); if the "
+                    "machine ran out of memory, lower data.num_workers (or num_workers=) and re-run: a "
+                    "pretraining run resumes from its last checkpoint.", 2)
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def os_error_message(e: OSError) -> Optional[str]:
+    """One line for the OS errors a user can fix (a full disk, a read-only or forbidden location); None for
+    anything else, which is a bug and keeps its traceback."""
+    where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+    if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return f"disk full{where}: free some space and re-run the same command (a run resumes from its last checkpoint)."
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"cannot write{where}: {e.strerror}. Choose a location you can write to."
+    return None

@@ -57,3 +57,20 @@ def build_dataset(name: str, root=None, split: str = "train", transform=None, cl
         class_list = load_class_list(class_list)
     return SafeImageFolder(_split_dir(Path(root), split), transform=transform, class_list=class_list,
                            bad_image_log=bad_image_log)
+
+
+def count_classes(name: str, root=None, class_list=None, split: str = "train"):
+    """How many classes ``build_dataset`` would give, from folder names only (no image is listed), or None
+    when that cannot be told cheaply; layout errors are the same clear errors ``build_dataset`` raises."""
+    if name == "digits":
+        return 10
+    if name not in DATASETS or root is None:
+        return None
+    if name == "imagenet100" and class_list is None:
+        class_list = "imagenet100"
+    if isinstance(class_list, (str, Path)):
+        class_list = load_class_list(class_list)
+    if class_list is not None:
+        return len(set(class_list))
+    folder = _split_dir(Path(root), split)
+    return sum(1 for e in folder.iterdir() if e.is_dir() and not e.name.startswith("."))

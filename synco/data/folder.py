@@ -7,6 +7,8 @@ import os
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
 from torchvision.datasets import ImageFolder
 
 from synco.errors import SyncoError
@@ -46,6 +48,35 @@ def load_class_list(path_or_name) -> list[str]:
     return names
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An 8-bit RGB image. 16-bit and 32-bit greyscale (PNG ``I;16``, ``I``) and float (``F``) images are
+    scaled to 8 bits, not clipped: PIL's ``convert("RGB")`` clips them at 255, leaving a 16-bit photo with
+    a couple of grey levels."""
+    mode = img.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        a = np.asarray(img).astype(np.float64)
+        if mode.startswith("I;16"):
+            a = a / 257.0  # 65535 -> 255
+        elif mode == "I":
+            top = float(a.max()) if a.size else 0.0
+            a = a / 257.0 if top > 255 and top <= 65535 else (a * 255.0 / top if top > 65535 else a)
+        else:  # float: [0, 1] images are the common case
+            top = float(np.nanmax(a)) if a.size else 0.0
+            a = np.nan_to_num(a) * (255.0 if top <= 1.0 else 1.0)
+        img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+    elif mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # avoids PIL's warning about palette transparency
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def load_rgb(path) -> Image.Image:
+    """torchvision's PIL loader with :func:`to_rgb`'s bit-depth handling."""
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        img.load()
+    return to_rgb(img)
+
+
 def count_bad_images(bad_image_log) -> int:
     """Number of distinct image paths recorded in ``bad_image_log`` (0 if there is no log)."""
     if bad_image_log is None or not Path(bad_image_log).is_file():
@@ -76,7 +107,7 @@ class SafeImageFolder(ImageFolder):
         self.class_list = None if class_list is None else list(dict.fromkeys(class_list))
         self.bad_image_log = None if bad_image_log is None else Path(bad_image_log)
         # allow_empty so that we, not torchvision, report which class folder is empty.
-        super().__init__(str(root), transform=transform, allow_empty=True)
+        super().__init__(str(root), transform=transform, loader=load_rgb, allow_empty=True)
         counts = dict.fromkeys(range(len(self.classes)), 0)
         for t in self.targets:
             counts[t] += 1

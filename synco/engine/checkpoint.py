@@ -6,6 +6,8 @@ A kill at any moment leaves either the previous complete checkpoint or the new o
 from __future__ import annotations
 
 import random
+import time
+from typing import Optional
 
 import numpy as np
 import torch
@@ -35,3 +37,49 @@ def set_rng_state(state: dict) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Throughput:
+    """Images and seconds of every training segment: a run split by resumes has one segment per process
+    that trained. Stored in the checkpoint (``segments``) so that the summary covers the whole run, not
+    only its last segment. An optimizer step is ``effective_batch`` images."""
+
+    def __init__(self, effective_batch: int):
+        self.effective_batch = int(effective_batch)
+        self.history: list[dict] = []
+        self.start_step: Optional[int] = None
+        self.t0 = 0.0
+        self.excluded = 0.0
+        self._last: Optional[dict] = None
+
+    def load(self, segments) -> None:
+        self.history = [dict(s) for s in segments or [] if isinstance(s, dict)]
+
+    def start(self, step: int) -> None:
+        self.start_step, self.t0, self.excluded, self._last = int(step), time.perf_counter(), 0.0, None
+
+    def exclude(self, seconds: float) -> None:
+        """Time spent on something else than training (e.g. an evaluation between epochs)."""
+        self.excluded += seconds
+
+    def segments(self, step: int) -> list[dict]:
+        """Previous segments plus the current one up to ``step`` (omitted when it trained no step). Asked
+        again for the same step (the run's end, right after its last checkpoint) it gives the same answer,
+        so summary.json and the checkpoint agree."""
+        out = [dict(s) for s in self.history]
+        if self.start_step is not None and step > self.start_step:
+            if self._last is None or self._last["end_step"] != step:
+                seconds = max(time.perf_counter() - self.t0 - self.excluded, 1e-9)
+                images = (step - self.start_step) * self.effective_batch
+                self._last = {"start_step": self.start_step, "end_step": int(step), "images": images,
+                              "seconds": seconds, "images_per_second": images / seconds}
+            out.append(dict(self._last))
+        return out
+
+
+def throughput_totals(segments: list[dict]) -> dict:
+    """``images_per_second`` and ``train_seconds`` over all segments, and the segments themselves."""
+    images = sum(int(s.get("images", 0)) for s in segments)
+    seconds = sum(float(s.get("seconds", 0.0)) for s in segments)
+    return {"images_per_second": images / seconds if seconds > 0 else 0.0, "train_seconds": seconds,
+            "train_images": images, "train_segments": segments}

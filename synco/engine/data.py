@@ -1,5 +1,11 @@
 """Pretraining data: two BYOL views per image, sharded across processes, optionally mixed with a
-synthetic (Syn2Co) image folder at a fixed per-epoch ratio."""
+synthetic (Syn2Co) image folder at a fixed per-epoch ratio.
+
+``data.augment.on`` picks where the views are made: ``workers`` runs the per-image torchvision pipeline in
+DataLoader workers; ``device`` has the workers only decode to uint8 tensors of one size and makes both views of
+the whole batch on the training device (:class:`synco.data.batch_augment.BatchViews`). Either way each image's
+views are drawn from a stream keyed by (seed, epoch, dataset index), so any number of processes and any resume
+give the same views. Workers persist across epochs: the sampler hands them (epoch, index) pairs."""
 
 from __future__ import annotations
 
@@ -11,8 +17,10 @@ from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 
 from ..data.build import build_dataset
 from ..data.folder import SafeImageFolder, count_bad_images
-from ..data.transforms import TwoViews, byol_transforms
+from ..data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, TwoViews, byol_transforms, \
+    uint8_transform, view_params
 from ..errors import SyncoError
+from . import signals
 
 
 def mix_counts(n_real: int, ratio: float, mode: str) -> tuple[int, int]:
@@ -62,8 +70,9 @@ class GlobalBatchSampler(DistributedSampler):
         return idx[torch.randperm(len(idx), generator=g)]
 
     def __iter__(self):
+        # (epoch, index) pairs: persistent workers learn the epoch from the sampler, not from a copied attribute.
         idx = self.epoch_indices()[: self.total_size].view(-1, self.num_replicas, self.batch_size)
-        return iter(idx[:, self.rank].reshape(-1).tolist())
+        return ((self.epoch, i) for i in idx[:, self.rank].reshape(-1).tolist())
 
     def __len__(self) -> int:
         return self.num_samples
@@ -71,17 +80,23 @@ class GlobalBatchSampler(DistributedSampler):
 
 class IndexSeeded(torch.utils.data.Dataset):
     """Draw each sample's augmentation from a stream keyed by (seed, epoch, index), not by the process:
-    the same image gets the same views whichever rank or worker loads it, and after any resume."""
+    the same image gets the same views whichever rank or worker loads it, and after any resume.
+    Items are looked up by ``(epoch, index)``; ``with_index`` also returns the index (device augmentation
+    derives the views' seeds from it)."""
 
-    def __init__(self, dataset, seed: int):
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
+    def __init__(self, dataset, seed: int, with_index: bool = False):
+        self.dataset, self.seed, self.with_index = dataset, seed, with_index
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, i = key
+        if self.with_index:  # no random op in the workers: nothing to seed
+            image, label = self.dataset[i]
+            return (image, i), label
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + self.epoch * 1_000_033 + int(i)) % 2**63)
+            torch.manual_seed((self.seed * 1_000_003 + epoch * 1_000_033 + int(i)) % 2**63)
             return self.dataset[i]
 
 
@@ -103,8 +118,12 @@ class PretrainData:
     def __init__(self, cfg, dist, bad_image_log: Optional[Path] = None):
         d = cfg.data
         self.cfg, self.bad_image_log = cfg, bad_image_log
-        t1, t2 = byol_transforms(d.image_size, crop_scale=tuple(d.crop_scale))
-        views = TwoViews(t1, t2)
+        self.on_device = d.augment.on == "device"
+        self.device_views = None
+        if self.on_device:
+            views = uint8_transform(d.image_size)
+        else:
+            views = TwoViews(*byol_transforms(d.image_size, views=view_params(d.augment)))
         self.real = build_dataset(d.dataset, root=d.root, split="train", transform=views, class_list=d.class_list,
                                   image_size=d.image_size, bad_image_log=bad_image_log)
         if d.max_images and d.max_images < len(self.real):
@@ -124,23 +143,49 @@ class PretrainData:
         self.epoch_size = n_real + n_syn
         common = dict(num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=cfg.seed, drop_last=True)
         if self.synthetic is None:
-            self.dataset = IndexSeeded(self.real, cfg.seed)
+            self.dataset = IndexSeeded(self.real, cfg.seed, with_index=self.on_device)
             self.sampler = GlobalBatchSampler(self.dataset, cfg.optim.batch_size, **common)
         else:
-            self.dataset = IndexSeeded(ConcatDataset([self.real, self.synthetic]), cfg.seed)
+            self.dataset = IndexSeeded(ConcatDataset([self.real, self.synthetic]), cfg.seed,
+                                       with_index=self.on_device)
             self.sampler = GlobalBatchSampler(self.dataset.dataset, cfg.optim.batch_size, counts=self.counts,
                                               **common)
         self.samples_per_rank = len(self.sampler)
+        self._loader: Optional[DataLoader] = None
 
-    def loader(self, epoch: int, skip_batches: int = 0) -> DataLoader:
-        self.sampler.set_epoch(epoch)
-        self.dataset.epoch = epoch
-        sampler = _Skip(self.sampler, skip_batches * self.cfg.optim.batch_size) if skip_batches else self.sampler
+    def _make_loader(self, sampler, persistent: bool, epoch: int) -> DataLoader:
         workers = self.cfg.data.num_workers
+        # An explicit generator: without one, starting an epoch would draw from the global RNG and shift the
+        # stream of drop path and synthetic negatives differently in a resumed run.
         return DataLoader(self.dataset, batch_size=self.cfg.optim.batch_size, sampler=sampler, drop_last=True,
                           num_workers=workers, pin_memory=torch.cuda.is_available(),
-                          persistent_workers=False, prefetch_factor=4 if workers else None,
-                          generator=torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch))
+                          persistent_workers=persistent and workers > 0, prefetch_factor=4 if workers else None,
+                          generator=torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch),
+                          worker_init_fn=signals.ignore_in_worker if workers else None)
+
+    def loader(self, epoch: int, skip_batches: int = 0) -> DataLoader:
+        """Batches of epoch ``epoch``: ``((x1, x2), labels)`` with ``on=workers``, ``((uint8, index), labels)``
+        with ``on=device`` (see :meth:`views`). One persistent loader serves every whole epoch; the rest of an
+        epoch cut by a resume gets a loader of its own."""
+        self.sampler.set_epoch(epoch)
+        if skip_batches:
+            return self._make_loader(_Skip(self.sampler, skip_batches * self.cfg.optim.batch_size), False, epoch)
+        if self._loader is None:
+            self._loader = self._make_loader(self.sampler, True, epoch)
+        return self._loader
+
+    def views(self, batch, epoch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two views of one loader batch, on ``device``."""
+        if not self.on_device:
+            x1, x2 = batch
+            return x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
+        from ..data.batch_augment import BatchViews, sample_seeds
+
+        images, index = batch
+        if self.device_views is None:
+            self.device_views = BatchViews(self.cfg.data.image_size, view_params(self.cfg.data.augment),
+                                           IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD).to(device)
+        return self.device_views(images.to(device, non_blocking=True), sample_seeds(self.cfg.seed, epoch, index))
 
     def bad_images(self) -> int:
         return count_bad_images(self.bad_image_log) if self.bad_image_log else 0

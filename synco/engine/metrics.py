@@ -7,6 +7,17 @@ from pathlib import Path
 from typing import Optional
 
 
+def trim_jsonl(path: Path, last_step: int) -> None:
+    """Drop the records of a JSONL log that a killed run wrote after its last saved state (``step`` above
+    ``last_step``): the resumed run writes them again, and each step must appear once."""
+    path = Path(path)
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
 class MetricsLogger:
     def __init__(self, out_dir: Path, enabled: bool = True, resume_step: Optional[int] = None,
                  tensorboard: bool = True):
@@ -15,11 +26,8 @@ class MetricsLogger:
         self.writer = None
         if not enabled:
             return
-        if resume_step is not None and self.path.exists():
-            # Drop records a killed run wrote after its last checkpoint: they will be written again.
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in keep))
+        if resume_step is not None:
+            trim_jsonl(self.path, resume_step)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -42,3 +50,29 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def training_summary(records: list[dict], chance_loss: Optional[float]) -> dict:
+    """What the logged training records say about learning: the loss first and last (next to the loss of a
+    model that cannot tell the positive from the negatives), the last cosines, and the k-NN monitor's curve."""
+    steps = [r for r in records if "loss" in r]
+    out: dict = {}
+    if steps:
+        first, last = steps[0], steps[-1]
+        out = {"initial_loss": first["loss"], "final_loss": last["loss"], "chance_loss": chance_loss}
+        for key, name in (("sim_pos", "pos_cos"), ("sim_hardest_neg", "hardest_neg_cos"),
+                          ("frac_queue_above_pos", "frac_queue_above_pos"),
+                          ("frac_negatives_above_pos", "frac_negatives_above_pos")):
+            if key in last:
+                out[name] = last[key]
+    curve = [[r["epoch"] + 1, r["knn_top1"]] for r in records if "knn_top1" in r]
+    if curve:
+        out["knn_curve"] = curve  # [epochs done, k-NN top-1]
+    return out

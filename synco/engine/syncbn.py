@@ -19,7 +19,8 @@ class CPUSyncBatchNorm(nn.BatchNorm1d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or not dist.is_initialized() or dist.get_world_size() == 1:
             return super().forward(x)
-        n = all_reduce(torch.tensor([float(x.shape[0])], dtype=x.dtype))
+        dtype, x = x.dtype, x.float()  # statistics in float32, as BatchNorm computes them under autocast
+        n = all_reduce(torch.tensor([float(x.shape[0])]))
         mean = all_reduce(x.sum(0)) / n
         var = all_reduce(((x - mean) ** 2).sum(0)) / n  # biased, as BatchNorm normalises
         if self.track_running_stats:
@@ -29,7 +30,7 @@ class CPUSyncBatchNorm(nn.BatchNorm1d):
                 self.running_var.lerp_(var.detach() * n / (n - 1), m)
                 self.num_batches_tracked.add_(1)
         y = (x - mean) * torch.rsqrt(var + self.eps)
-        return y * self.weight + self.bias if self.affine else y
+        return (y * self.weight + self.bias if self.affine else y).to(dtype)
 
 
 def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:

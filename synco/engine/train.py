@@ -12,7 +12,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -20,12 +20,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from .. import schedules
-from ..config import Config, save_config, synthetic_window
-from ..device import resolve_device
+from ..config import Config, method_spec, save_config, synthetic_window
+from ..device import resolve_device, use_bf16
 from ..errors import SyncoError
 from ..models.backbone import backbone_meta, export_safetensors, load_state_checked
 from ..models.method import SelfSupervisedModel
+from ..resume import config_differences
 from . import checkpoint as ckpt
+from . import signals as sig
 from . import dist as D
 from .data import build_pretrain_data
 from .metrics import MetricsLogger
@@ -38,7 +40,7 @@ class NonFiniteLoss(SyncoError):
 
 
 # Config keys that may change when a run is resumed (they do not change the maths of training).
-RESUMABLE_CHANGES = {"resume", "log_every", "ckpt_every_steps", "knn_at_end", "threads", "device", "compile",
+RESUMABLE_CHANGES = {"resume", "log_every", "ckpt_every_steps", "knn_at_end", "knn_every", "threads", "device", "compile",
                      "data.num_workers", "data.root", "optim.batch_size", "knn"}
 
 
@@ -53,28 +55,6 @@ def epoch_seed(cfg: Config, rank: int, epoch: int) -> int:
     return (cfg.seed * 1_000_003 + rank * 10_007 + epoch * 101) % 2**31
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and k != "backbone_kwargs":
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def config_differences(saved: dict, current: dict) -> list[str]:
-    a, b = _flatten(saved), _flatten(current)
-    diffs = []
-    for key in sorted(set(a) | set(b)):
-        if key in RESUMABLE_CHANGES or key.split(".")[0] in RESUMABLE_CHANGES:
-            continue
-        if a.get(key) != b.get(key):
-            diffs.append(f"{key}: checkpoint {a.get(key)!r} vs now {b.get(key)!r}")
-    return diffs
-
-
 @dataclass
 class RunState:
     step: int = 0  # optimizer steps done
@@ -82,9 +62,15 @@ class RunState:
     batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed
 
 
+# Called on every process after each epoch's checkpoint as ``hook(trainer, epoch)``; a returned dict is logged
+# (e.g. the k-NN monitor, which lives above the engine and so reaches it only through this hook).
+EpochHook = Callable[["Trainer", int], Optional[dict]]
+
+
 class Trainer:
-    def __init__(self, cfg: Config, out_dir: Path, progress: bool = True):
+    def __init__(self, cfg: Config, out_dir: Path, progress: bool = True, epoch_hooks: tuple[EpochHook, ...] = ()):
         self.cfg, self.out = cfg, Path(out_dir)
+        self.epoch_hooks = epoch_hooks
         self.device = resolve_device(cfg.device)
         self.dist = D.init_distributed(self.device.type)
         if self.device.type == "cuda":
@@ -94,13 +80,13 @@ class Trainer:
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.progress = progress and self.dist.is_main
-        self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        self.bf16 = use_bf16(cfg.precision, self.device)
         seed_all(cfg.seed + self.dist.rank)
 
         self.world = self.dist.world_size
         self.global_batch = cfg.optim.batch_size * self.world
         self.effective_batch = self.global_batch * cfg.optim.accum_steps
-        if cfg.method != "byol" and cfg.contrast.queue_size % self.global_batch:
+        if method_spec(cfg).uses_queue and cfg.contrast.queue_size % self.global_batch:
             raise SyncoError(
                 f"contrast.queue_size={cfg.contrast.queue_size} must be a multiple of the global batch "
                 f"{self.global_batch} (optim.batch_size={cfg.optim.batch_size} x {self.world} processes): "
@@ -137,6 +123,7 @@ class Trainer:
         self.state = RunState()
         self.ckpt_path = self.out / "checkpoint.pt"
         self.last_good_epoch: Optional[int] = None
+        self.throughput = ckpt.Throughput(self.effective_batch)  # per-segment images/seconds, in checkpoints
 
     # -- checkpoints ------------------------------------------------------------------------------
 
@@ -155,6 +142,7 @@ class Trainer:
             "world_size": self.world,
             "global_batch": self.global_batch,
             "rng": ckpt.rng_state(),
+            "segments": self.throughput.segments(self.state.step),
         }, self.ckpt_path)
 
     def maybe_resume(self) -> bool:
@@ -169,7 +157,8 @@ class Trainer:
             raise SyncoError(f"'{self.ckpt_path}' was trained with backbone "
                              f"'{saved_cfg.get('model', {}).get('backbone')}', but this run uses "
                              f"'{self.cfg.model.backbone}'. Use another --out or the same backbone.")
-        diffs = config_differences(saved_cfg, self.cfg.to_dict())
+        diffs = [f"{d.key}: checkpoint {d.saved!r} vs now {d.current!r}"
+                 for d in config_differences(saved_cfg, self.cfg.to_dict(), RESUMABLE_CHANGES)]
         if diffs:
             raise SyncoError(f"cannot resume '{self.ckpt_path}': the config differs from the one it was "
                              f"trained with ({'; '.join(diffs[:5])}). Use the same settings or another --out.")
@@ -182,12 +171,41 @@ class Trainer:
         if self.state.batch_in_epoch and state["world_size"] == self.world == 1:
             ckpt.set_rng_state(state["rng"])  # mid-epoch: continue the exact random stream
         self.last_good_epoch = self.state.epoch
+        self.throughput.load(state.get("segments"))
         return True
 
     # -- training ---------------------------------------------------------------------------------
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def step(self, micro_batches: list, use_synthetic: bool) -> tuple[dict, float]:
+        """One optimizer step: forward, backward and enqueue each micro-batch ``(x1, x2)`` (``accum_steps`` of
+        them), then clip, AdamW and the EMA of the target. Returns the micro-batches' summed statistics as device
+        tensors (no host sync) with a ``loss`` key, and the EMA momentum used."""
+        cfg, st = self.cfg, self.state
+        self.scheduler.step_update(num_updates=st.step)
+        sums: dict[str, torch.Tensor] = {}
+        for i, (x1, x2) in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            ctx = self.online.no_sync() if (self.world > 1 and not last) else contextlib.nullcontext()
+            with ctx:
+                with self._autocast():
+                    loss, stats, (k1, k2) = self.model(x1, x2, use_synthetic=use_synthetic, online=self.online)
+                (loss / len(micro_batches)).backward()
+            self.model.enqueue(D.all_gather_cat(k1), D.all_gather_cat(k2))
+            stats["loss"] = loss.detach()
+            for key, v in stats.items():
+                sums[key] = sums.get(key, 0) + v.float()
+        if cfg.optim.clip_grad:
+            torch.nn.utils.clip_grad_norm_(self.model.online.parameters(), cfg.optim.clip_grad, foreach=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        # MoBY pulls the target towards the updated weights theta_{t+1} with m(t+1), not m(t).
+        momentum = schedules.momentum_at(st.step + 1, self.total_steps, cfg.contrast.momentum_start)
+        self.model.momentum_update(momentum)
+        st.step += 1
+        return sums, momentum
 
     def train(self, stop_at_step: Optional[int] = None) -> dict:
         """Run to the end (or, to simulate an interruption, return after checkpointing at ``stop_at_step``)."""
@@ -200,9 +218,8 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=st.step, disable=not self.progress, unit="step",
                    dynamic_ncols=True, desc=f"{cfg.method} pretrain")
         bad = torch.zeros((), dtype=torch.bool, device=self.device)
-        window_sums: dict[str, torch.Tensor] = {}
-        window_steps, window_images, t_window = 0, 0, time.perf_counter()
-        run_images, t_run = 0, time.perf_counter()
+        window = _MetricsWindow(self.world)
+        self.throughput.start(st.step)
         self.model.train()
         while st.epoch < cfg.epochs:
             epoch = st.epoch
@@ -211,57 +228,34 @@ class Trainer:
             use_syn = schedules.synthetic_active(epoch, self.window)
             loader = self.data.loader(epoch, skip_batches=st.batch_in_epoch)
             n_batches = self.steps_per_epoch * accum
-            for (x1, x2), _ in _take(loader, n_batches - st.batch_in_epoch):
-                micro = st.batch_in_epoch % accum
-                x1 = x1.to(self.device, non_blocking=True)
-                x2 = x2.to(self.device, non_blocking=True)
-                if micro == 0:
-                    self.scheduler.step_update(num_updates=st.step)
-                sync_grads = micro == accum - 1 or self.world == 1
-                ctx = self.online.no_sync() if (self.world > 1 and not sync_grads) else contextlib.nullcontext()
-                with ctx:
-                    with self._autocast():
-                        loss, stats, (k1, k2) = self.model(x1, x2, use_synthetic=use_syn, online=self.online)
-                    (loss / accum).backward()
-                self.model.enqueue(D.all_gather_cat(k1), D.all_gather_cat(k2))
-                bad |= ~torch.isfinite(loss.detach())
-                stats["loss"] = loss.detach()
-                for key, v in stats.items():
-                    window_sums[key] = window_sums.get(key, 0) + v.float()
-                window_images += x1.shape[0] * self.world
-                st.batch_in_epoch += 1
-                if micro < accum - 1:
+            micro: list = []
+            for batch, _ in _take(loader, n_batches - st.batch_in_epoch):
+                micro.append(self.data.views(batch, epoch, self.device))
+                if len(micro) < accum:
                     continue
-                if cfg.optim.clip_grad:
-                    torch.nn.utils.clip_grad_norm_(self.model.online.parameters(), cfg.optim.clip_grad, foreach=True)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                momentum = schedules.momentum_at(st.step, self.total_steps, cfg.contrast.momentum_start)
-                self.model.momentum_update(momentum)
-                st.step += 1
-                window_steps += 1
+                sums, momentum = self.step(micro, use_syn)
+                bad |= ~torch.isfinite(sums["loss"])
+                window.add(sums, len(micro), len(micro) * micro[0][0].shape[0] * self.world)
+                st.batch_in_epoch += len(micro)
+                micro = []
                 bar.update(1)
                 if st.step % cfg.log_every == 0 or st.step == self.total_steps:
                     self._check_finite(bad)
-                    dt = time.perf_counter() - t_window
                     record = {"step": st.step, "epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"],
-                              "momentum": momentum, "synthetic": int(use_syn),
-                              "images_per_second": window_images / max(dt, 1e-9)}
-                    n_micro = window_steps * accum
-                    keys = sorted(window_sums)
-                    values = torch.stack([window_sums[k] for k in keys])
-                    if self.world > 1:  # log the global-batch average, not rank 0's half
-                        torch.distributed.all_reduce(values)
-                        values /= self.world
-                    record.update({k: float(v) / n_micro for k, v in zip(keys, values.tolist())})
+                              "momentum": momentum, "synthetic": int(use_syn), **window.flush()}
                     logger.log(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", ep=epoch, syn=int(use_syn))
-                    run_images += window_images
-                    window_sums, window_steps, window_images, t_window = {}, 0, 0, time.perf_counter()
                 if st.batch_in_epoch < n_batches and (
                         (cfg.ckpt_every_steps and st.step % cfg.ckpt_every_steps == 0) or st.step == stop_at_step):
                     self._check_finite(bad)
                     self.save()
+                signum = sig.stop_requested(st.step, self.world, self.device, cfg.log_every)
+                if signum:  # SIGTERM/SIGINT: keep the progress since the last checkpoint, then stop
+                    self._check_finite(bad)
+                    self.save()
+                    bar.close()
+                    logger.close()
+                    raise sig.stopped(signum, st.step, st.epoch, self.ckpt_path)
                 if st.step == stop_at_step:
                     break
             if stop_at_step is not None and st.step == stop_at_step and st.batch_in_epoch < n_batches:
@@ -274,14 +268,24 @@ class Trainer:
                 real, synthetic = self.data.counts
                 logger.log({"step": st.step, "epoch": epoch, "epoch_end": True, "real_images": real,
                             "synthetic_images": synthetic, "bad_images": self.data.bad_images()})
+            self._run_epoch_hooks(epoch, logger, window)
             if st.step == stop_at_step:
                 break
         bar.close()
         logger.close()
-        run_images += window_images
-        elapsed = time.perf_counter() - t_run
-        return {"images_per_second": run_images / max(elapsed, 1e-9), "train_seconds": elapsed,
-                "steps": st.step, "resumed": resumed}
+        seconds = window.run_seconds()
+        return {"images_per_second": window.run_images / max(seconds, 1e-9), "train_seconds": seconds,
+                "steps": st.step, "resumed": resumed, "segments": self.throughput.segments(st.step)}
+
+    def _run_epoch_hooks(self, epoch: int, logger: MetricsLogger, window: "_MetricsWindow") -> None:
+        for hook in self.epoch_hooks:
+            t_hook = time.perf_counter()
+            record = hook(self, epoch)
+            self.model.train()
+            window.exclude(time.perf_counter() - t_hook)  # evaluation time is not training throughput
+            self.throughput.exclude(time.perf_counter() - t_hook)
+            if record:
+                logger.log({"step": self.state.step, "epoch": epoch, **record})
 
     def _check_finite(self, bad: torch.Tensor) -> None:
         if self.world > 1:
@@ -301,6 +305,46 @@ class Trainer:
         if self.dist.is_main:
             export_safetensors(self.model.online.backbone, backbone_meta(self.cfg.model), path)
         return path
+
+
+class _MetricsWindow:
+    """Statistics summed on the device between two log records, read (one host sync) only when logged. Each
+    key is averaged over the micro-batches that produced it: synthetic-negative statistics exist only inside
+    the window of epochs that uses them, which a log window may straddle."""
+
+    def __init__(self, world: int):
+        self.world = world
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.images, self.run_images = 0, 0
+        self.t_window = self.t_run = time.perf_counter()
+
+    def add(self, sums: dict, n_micro: int, images: int) -> None:
+        for key, v in sums.items():
+            self.sums[key] = self.sums.get(key, 0) + v
+            self.counts[key] = self.counts.get(key, 0) + n_micro
+        self.images += images
+
+    def flush(self) -> dict:
+        keys = sorted(self.sums)
+        values = torch.stack([self.sums[k] for k in keys])
+        if self.world > 1:  # log the global-batch average, not rank 0's share
+            torch.distributed.all_reduce(values)
+            values /= self.world
+        record = {k: float(v) / self.counts[k] for k, v in zip(keys, values.tolist())}
+        record["images_per_second"] = self.images / max(time.perf_counter() - self.t_window, 1e-9)
+        self.run_images += self.images
+        self.sums, self.counts, self.images, self.t_window = {}, {}, 0, time.perf_counter()
+        return record
+
+    def exclude(self, seconds: float) -> None:
+        self.t_window += seconds
+        self.t_run += seconds
+
+    def run_seconds(self) -> float:
+        self.run_images += self.images
+        self.images = 0
+        return time.perf_counter() - self.t_run
 
 
 def _take(iterable, n: int):

@@ -33,12 +33,14 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..data.build import build_dataset
+from ..device import resolve_device
 from ..engine import dist as D
 from ..errors import SyncoError
-from .common import EvalOptions, resolve_device
+from .classes import head_labels
+from .common import EvalOptions, build_eval_set, eval_split_and_crop
+from .head import load_classifier
 from .results import markdown_table, save_result
-from .robustness import BenchmarkView, center_crop_ops, class_index_map, load_classifier, subset_indices
+from .views import BenchmarkView, center_crop_ops, subset_indices
 
 EPS = 8 / 255
 ALPHA = 2 / 255
@@ -212,16 +214,12 @@ def run_adversarial(checkpoint: str, head_path: str, out: Path, opts: Adversaria
     torch.manual_seed(opts.seed)
     classifier, classes, size, meta, _ = load_classifier(checkpoint, head_path, opts, device)
     model = NormalizedClassifier(classifier).to(device).eval()
-    split = "test" if opts.dataset == "digits" else "val"
-    base = build_dataset(opts.dataset, root=opts.root, split=split, transform=None, class_list=opts.class_list,
-                         image_size=size)
-    mapping = class_index_map(list(base.classes), classes)
-    missing = [c for c in base.classes if c not in mapping]
+    base = build_eval_set(opts, size)
+    labels, missing = head_labels(list(base.classes), classes)
     if missing:
         raise SyncoError(f"the evaluation set's classes ({', '.join(missing[:4])}, ...) are not classes of the "
                          "linear head: was the head trained on another dataset?")
-    labels = [mapping[c] for c in base.classes]
-    crop_ratio = opts.crop_ratio or (1.0 if opts.dataset == "digits" else 224 / 256)
+    crop_ratio = opts.crop_ratio or eval_split_and_crop(opts.dataset)[1]
     view = BenchmarkView(base, subset_indices(len(base), opts.max_images, opts.seed),
                          center_crop_ops(size, crop_ratio), labels=labels, normalize=False)
     loader = DataLoader(view, batch_size=opts.batch_size, shuffle=False, num_workers=opts.num_workers)

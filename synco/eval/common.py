@@ -45,21 +45,37 @@ def load_eval_backbone(checkpoint: str, opts: EvalOptions, device: torch.device)
     if checkpoint == "random":
         torch.manual_seed(opts.seed)
         return load_backbone("random", backbone=name, backbone_kwargs=kwargs, device=device)
-    return load_backbone(checkpoint, backbone=None, backbone_kwargs=kwargs, device=device)
+    return load_backbone(checkpoint, backbone=name, backbone_kwargs=kwargs, device=device)
 
 
 def eval_image_size(opts: EvalOptions, model: torch.nn.Module) -> int:
     return int(opts.image_size or input_size(model))
 
 
+# The usual evaluation crop: resize the short side to 256 for a 224 crop.
+DEFAULT_CROP_RATIO = 224 / 256
+
+
+def eval_split_and_crop(dataset: str) -> tuple[str, float]:
+    """(split, centre-crop ratio) of a dataset's evaluation images. The built-in digits ship a train/test
+    pair of tight 8x8 crops, with nothing around the digit to crop away; folders evaluate on 'val'."""
+    return ("test", 1.0) if dataset == "digits" else ("val", DEFAULT_CROP_RATIO)
+
+
+def build_eval_set(opts: EvalOptions, size: int, transform=None):
+    """The evaluation split of ``opts.dataset`` (see :func:`eval_split_and_crop`)."""
+    split, _ = eval_split_and_crop(opts.dataset)
+    return build_dataset(opts.dataset, root=opts.root, split=split, transform=transform,
+                         class_list=opts.class_list, image_size=size)
+
+
 def eval_datasets(opts: EvalOptions, size: int, train_transform=None, test_transform=None):
-    """(train, test) for the protocol; the test split is 'test' for digits and 'val' for folders."""
-    crop_ratio = 1.0 if opts.dataset == "digits" else 224 / 256
+    """(train, test) for the protocol; test is the evaluation split (:func:`eval_split_and_crop`)."""
+    _, crop_ratio = eval_split_and_crop(opts.dataset)
     t_test = test_transform or eval_transform(size, crop_ratio=crop_ratio)
-    kwargs = dict(root=opts.root, class_list=opts.class_list, image_size=size)
-    train = build_dataset(opts.dataset, split="train", transform=train_transform or t_test, **kwargs)
-    test = build_dataset(opts.dataset, split="val" if opts.dataset != "digits" else "test", transform=t_test,
-                         **kwargs)
+    train = build_dataset(opts.dataset, split="train", transform=train_transform or t_test, root=opts.root,
+                          class_list=opts.class_list, image_size=size)
+    test = build_eval_set(opts, size, t_test)
     if len(train.classes) != len(test.classes):
         raise SyncoError(f"train has {len(train.classes)} classes but the test split has {len(test.classes)}.")
     return train, test

@@ -3,7 +3,8 @@
 Each method is built from the same preset (only ``method`` changes, so the backbone and heads are the same)
 and timed on full training steps of random images of the preset's size: forward of both views, loss (with
 synthetic hard negatives for synco), backward, gradient clipping, AdamW step, EMA update and enqueue, exactly
-as the trainer does them. Data loading is left out, so the numbers compare the methods, not the input pipeline.
+as the trainer does them. Data loading is left out by default (``inputs=random``), so the numbers compare the
+methods, not the input pipeline; ``inputs=loader`` times the trainer's data pipeline as well.
 
 * parameters: total = online + target encoder (the paper's "Total Params"), trainable = those with gradients;
 * memory: on CUDA the peak of ``torch.cuda.memory_allocated`` within each step (CUDA caching allocator), its
@@ -14,7 +15,16 @@ as the trainer does them. Data loading is left out, so the numbers compare the m
   On CPU each method runs in a fresh (spawned) process by default (``isolate``), so no method inherits
   another's allocator state;
 * time: CUDA events around each step on CUDA, ``time.perf_counter`` on CPU; time per epoch = steps per epoch
-  (``epoch_images // batch_size``) x mean step time, projected to 100 and 300 epochs, for one process.
+  (``epoch_images // batch_size``) x mean step time, projected to 100 and 300 epochs, for one process;
+* cost against the limit: the FLOPs of one step (forward and backward; ``torch.utils.flop_counter``, which
+  counts matrix products, convolutions and attention), the FLOP/s achieved over the mean step time, and that
+  as a fraction of the rate of a square matmul (``peak_size``) timed on the spot, in the step's compute dtype
+  and with the same threads (MFU). It reads the same on any device: on a GPU it is the usual MFU;
+* where a step goes: wall time of each part (waiting for data, moving it to the device and augmenting there,
+  online forward, target forward, synthetic negatives, the rest of the loss, backward, optimizer + EMA +
+  enqueue), from marks at the part boundaries (``time.perf_counter`` on CPU, CUDA events on CUDA). With
+  ``inputs=random`` the step takes the same random batch every time, so waiting for data is zero; with
+  ``inputs=loader`` batches come from the preset's training pipeline (its DataLoader workers and augmentation).
 """
 
 from __future__ import annotations
@@ -28,8 +38,10 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+from torch.utils import flop_counter
 
-from ..config import METHODS, load_config
+from ..config import METHODS, load_config, method_spec
+from ..device import use_bf16
 from ..errors import SyncoError
 from .results import markdown_table, save_result
 
@@ -51,6 +63,9 @@ class EfficiencyOptions:
     threads: int = 0  # torch CPU threads (0 = torch default)
     isolate: Optional[bool] = None  # each method in a fresh process (default: on CPU, where RSS is per process)
     seed: int = 0
+    inputs: str = "random"  # random: one random batch on the device (compares the methods); loader: the preset's data
+    flops: bool = True  # count one step's FLOPs and report FLOP/s against a matmul peak measured on the spot
+    peak_size: int = 0  # side of the square matmul timed for the peak; 0: 1024 on CPU, 8192 on CUDA
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,6 +128,150 @@ class MemoryProbe:
 
 
 # ---------------------------------------------------------------------------------------------
+# FLOPs, the matmul peak, and where a step goes
+
+
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
+                             **kwargs) -> int:
+    return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def _flop_mapping() -> dict:
+    """torch counts the CUDA attention kernels but not the CPU one (``F.scaled_dot_product_attention`` on CPU):
+    count it with the same formulas."""
+    aten = torch.ops.aten
+    if not hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        return {}
+    return {aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops}
+
+
+def count_flops(fn: Callable[[], object]) -> tuple[int, dict]:
+    """FLOPs of ``fn()`` (matrix products, convolutions, attention; 2 per multiply-add) and their split by module,
+    as ``torch.utils.flop_counter.FlopCounterMode`` counts them: (total, {module path: flops}), where a module's
+    count includes its submodules' and the backward of its forward."""
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=_flop_mapping()) as mode:
+        fn()
+    per_module = {name: int(sum(ops.values())) for name, ops in mode.get_flop_counts().items()}
+    return int(mode.get_total_flops()), per_module
+
+
+def _flops_by_part(total: int, per_module: dict) -> dict:
+    """A step's FLOPs split into the online encoder (forward + backward), the target (forward) and the rest
+    (loss, queue similarities and synthetic negatives, with their backward)."""
+    online = next((v for k, v in per_module.items() if k.endswith(".online")), 0)
+    target = next((v for k, v in per_module.items() if k.endswith(".target")), 0)
+    return {"online": online, "target": target, "loss and negatives": total - online - target}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 0, repeats: int = 5) -> dict:
+    """FLOP/s of a ``size`` x ``size`` matmul in ``dtype`` on ``device`` with the current threads (median of
+    ``repeats`` after one warm-up): the rate a step's matrix products could reach at best."""
+    size = size or (8192 if device.type == "cuda" else 1024)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=g).to(device=device, dtype=dtype)
+    b = torch.randn(size, size, generator=g).to(device=device, dtype=dtype)
+    out = torch.empty_like(a)
+    times = []
+    for i in range(repeats + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        _sync(device)
+        if i:
+            times.append(time.perf_counter() - t0)
+    seconds = float(np.median(times))
+    name = str(dtype).replace("torch.", "")
+    return {"peak_flops_per_s": 2.0 * size**3 / seconds, "peak_matmul": f"{size}^3 {name}",
+            "peak_threads": torch.get_num_threads() if device.type == "cpu" else None}
+
+
+# Parts of a step, in the order they happen; each is the time from the previous mark to its own.
+PARTS = ("data wait", "views to device", "online forward", "target forward", "synthetic negatives",
+         "loss (rest of forward)", "backward", "optimizer, EMA, enqueue")
+
+
+class StepTimeline:
+    """Wall time of each part of a training step, from marks taken at the part boundaries.
+
+    Hooks on the model's online and target encoders and a wrapper around its synthetic-negative generator take
+    the marks inside the model's forward, so the model itself is unchanged. Marks are ``time.perf_counter`` on
+    CPU and CUDA events on CUDA (read once the step has finished), so nothing waits for the GPU mid-step.
+    """
+
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []  # (part, time or event) closing each part
+        self._handles = []
+        self._negatives = None
+        for enc, part in ((model.online, "online forward"), (model.target, "target forward")):
+            self._handles.append(enc.register_forward_pre_hook(self._closer("loss (rest of forward)")))
+            self._handles.append(enc.register_forward_hook(self._closer(part)))
+        if getattr(model, "negatives", None) is not None:
+            self._model, self._negatives = model, model.negatives
+            model.negatives = _TimedNegatives(model.negatives, self)
+
+    def _now(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def _closer(self, part: str):
+        def close(*_):
+            self.mark(part)
+        return close
+
+    def start(self) -> None:
+        self.marks = [(None, self._now())]
+
+    def mark(self, part: str) -> None:
+        """The part ``part`` ends now (and the next one starts)."""
+        self.marks.append((part, self._now()))
+
+    def parts_ms(self) -> dict:
+        """Milliseconds per part of the last step (parts that occur more than once are summed)."""
+        if self.cuda:
+            self.marks[-1][1].synchronize()
+        out = dict.fromkeys(PARTS, 0.0)
+        for (_, t0), (part, t1) in zip(self.marks, self.marks[1:]):
+            out[part] = out.get(part, 0.0) + (t0.elapsed_time(t1) if self.cuda else 1000.0 * (t1 - t0))
+        return out
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        if self._negatives is not None:
+            self._model.negatives = self._negatives
+
+
+class _TimedNegatives:
+    """Stands in for ``model.negatives``: marks the time before and after each call; everything else passes on."""
+
+    def __init__(self, inner, timeline: StepTimeline):
+        self._inner, self._timeline = inner, timeline
+
+    def __call__(self, *args, **kwargs):
+        self._timeline.mark("loss (rest of forward)")
+        out = self._inner(*args, **kwargs)
+        self._timeline.mark("synthetic negatives")
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def count_parameters(model: torch.nn.Module) -> dict:
@@ -150,13 +309,62 @@ def _epoch_images(opts: EfficiencyOptions, cfg) -> tuple[int, str]:
 
 
 def check_batch(cfg) -> None:
-    if cfg.method != "byol" and cfg.contrast.queue_size % cfg.optim.batch_size:
+    if method_spec(cfg).uses_queue and cfg.contrast.queue_size % cfg.optim.batch_size:
         raise SyncoError(f"contrast.queue_size={cfg.contrast.queue_size} must be a multiple of the batch size "
                          f"{cfg.optim.batch_size}; choose batch_size accordingly or set contrast.queue_size.")
 
 
+class _RandomInputs:
+    """The same random batch on the device every step: no data loading in the step."""
+
+    def __init__(self, cfg, device: torch.device, seed: int):
+        batch, size = cfg.optim.batch_size, cfg.data.image_size
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        self.x1 = torch.randn(batch, 3, size, size, generator=gen).to(device)
+        self.x2 = torch.randn(batch, 3, size, size, generator=gen).to(device)
+
+    def next(self, timeline: StepTimeline):
+        timeline.mark("data wait")
+        timeline.mark("views to device")
+        return self.x1, self.x2
+
+    def close(self) -> None:
+        self.x1 = self.x2 = None
+
+
+class _LoaderInputs:
+    """Batches from the preset's training pipeline (``build_pretrain_data``, as the trainer builds it, with its
+    DataLoader workers), epoch after epoch."""
+
+    def __init__(self, cfg, device: torch.device):
+        from ..engine.data import build_pretrain_data
+        from ..engine.dist import DistInfo
+
+        self.data, self.device, self.epoch = build_pretrain_data(cfg, DistInfo()), device, 0
+        self._it = iter(self.data.loader(0))
+
+    def next(self, timeline: StepTimeline):
+        try:
+            batch, _ = next(self._it)
+        except StopIteration:
+            self.epoch += 1
+            self._it = iter(self.data.loader(self.epoch))
+            batch, _ = next(self._it)
+        timeline.mark("data wait")
+        if hasattr(self.data, "views"):  # on=device: the views are made here, on the device
+            x1, x2 = self.data.views(batch, self.epoch, self.device)
+        else:
+            x1, x2 = (x.to(self.device, non_blocking=True) for x in batch)
+        timeline.mark("views to device")
+        return x1, x2
+
+    def close(self) -> None:
+        self._it = self.data = None  # shuts the workers down
+
+
 def measure_method(cfg, opts: EfficiencyOptions, device: torch.device, probe: MemoryProbe) -> dict:
-    """Time and memory of ``opts.steps`` training steps of ``cfg.method`` (after ``opts.warmup_steps``)."""
+    """Time, memory, FLOPs and breakdown of ``opts.steps`` training steps of ``cfg.method`` (after
+    ``opts.warmup_steps``, and one more step whose FLOPs are counted)."""
     from ..engine.optim import build_optimizer
     from ..models.method import SelfSupervisedModel
     from ..schedules import scaled_lr
@@ -170,30 +378,43 @@ def measure_method(cfg, opts: EfficiencyOptions, device: torch.device, probe: Me
     params = count_parameters(model)
     optimizer = build_optimizer(model, cfg.optim, scaled_lr(cfg.optim.base_lr, batch), device)
     size = cfg.data.image_size
-    gen = torch.Generator(device="cpu").manual_seed(opts.seed)
-    x1 = torch.randn(batch, 3, size, size, generator=gen).to(device)
-    x2 = torch.randn(batch, 3, size, size, generator=gen).to(device)
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    use_syn = bool(opts.synthetic and cfg.method == "synco")
+    inputs = _LoaderInputs(cfg, device) if opts.inputs == "loader" else _RandomInputs(cfg, device, opts.seed)
+    bf16 = use_bf16(cfg.precision, device)
+    use_syn = bool(opts.synthetic and method_spec(cfg).uses_synthetic)
     cuda = device.type == "cuda"
+    timeline = StepTimeline(model, device)
     model.train()
 
-    def step() -> None:
+    def step(count: bool = False) -> Optional[tuple[int, dict]]:
+        timeline.start()
+        x1, x2 = inputs.next(timeline)
+        if count:  # the FLOPs of the model's step only, not of the data pipeline
+            return count_flops(lambda: compute(x1, x2))
+        compute(x1, x2)
+        return None
+
+    def compute(x1: torch.Tensor, x2: torch.Tensor) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss, _, (k1, k2) = model(x1, x2, use_synthetic=use_syn)
+        timeline.mark("loss (rest of forward)")
         loss.backward()
+        timeline.mark("backward")
         model.enqueue(k1, k2)
         if cfg.optim.clip_grad:
             torch.nn.utils.clip_grad_norm_(model.online.parameters(), cfg.optim.clip_grad, foreach=True)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         model.momentum_update(cfg.contrast.momentum_start)
+        timeline.mark("optimizer, EMA, enqueue")
 
+    flops = flops_by_module = None
+    if opts.flops:
+        flops, flops_by_module = step(count=True)
     for _ in range(max(opts.warmup_steps, 0)):
         step()
     if cuda:
         torch.cuda.synchronize(device)
-    times, mems = [], []
+    times, mems, parts = [], [], []
     for _ in range(opts.steps):
         probe.start()
         if cuda:
@@ -208,15 +429,30 @@ def measure_method(cfg, opts: EfficiencyOptions, device: torch.device, probe: Me
             step()
             times.append(time.perf_counter() - t0)
         mems.append(probe.stop())
-    model = optimizer = x1 = x2 = None  # free them before the next method is measured
+        parts.append(timeline.parts_ms())
+    timeline.remove()
+    inputs.close()
+    model = optimizer = inputs = timeline = None  # free them before the next method is measured
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
     step_s = float(np.mean(times))
-    return {**params, "batch_size": batch, "image_size": size, "synthetic": use_syn,
-            "step_ms": 1000.0 * step_s, "step_ms_std": 1000.0 * float(np.std(times)),
-            "images_per_s": batch / step_s, "avg_mem_mb": float(np.mean(mems)), "peak_mem_mb": float(np.max(mems)),
-            "before_model_mb": before, "peak_over_before_mb": float(np.max(mems)) - before}
+    breakdown = {part: float(np.mean([p[part] for p in parts])) for part in PARTS}
+    row = {**params, "batch_size": batch, "image_size": size, "synthetic": use_syn, "inputs": opts.inputs,
+           "step_ms": 1000.0 * step_s, "step_ms_std": 1000.0 * float(np.std(times)),
+           "images_per_s": batch / step_s, "avg_mem_mb": float(np.mean(mems)), "peak_mem_mb": float(np.max(mems)),
+           "before_model_mb": before, "peak_over_before_mb": float(np.max(mems)) - before,
+           "breakdown_ms": breakdown,
+           "breakdown_share": {part: ms / (1000.0 * step_s) for part, ms in breakdown.items()}}
+    if flops is not None:
+        peak = matmul_peak(device, torch.bfloat16 if bf16 else torch.float32, opts.peak_size)
+        model_s = max(step_s - (breakdown["data wait"] + breakdown["views to device"]) / 1000.0, 1e-12)
+        row.update({"flops_per_step": flops, "flops_per_image": flops / batch,
+                    "flops_by_part": _flops_by_part(flops, flops_by_module),
+                    "achieved_flops_per_s": flops / step_s, **peak,
+                    "mfu": flops / step_s / peak["peak_flops_per_s"],
+                    "mfu_model": flops / model_s / peak["peak_flops_per_s"]})
+    return row
 
 
 def _measure_child(cfg, opts: EfficiencyOptions, device: str, conn) -> None:
@@ -263,6 +499,8 @@ def run_efficiency(out: Optional[Path], opts: EfficiencyOptions, overrides: Opti
         raise SyncoError(f"methods must be a non-empty list of {', '.join(METHODS)}, got {opts.methods}.")
     if opts.steps < 1:
         raise SyncoError(f"steps must be >= 1, got {opts.steps}.")
+    if opts.inputs not in ("random", "loader"):
+        raise SyncoError(f"inputs must be random or loader, got {opts.inputs!r}.")
     from .common import resolve_device
 
     device = resolve_device(opts.device)
@@ -331,4 +569,30 @@ def efficiency_table(result: dict) -> str:
             f"memory in use before the method's model was built); "
             f"{'each method in a fresh process; ' if result.get('isolated') else ''}"
             f"epoch = {result['epoch_images']} images ({result['epoch_images_source']})")
+    text = head + "\n" + markdown_table(rows, cols)
+    return text + "\n\n" + cost_table(result)
+
+
+def cost_table(result: dict) -> str:
+    """FLOPs and MFU of one step, and the share of the step each part takes."""
+    methods = result["methods"]
+    first = next(iter(methods.values()))
+    parts = [p for p in PARTS if any(r["breakdown_ms"].get(p, 0.0) > 0 for r in methods.values())] or list(PARTS)
+    cols = ["Method", "Step (ms)"]
+    if "flops_per_step" in first:
+        cols += ["GFLOP/step", "GFLOP/s", "MFU", "MFU (model only)"]
+    cols += [f"{p} (%)" for p in parts]
+    rows = []
+    for method, r in methods.items():
+        row = {"Method": method, "Step (ms)": r["step_ms"]}
+        if "flops_per_step" in r:
+            row.update({"GFLOP/step": r["flops_per_step"] / 1e9, "GFLOP/s": r["achieved_flops_per_s"] / 1e9,
+                        "MFU": f"{100 * r['mfu']:.1f}%", "MFU (model only)": f"{100 * r['mfu_model']:.1f}%"})
+        row.update({f"{p} (%)": 100.0 * r["breakdown_share"][p] for p in parts})
+        rows.append(row)
+    peak = (f"; peak: {first['peak_flops_per_s'] / 1e9:.1f} GFLOP/s ({first['peak_matmul']} matmul, timed here"
+            f"{'' if first.get('peak_threads') is None else ', ' + str(first['peak_threads']) + ' threads'})"
+            if "peak_flops_per_s" in first else "")
+    head = (f"Cost against the limit (FLOPs: torch.utils.flop_counter, forward + backward{peak}; "
+            f"inputs: {first.get('inputs', 'random')}; parts as % of the step's wall time)")
     return head + "\n" + markdown_table(rows, cols)

@@ -34,9 +34,10 @@ from ..engine.checkpoint import atomic_save
 from ..engine.checkpoint import load as load_ckpt
 from ..engine.optim import build_scheduler
 from ..errors import SyncoError
-from .common import EvalOptions, eval_image_size, load_eval_backbone, resolve_device
-from .linear import (ProbeData, check_eval_options, check_hparams, check_resumable, epoch_batches, epoch_seed,
-                     fingerprint, head_metrics, predict, probe_data, scaled_lr, steps_per_epoch)
+from .common import EvalOptions
+from .features import predict
+from .probe import (ProbeData, batch_scaled_lr, check_recipe, check_resumable, epoch_batches, epoch_draw_seed,
+                    fingerprint, head_metrics, protocol_inputs, report_columns, steps_per_epoch)
 from .results import markdown_table, save_result
 
 
@@ -63,7 +64,7 @@ class FinetuneOptions(FinetuneHParams, EvalOptions):
 
 
 def check_finetune_hparams(h, prefix: str = "") -> None:
-    check_hparams(h, prefix)
+    check_recipe(h, prefix)
     if h.lr <= 0:
         raise SyncoError(f"option '{prefix}lr': must be > 0.")
     if not 0 <= h.dropout < 1:
@@ -114,7 +115,7 @@ def finetune(backbone: nn.Module, meta: dict, data: ProbeData, out: Path, hp: Fi
     rank, world = D.rank(), D.world_size()
     n = len(data.train_aug)
     steps = steps_per_epoch(n, batch_size)
-    lr = scaled_lr(hp.lr, batch_size, hp.lr_batch_ref)
+    lr = batch_scaled_lr(hp.lr, batch_size, hp.lr_batch_ref)
     for p in backbone.parameters():
         p.requires_grad_(True)
     model = FinetuneModel(backbone, len(data.classes), hp.dropout, seed).to(device)
@@ -153,7 +154,7 @@ def finetune(backbone: nn.Module, meta: dict, data: ProbeData, out: Path, hp: Fi
                disable=not progress or not D.is_main())
     for epoch in range(start_epoch, hp.epochs):
         model.train()
-        aug_seed = epoch_seed(seed, epoch, rank + 1)
+        aug_seed = epoch_draw_seed(seed, epoch, rank + 1)
         torch.manual_seed(aug_seed)  # augmentation (num_workers=0) and dropout
         batches = epoch_batches(n, batch_size, seed, epoch)
         loader = DataLoader(data.train_aug, batch_sampler=[b[rank::world].tolist() for b in batches],
@@ -207,14 +208,6 @@ def finetune(backbone: nn.Module, meta: dict, data: ProbeData, out: Path, hp: Fi
     return result
 
 
-def report_columns(result: dict, prefix: str = "Fine-tune") -> dict:
-    metric = result["metric"]
-    cols = {f"{prefix} {'top-1' if metric == 'top1' else 'mAP'}": result[metric]}
-    if "top5" in result:
-        cols[f"{prefix} top-5"] = result["top5"]
-    return cols
-
-
 def result_table(result: dict) -> str:
     metric = result["metric"]
     row = {"epochs": result["epochs"], "lr": f"{result['lr']:.3g}", f"test {metric}": result[metric]}
@@ -226,17 +219,10 @@ def result_table(result: dict) -> str:
 
 def run_finetune(checkpoint: str, out: Path, opts: FinetuneOptions, progress: bool = True) -> dict:
     check_finetune_hparams(opts)
-    check_eval_options(opts)
-    device = resolve_device(opts.device)
-    backbone, meta = load_eval_backbone(checkpoint, opts, device)
-    size = eval_image_size(opts, backbone)
-    data = probe_data(opts, size, opts.crop_scale)
-    result = finetune(backbone, meta, data, Path(out), opts, batch_size=opts.batch_size,
-                      num_workers=opts.num_workers, seed=opts.seed, device=device, image_size=size,
-                      checkpoint=checkpoint, progress=progress,
-                      fp_extra={"dataset": opts.dataset, "root": opts.root, "class_list": opts.class_list})
+    backbone, meta, data, kwargs = protocol_inputs(checkpoint, opts)
+    result = finetune(backbone, meta, data, Path(out), opts, progress=progress, **kwargs)
     result["options"] = asdict(opts)
-    result["report"] = report_columns(result)
+    result["report"] = report_columns(result, "Fine-tune")
     if D.is_main():
         save_result(out, "finetune", result)
         print(result_table(result))

@@ -4,10 +4,13 @@ File format (``linear_head.pt``, read with ``torch.load(weights_only=True)``):
 ``{"weight": [C, D], "bias": [C], "bn": bool, "bn_mean": [D] | None, "bn_var": [D] | None,
    "classes": [names], "backbone": meta dict, "image_size": int}``.
 ``bn`` marks a parameter-free BatchNorm (affine=False) applied to features before the linear layer.
+
+Robustness and adversarial evaluation reload it on top of its backbone (:func:`load_classifier`).
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -16,6 +19,7 @@ import torch.nn as nn
 
 from ..engine.checkpoint import atomic_save
 from ..errors import SyncoError
+from .common import EvalOptions, load_eval_backbone
 
 
 class LinearHead(nn.Module):
@@ -62,14 +66,39 @@ def load_head(path: str | Path, expect_dim: Optional[int] = None) -> tuple[Linea
         weight, bias = state["weight"], state["bias"]
     except Exception as e:  # noqa: BLE001
         raise SyncoError(f"cannot read linear head '{p}': {e}") from None
-    num_classes, dim = weight.shape
+    dim = weight.shape[1]
     if expect_dim is not None and dim != expect_dim:
         raise SyncoError(f"linear head '{p}' expects {dim}-d features but the backbone gives {expect_dim}-d: "
                          "was it trained on another backbone?")
-    head = LinearHead(dim, num_classes, bn=bool(state["bn"]))
-    head.linear.weight.data.copy_(weight)
-    head.linear.bias.data.copy_(bias)
-    if head.bn is not None:
-        head.bn.running_mean.copy_(state["bn_mean"])
-        head.bn.running_var.copy_(state["bn_var"])
-    return head.eval(), state
+    return head_from_state(state), state
+
+
+def head_from_state(state: dict) -> LinearHead:
+    """A :class:`LinearHead` in eval mode from ``weight`` [C, D], ``bias`` [C] and ``bn_mean``/``bn_var`` [D]
+    (None: no BatchNorm)."""
+    num_classes, dim = state["weight"].shape
+    head = LinearHead(dim, num_classes, bn=state.get("bn_mean") is not None)
+    with torch.no_grad():
+        head.linear.weight.copy_(state["weight"])
+        head.linear.bias.copy_(state["bias"])
+        if head.bn is not None:
+            head.bn.running_mean.copy_(state["bn_mean"])
+            head.bn.running_var.copy_(state["bn_var"])
+    return head.eval()
+
+
+def load_classifier(checkpoint: str, head_path: str, opts: EvalOptions, device: torch.device):
+    """(backbone + linear head in eval mode, head class names, image size, backbone meta, head file state)."""
+    backbone, meta = load_eval_backbone(checkpoint, opts, device)
+    head, state = load_head(head_path, expect_dim=int(backbone.num_features))
+    trained_on = (state.get("backbone") or {}).get("backbone")
+    if trained_on and trained_on != meta.get("backbone"):
+        warnings.warn(f"the linear head was trained on backbone '{trained_on}' but the checkpoint is "
+                      f"'{meta.get('backbone')}'.", stacklevel=2)
+    classes = [str(c) for c in state.get("classes") or range(head.linear.out_features)]
+    size = int(opts.image_size or state.get("image_size") or 0)
+    if not size:
+        from ..models.backbone import input_size
+
+        size = input_size(backbone)
+    return Classifier(backbone, head).to(device).eval(), classes, size, meta, state

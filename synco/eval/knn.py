@@ -6,11 +6,25 @@ no test x train matrix is ever held in memory, whatever the size of the bank.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+import math
+from typing import Optional, Sequence
 
 import torch
 
+from ..errors import SyncoError
 from .features import ShardSampler, extract_features, feature_loader, predict  # noqa: F401 (re-exported)
+
+
+def check_knn_inputs(ks: Sequence[int], temperature: float, num_classes: Optional[int] = None) -> None:
+    """Reject settings whose numbers would be meaningless (k < 1, a non-positive temperature, one class)."""
+    bad = [k for k in ks if isinstance(k, bool) or not isinstance(k, int) or k < 1]
+    if not len(ks) or bad:
+        raise SyncoError(f"k-NN: every k must be an integer >= 1 (got k={list(ks)}); e.g. k=[10, 20, 100, 200].")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise SyncoError(f"k-NN: the temperature must be a finite number > 0, got {temperature!r}.")
+    if num_classes is not None and num_classes < 2:
+        raise SyncoError(f"k-NN needs at least two classes, but the data has {num_classes}: with one class "
+                         "every prediction is right by construction, so the accuracy would be a meaningless 100 %.")
 
 
 @torch.no_grad()
@@ -18,9 +32,17 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_
                  test_labels: torch.Tensor, ks: Sequence[int] = (10, 20, 100, 200), temperature: float = 0.07,
                  num_classes: Optional[int] = None, test_chunk: int = 256, train_chunk: int = 65536
                  ) -> dict[int, dict[str, float]]:
-    """Top-1/top-5 accuracy (%) of weighted k-NN for each k; features must be L2-normalised."""
+    """Top-1/top-5 accuracy (%) of weighted k-NN for each k; features must be L2-normalised.
+
+    Classes are ranked by their summed weights exp(s/T) (ties: the lower class index first, as a stable
+    sort gives). Only classes that received a vote can be predicted: with k < 5 neighbours fewer than five
+    classes are candidates, and top-5 never counts a class no neighbour voted for."""
     device = train_features.device
     num_classes = int(num_classes or int(max(train_labels.max(), test_labels.max())) + 1)
+    check_knn_inputs(list(ks), temperature, num_classes)
+    if int(torch.unique(train_labels).numel()) < 2:
+        raise SyncoError("k-NN needs at least two classes in the training features, but all carry one label: "
+                         "the accuracy would be a meaningless 100 %.")
     n_train = train_features.shape[0]
     ks = sorted({min(int(k), n_train) for k in ks})
     kmax = ks[-1]
@@ -40,8 +62,10 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_
         for k in ks:
             votes = torch.zeros(q.shape[0], num_classes, device=device)
             votes.scatter_add_(1, neighbour_labels[:, :k], weights[:, :k])
-            top = votes.topk(min(5, num_classes), dim=1).indices
-            hit = top == y[:, None]
+            voted = torch.zeros(q.shape[0], num_classes, dtype=torch.bool, device=device)
+            voted.scatter_(1, neighbour_labels[:, :k], True)
+            ranked = torch.sort(votes, dim=1, descending=True, stable=True).indices[:, :min(5, num_classes)]
+            hit = (ranked == y[:, None]) & voted.gather(1, ranked)
             correct[k] += torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum()]).float()
     n = test_features.shape[0]
     return {k: {"top1": 100.0 * float(c[0]) / n, "top5": 100.0 * float(c[1]) / n} for k, c in correct.items()}
@@ -53,8 +77,12 @@ def knn_table(results: dict[int, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def best_top1(results: dict[int, dict[str, float]], prefer: Iterable[int] = (20,)) -> float:
-    for k in prefer:
-        if k in results:
-            return results[k]["top1"]
-    return max(r["top1"] for r in results.values())
+def nearest_k(results: dict, k: int = 20):
+    """The key of ``results`` (int or str) whose k is closest to ``k``: ``k`` itself when it was evaluated."""
+    return min(results, key=lambda key: (abs(int(key) - k), int(key)))
+
+
+def top1_at(results: dict, k: int = 20) -> float:
+    """Top-1 of the k-NN with ``k`` neighbours (the papers report k=20), or of the evaluated k closest to it.
+    Not the best over k: picking the best k on the test set would flatter the number."""
+    return results[nearest_k(results, k)]["top1"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -12,8 +13,10 @@ import torch
 from ..engine import dist as D
 from ..engine.checkpoint import atomic_save
 from .common import EvalOptions, eval_datasets, eval_image_size, load_eval_backbone, resolve_device
-from .knn import extract_features, feature_loader, knn_classify, knn_table
+from .knn import check_knn_inputs, extract_features, feature_loader, knn_classify, knn_table
 from .results import save_result
+
+logger = logging.getLogger("synco.eval")
 
 
 @dataclass
@@ -23,26 +26,64 @@ class KnnOptions(EvalOptions):
     cache: bool = True
 
 
-def _cache_key(checkpoint: str, opts: KnnOptions, size: int) -> str:
-    p = Path(checkpoint)
-    stamp = p.stat().st_mtime_ns if p.exists() and p.is_file() else str(p)
-    desc = json.dumps([str(p.resolve()) if p.exists() else checkpoint, stamp, opts.dataset, opts.root,
-                       opts.class_list, size, opts.seed, opts.backbone], default=str)
+def weights_digest(model: torch.nn.Module) -> str:
+    """A hash of the model's weights and buffers themselves (names, dtypes, shapes, bytes): the same for
+    the same weights wherever they were loaded from, different as soon as one value changes."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _data_digest(*datasets) -> str:
+    """The images each split lists (paths and labels for folders, the size for built-in sets)."""
+    h = hashlib.blake2b(digest_size=16)
+    for ds in datasets:
+        samples = getattr(ds, "samples", None)
+        h.update(f"{type(ds).__name__}|{len(ds)}|".encode())
+        if samples is not None:
+            h.update("\n".join(f"{p}\t{t}" for p, t in samples).encode())
+    return h.hexdigest()
+
+
+def _cache_key(model: torch.nn.Module, opts: KnnOptions, size: int, train=None, test=None) -> str:
+    """Keyed by the weights' content and the data, never by the checkpoint's path or time stamp."""
+    desc = json.dumps([weights_digest(model), opts.dataset, str(opts.root), opts.class_list, size,
+                       _data_digest(train, test) if train is not None else None], default=str)
     return hashlib.sha1(desc.encode()).hexdigest()[:16]
 
 
+def _read_cache(cache: Path, key: str):
+    """The cached features when they match ``key``; None (with a warning) for a stale or unreadable cache."""
+    try:
+        stored = torch.load(cache, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated or foreign: rebuild it
+        logger.warning("ignoring the feature cache %s (%s): it is unreadable and will be rebuilt",
+                       cache, e.__class__.__name__)
+        return None
+    needed = ("key", "train", "train_labels", "test", "test_labels")
+    if not isinstance(stored, dict) or any(k not in stored for k in needed) or stored["key"] != key:
+        return None
+    if len(stored["train"]) != len(stored["train_labels"]) or len(stored["test"]) != len(stored["test_labels"]):
+        return None
+    return stored
+
+
 def run_knn(checkpoint: str, out: Path, opts: KnnOptions, progress: bool = True) -> dict:
+    check_knn_inputs(list(opts.k), opts.temperature)
     device = resolve_device(opts.device)
     model, meta = load_eval_backbone(checkpoint, opts, device)
     size = eval_image_size(opts, model)
     train, test = eval_datasets(opts, size)
+    check_knn_inputs(list(opts.k), opts.temperature, len(train.classes))
     cache = Path(out) / "knn_features.pt"
-    key = _cache_key(checkpoint, opts, size)
+    key = _cache_key(model, opts, size, train, test)
     feats = None
     if opts.cache and cache.exists():
-        stored = torch.load(cache, map_location="cpu", weights_only=True)
-        if stored.get("key") == key:
-            feats = stored
+        feats = _read_cache(cache, key)
     if feats is None:
         ftr, ytr = extract_features(model, feature_loader(train, opts.batch_size, opts.num_workers), device,
                                     desc="train features", progress=progress)

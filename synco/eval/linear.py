@@ -37,32 +37,29 @@ gathered so that every process applies the same update to its copy of the (small
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from ..data.transforms import train_classification_transform
 from ..engine import dist as D
 from ..engine.checkpoint import atomic_save
 from ..engine.checkpoint import load as load_ckpt
-from ..engine.optim import build_scheduler
 from ..errors import SyncoError
-from .common import EvalOptions, eval_datasets, eval_image_size, load_eval_backbone, resolve_device
-from .head import LinearHead, save_head
+from .common import EvalOptions
 from .features import predict
-from .results import markdown_table, save_result
+from .grid import GridTrainer, grid_table, select_best, selection_key, summarize
+from .head import head_from_state, save_head
+from .probe import (ProbeData, batch_scaled_lr, check_recipe, check_resumable, epoch_batches, epoch_draw_seed,
+                    fingerprint, protocol_inputs, report_columns, steps_per_epoch)
+from .results import save_result
 
 PAPER_LRS = [0.1, 0.5, 0.75, 1.0, 1.25, 1.5]
-# Options that change nothing in the numbers: a resumed run may differ in them.
-RESUME_FREE = {"device", "num_workers", "resume", "eval_every"}
 
 
 @dataclass
@@ -91,220 +88,12 @@ class LinearOptions(LinearHParams, EvalOptions):
 
 
 def check_hparams(h, prefix: str = "") -> None:
-    def bad(key: str, msg: str) -> None:
-        raise SyncoError(f"option '{prefix}{key}': {msg}")
-
-    if h.epochs < 1:
-        bad("epochs", "must be >= 1.")
-    if not 0 <= h.warmup_epochs <= h.epochs:
-        bad("warmup_epochs", f"must be in [0, epochs={h.epochs}].")
-    if hasattr(h, "lrs"):
-        if not h.lrs or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in h.lrs):
-            bad("lrs", f"must be a non-empty list of positive numbers, got {h.lrs!r}.")
-        if not 0 <= h.val_fraction < 1:
-            bad("val_fraction", "must be in [0, 1).")
-    if h.lr_batch_ref < 0:
-        bad("lr_batch_ref", "must be >= 0 (0 = no batch-size scaling).")
-    if not 0 <= h.momentum < 1:
-        bad("momentum", "must be in [0, 1).")
-    if h.nesterov and h.momentum == 0:
-        bad("nesterov", "Nesterov momentum needs momentum > 0.")
-    if h.weight_decay < 0:
-        bad("weight_decay", "must be >= 0.")
-    if not 0 <= h.label_smoothing < 1:
-        bad("label_smoothing", "must be in [0, 1).")
-    if len(h.crop_scale) != 2 or not 0 < h.crop_scale[0] <= h.crop_scale[1] <= 1:
-        bad("crop_scale", "must be [min, max] with 0 < min <= max <= 1.")
-    if h.eval_every < 1:
-        bad("eval_every", "must be >= 1.")
-
-
-def check_eval_options(o: EvalOptions) -> None:
-    if o.batch_size < 1:
-        raise SyncoError("option 'batch_size': must be >= 1.")
-    if o.batch_size < D.world_size():
-        raise SyncoError(f"option 'batch_size': the total batch {o.batch_size} is smaller than the "
-                         f"{D.world_size()} processes; raise batch_size.")
-    if o.num_workers < 0:
-        raise SyncoError("option 'num_workers': must be >= 0.")
-
-
-def scaled_lr(value: float, batch_size: int, ref: int) -> float:
-    return float(value) * batch_size / ref if ref else float(value)
-
-
-# ---------------------------------------------------------------------------------------------
-# Heads and their trainer (work on features: usable without any backbone)
-
-
-class GridLinear(nn.Module):
-    """G linear heads over the same features, computed as one ``[G*C, D]`` matmul -> ``[N, G, C]``.
-
-    Every head starts from the same weights (normal std 0.01, zero bias, drawn from ``seed``), so
-    head g of a grid equals a head trained alone with the same seed. The optional parameter-free
-    BatchNorm is shared: its statistics depend on the features only, so one copy serves every head.
-    """
-
-    def __init__(self, dim: int, num_classes: int, num_heads: int, bn: bool = False, seed: int = 0,
-                 init_std: float = 0.01):
-        super().__init__()
-        self.dim, self.num_classes, self.num_heads = dim, num_classes, num_heads
-        self.bn = nn.BatchNorm1d(dim, affine=False) if bn else None
-        w0 = torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(seed)) * init_std
-        self.weights = nn.ParameterList([nn.Parameter(w0.clone()) for _ in range(num_heads)])
-        self.biases = nn.ParameterList([nn.Parameter(torch.zeros(num_classes)) for _ in range(num_heads)])
-
-    def forward(self, f: torch.Tensor) -> torch.Tensor:
-        if self.bn is not None:
-            f = self.bn(f)
-        w = torch.cat(list(self.weights)) if self.num_heads > 1 else self.weights[0]
-        b = torch.cat(list(self.biases)) if self.num_heads > 1 else self.biases[0]
-        return F.linear(f, w, b).view(f.shape[0], self.num_heads, self.num_classes)
-
-    def head_state(self, g: int) -> dict:
-        return {"weight": self.weights[g].detach().clone(), "bias": self.biases[g].detach().clone(),
-                "bn_mean": self.bn.running_mean.clone() if self.bn is not None else None,
-                "bn_var": self.bn.running_var.clone() if self.bn is not None else None}
-
-
-def head_from_state(state: dict) -> LinearHead:
-    num_classes, dim = state["weight"].shape
-    head = LinearHead(dim, num_classes, bn=state.get("bn_mean") is not None)
-    with torch.no_grad():
-        head.linear.weight.copy_(state["weight"])
-        head.linear.bias.copy_(state["bias"])
-        if head.bn is not None:
-            head.bn.running_mean.copy_(state["bn_mean"])
-            head.bn.running_var.copy_(state["bn_var"])
-    return head.eval()
-
-
-def multilabel_map(logits: torch.Tensor, targets: torch.Tensor) -> float:
-    """Mean average precision (%) over labels (torchmetrics, macro), as for PASCAL VOC 2007; labels
-    without a positive sample (their AP is undefined) are left out of the mean."""
-    from torchmetrics.functional.classification import multilabel_average_precision
-
-    keep = targets.sum(0) > 0
-    if not bool(keep.any()):
-        return float("nan")
-    return 100.0 * float(multilabel_average_precision(logits.float()[:, keep], targets.int()[:, keep],
-                                                      num_labels=int(keep.sum()), average="macro"))
-
-
-@torch.no_grad()
-def head_metrics(logits: torch.Tensor, targets: torch.Tensor, multilabel: bool = False) -> dict[str, list]:
-    """Per head metrics of logits ``[N, G, C]``: top1/top5/loss (%; loss is plain CE), or map/loss."""
-    n, g, c = logits.shape
-    if multilabel:
-        t = targets.float()
-        loss = F.binary_cross_entropy_with_logits(logits, t[:, None, :].expand(n, g, c), reduction="none")
-        return {"map": [multilabel_map(logits[:, i], t) for i in range(g)],
-                "loss": loss.mean(dim=(0, 2)).tolist()}
-    y = targets.long()
-    top = logits.topk(min(5, c), dim=2).indices  # [N, G, k]
-    hit = top == y[:, None, None]
-    loss = F.cross_entropy(logits.reshape(n * g, c), y.repeat_interleave(g), reduction="none").view(n, g)
-    return {"top1": (100.0 * hit[:, :, 0].float().mean(0)).tolist(),
-            "top5": (100.0 * hit.any(dim=2).float().mean(0)).tolist(),
-            "loss": loss.mean(0).tolist()}
-
-
-class GridTrainer:
-    """Trains a :class:`GridLinear` (one SGD parameter group per head) with timm's warm-up + cosine."""
-
-    def __init__(self, dim: int, num_classes: int, lrs: Sequence[float], hp: LinearHParams, steps_per_epoch: int,
-                 device: torch.device | str = "cpu", multilabel: bool = False, seed: int = 0):
-        self.lrs, self.hp, self.multilabel = [float(v) for v in lrs], hp, multilabel
-        self.device = torch.device(device)
-        self.model = GridLinear(dim, num_classes, len(self.lrs), bn=hp.bn, seed=seed).to(self.device)
-        groups = [{"params": [w, b], "lr": lr} for w, b, lr in zip(self.model.weights, self.model.biases, self.lrs)]
-        self.optimizer = torch.optim.SGD(groups, lr=self.lrs[0], momentum=hp.momentum, nesterov=hp.nesterov,
-                                         weight_decay=hp.weight_decay)
-        self.steps_per_epoch = int(steps_per_epoch)
-        self.total_steps = hp.epochs * self.steps_per_epoch
-        self.scheduler = build_scheduler(self.optimizer, self.total_steps, hp.warmup_epochs * self.steps_per_epoch)
-        self.step_count = 0
-        self._loss_sum = torch.zeros(len(self.lrs), device=self.device)
-        self._loss_n = 0
-
-    def step(self, f: torch.Tensor, y: torch.Tensor) -> None:
-        """One SGD step of every head on features ``f`` [N, D] and labels ``y``; the loss is the sum over
-        heads of each head's mean loss, so head g receives exactly the gradient of its own loss."""
-        self.model.train()
-        self.scheduler.step_update(num_updates=self.step_count)
-        logits = self.model(f.to(self.device, torch.float32))
-        n, g, c = logits.shape
-        y = y.to(self.device)
-        if self.multilabel:
-            per = F.binary_cross_entropy_with_logits(logits, y.float()[:, None, :].expand(n, g, c),
-                                                     reduction="none").mean(dim=2)  # [N, G]
-        else:
-            per = F.cross_entropy(logits.reshape(n * g, c), y.long().repeat_interleave(g), reduction="none",
-                                  label_smoothing=self.hp.label_smoothing).view(n, g)
-        per_head = per.mean(0)
-        self.optimizer.zero_grad(set_to_none=True)
-        per_head.sum().backward()
-        self.optimizer.step()
-        self.step_count += 1
-        self._loss_sum += per_head.detach()
-        self._loss_n += 1
-
-    def pop_train_loss(self) -> list[float]:
-        out = (self._loss_sum / max(self._loss_n, 1)).tolist()
-        self._loss_sum.zero_()
-        self._loss_n = 0
-        return out
-
-    @torch.no_grad()
-    def evaluate(self, f: torch.Tensor, y: torch.Tensor, chunk: int = 8192) -> dict[str, list]:
-        self.model.eval()
-        logits = torch.cat([self.model(f[i:i + chunk].to(self.device, torch.float32)).float()
-                            for i in range(0, f.shape[0], chunk)])
-        return head_metrics(logits, y.to(self.device), self.multilabel)
-
-    def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step_count}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step_count = int(state["step"])
-
-
-# ---------------------------------------------------------------------------------------------
-# Selection
-
-
-def _key(metrics: dict, metric: str, g: int, epoch: int) -> tuple:
-    return (metrics[metric][g], -metrics["loss"][g], epoch)
-
-
-def select_best(history: list[dict], metric: str = "top1", use_heldout: bool = True) -> tuple[int, int]:
-    """(head index, epoch) of the result to report.
-
-    With a held-out split: the (head, epoch) with the best held-out ``metric`` (ties: lower held-out
-    loss, then the later epoch). Without: the head with the best test ``metric`` at the last evaluated
-    epoch, at that epoch.
-    """
-    if not history:
-        raise ValueError("no evaluation in the history")
-    if use_heldout:
-        best = max(((_key(h["heldout"], metric, g, h["epoch"]), g, h["epoch"])
-                    for h in history for g in range(len(h["heldout"][metric]))))
-        return best[1], best[2]
-    last = history[-1]
-    g = max(range(len(last["test"][metric])), key=lambda i: _key(last["test"], metric, i, 0))
-    return g, last["epoch"]
-
-
-# ---------------------------------------------------------------------------------------------
-# Data helpers
-
-
-@torch.no_grad()
-def dataset_targets(dataset) -> Optional[list]:
-    t = getattr(dataset, "targets", None)
-    return list(t) if t is not None else None
+    """The shared recipe checks, then the grid's and the held-out split's."""
+    check_recipe(h, prefix)
+    if not h.lrs or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in h.lrs):
+        raise SyncoError(f"option '{prefix}lrs': must be a non-empty list of positive numbers, got {h.lrs!r}.")
+    if not 0 <= h.val_fraction < 1:
+        raise SyncoError(f"option '{prefix}val_fraction': must be in [0, 1).")
 
 
 def heldout_split(n: int, fraction: float, seed: int, targets: Optional[list] = None) -> tuple[list, list]:
@@ -330,49 +119,6 @@ def heldout_split(n: int, fraction: float, seed: int, targets: Optional[list] = 
     return sorted(int(i) for i in tr), sorted(int(i) for i in va)
 
 
-def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
-    return (seed * 1_000_003 + epoch * 7919 + rank * 104_729 + 17) % 2**31
-
-
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
-    """The global batches of one epoch (positions in the training subset): a seeded permutation cut into
-    full batches (the remainder is dropped; a set smaller than one batch is one batch)."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)))
-    if n <= batch_size:
-        return [perm]
-    return [perm[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
-
-
-def steps_per_epoch(n: int, batch_size: int) -> int:
-    return max(1, n // batch_size)
-
-
-@dataclass
-class ProbeData:
-    """What a probe needs: the training images twice (train and test transform: same samples, same
-    order), the test images, the class names and whether targets are multi-hot (VOC)."""
-
-    train_aug: Dataset
-    train_eval: Dataset
-    test: Dataset
-    classes: list
-    targets: Optional[list] = None
-    multilabel: bool = False
-    name: str = ""
-
-
-def fingerprint(opts, extra: dict) -> dict:
-    d = {k: v for k, v in asdict(opts).items() if k not in RESUME_FREE}
-    return json.loads(json.dumps({**d, **extra}, default=str, sort_keys=True))
-
-
-def check_resumable(saved: dict, current: dict, path: Path) -> None:
-    if saved == current:
-        return
-    keys = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-    diffs = "; ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys[:5])
-    raise SyncoError(f"'{path}' belongs to a run with other settings ({diffs}). Use the same settings to resume, "
-                     "resume=false to start over, or another --out.")
 
 
 def _epoch_done(epoch: int) -> None:
@@ -400,7 +146,7 @@ def linear_probe(backbone: nn.Module, meta: dict, data: ProbeData, out: Path, hp
         raise SyncoError("internal: the train split differs between its two transforms.")
     train_idx, val_idx = heldout_split(n_all, hp.val_fraction, seed, data.targets)
     use_heldout = bool(val_idx)
-    lrs = [scaled_lr(v, batch_size, hp.lr_batch_ref) for v in hp.lrs]
+    lrs = [batch_scaled_lr(v, batch_size, hp.lr_batch_ref) for v in hp.lrs]
     steps = steps_per_epoch(len(train_idx), batch_size)
     dim = int(meta.get("num_features") or backbone.num_features)
     trainer = GridTrainer(dim, len(data.classes), lrs, hp, steps, device, data.multilabel, seed=seed)
@@ -416,45 +162,29 @@ def linear_probe(backbone: nn.Module, meta: dict, data: ProbeData, out: Path, hp
         start_epoch, history = int(state["epoch"]), list(state["history"])
         snapshots = {int(k): v for k, v in state["snapshots"].items()}
 
-    def encode(x: torch.Tensor) -> torch.Tensor:
-        return backbone(x)
-
     if start_epoch < hp.epochs:
         # Held-out and test features never change (frozen backbone, fixed transform): extract them once.
         eval_feats = {}
         if use_heldout:
-            eval_feats["heldout"] = predict(encode, Subset(data.train_eval, val_idx), batch_size, num_workers,
+            eval_feats["heldout"] = predict(backbone, Subset(data.train_eval, val_idx), batch_size, num_workers,
                                             device, "held-out features", progress)
-        eval_feats["test"] = predict(encode, data.test, batch_size, num_workers, device, "test features", progress)
+        eval_feats["test"] = predict(backbone, data.test, batch_size, num_workers, device, "test features", progress)
         cached = None
         if hp.cache_features:
-            cached = predict(encode, Subset(data.train_eval, train_idx), batch_size, num_workers, device,
+            cached = predict(backbone, Subset(data.train_eval, train_idx), batch_size, num_workers, device,
                              "train features", progress)
-        rank, world = D.rank(), D.world_size()
         bar = tqdm(total=hp.epochs, initial=start_epoch, desc=f"linear {data.name}".strip(), unit="epoch",
                    disable=not progress or not D.is_main())
         for epoch in range(start_epoch, hp.epochs):
             batches = epoch_batches(len(train_idx), batch_size, seed, epoch)
+            bar_kw = dict(desc=f"epoch {epoch + 1}", leave=False, disable=not progress or not D.is_main())
             if cached is not None:
-                for b in tqdm(batches, desc=f"epoch {epoch + 1}", leave=False, disable=not progress or not D.is_main()):
+                for b in tqdm(batches, **bar_kw):
                     b = b.to(cached[0].device)
                     trainer.step(cached[0][b], cached[1][b])
             else:
-                aug_seed = epoch_seed(seed, epoch, rank + 1)
-                torch.manual_seed(aug_seed)  # augmentation in the main process (num_workers=0)
-                loader = DataLoader(Subset(data.train_aug, train_idx),
-                                    batch_sampler=[b[rank::world].tolist() for b in batches],
-                                    num_workers=num_workers, pin_memory=device.type == "cuda",
-                                    generator=torch.Generator().manual_seed(aug_seed))
-                bf16 = device.type == "cuda"
-                for x, y in tqdm(loader, desc=f"epoch {epoch + 1}", leave=False,
-                                 disable=not progress or not D.is_main()):
-                    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                        f = backbone(x.to(device, non_blocking=True))
-                    f, y = f.float(), torch.as_tensor(y).to(device)
-                    if world > 1:
-                        f, y = D.all_gather_varsize(f), D.all_gather_varsize(y)
-                    trainer.step(f, y)
+                _train_augmented_epoch(trainer, backbone, Subset(data.train_aug, train_idx), batches,
+                                       epoch_draw_seed(seed, epoch, D.rank() + 1), num_workers, device, bar_kw)
             entry = {"epoch": epoch + 1, "train_loss": trainer.pop_train_loss()}
             if (epoch + 1) % hp.eval_every == 0 or epoch + 1 == hp.epochs:
                 for split, (f, y) in eval_feats.items():
@@ -462,7 +192,8 @@ def linear_probe(backbone: nn.Module, meta: dict, data: ProbeData, out: Path, hp
                 history.append(entry)
                 for g in range(len(lrs)):
                     split = "heldout" if use_heldout else "test"
-                    key = list(_key(entry[split], metric, g, entry["epoch"])) if use_heldout else [entry["epoch"]]
+                    key = (list(selection_key(entry[split], metric, g, entry["epoch"])) if use_heldout
+                           else [entry["epoch"]])
                     if g not in snapshots or key > snapshots[g]["key"]:
                         snapshots[g] = {"key": key, **trainer.model.head_state(g)}
             if D.is_main():
@@ -493,87 +224,35 @@ def linear_probe(backbone: nn.Module, meta: dict, data: ProbeData, out: Path, hp
     return result
 
 
-def summarize(history: list[dict], base_lrs: Sequence[float], lrs: Sequence[float], g: int, epoch: int,
-              metric: str, use_heldout: bool, multilabel: bool) -> dict:
-    """``best`` (head g at the selected epoch), ``last`` (head g at the last epoch), the headline
-    ``metric``/``top5`` (= best) and one ``grid`` row per head (each at its own best held-out epoch)."""
-    at = {h["epoch"]: h for h in history}
-    last = history[-1]
-
-    def numbers(entry: dict, i: int) -> dict:
-        d = {metric: entry["test"][metric][i]}
-        if not multilabel:
-            d["top5"] = entry["test"]["top5"][i]
-        if use_heldout:
-            d["heldout_" + metric] = entry["heldout"][metric][i]
-        return d
-
-    grid = []
-    for i, (v, lr) in enumerate(zip(base_lrs, lrs)):
-        ei = (max(history, key=lambda h: _key(h["heldout"], metric, i, h["epoch"]))["epoch"] if use_heldout
-              else last["epoch"])
-        grid.append({"base_lr": float(v), "lr": float(lr), "epoch": ei, **numbers(at[ei], i),
-                     "last_" + metric: last["test"][metric][i],
-                     "max_test_" + metric: max(h["test"][metric][i] for h in history),
-                     "final_train_loss": last["train_loss"][i]})
-    best = {"head": g, "base_lr": float(base_lrs[g]), "lr": float(lrs[g]), "epoch": epoch, **numbers(at[epoch], g)}
-    last_row = {"head": g, "base_lr": float(base_lrs[g]), "lr": float(lrs[g]), "epoch": last["epoch"],
-                **numbers(last, g)}
-    out = {"best": best, "last": last_row, metric: best[metric], "grid": grid}
-    if not multilabel:
-        out["top5"] = best["top5"]
-    return out
-
-
-def grid_table(result: dict) -> str:
-    metric = result["metric"]
-    rows = []
-    for i, r in enumerate(result["grid"]):
-        row = {"": "*" if i == result["best"]["head"] else "",
-               "base lr": f"{r['base_lr']:g}", "lr": f"{r['lr']:.4g}", "epoch": r["epoch"]}
-        if "heldout_" + metric in r:
-            row[f"held-out {metric}"] = r["heldout_" + metric]
-        row[f"test {metric}"] = r[metric]
-        if "top5" in r:
-            row["test top5"] = r["top5"]
-        row[f"last-epoch {metric}"] = r["last_" + metric]
-        rows.append(row)
-    return markdown_table(rows, list(rows[0].keys()))
-
-
-def report_columns(result: dict, prefix: str = "Linear") -> dict:
-    metric = result["metric"]
-    cols = {f"{prefix} {'top-1' if metric == 'top1' else 'mAP'}": result[metric]}
-    if "top5" in result:
-        cols[f"{prefix} top-5"] = result["top5"]
-    return cols
+def _train_augmented_epoch(trainer: GridTrainer, backbone: nn.Module, train: Subset, batches: list,
+                           aug_seed: int, num_workers: int, device: torch.device, bar_kw: dict) -> None:
+    """One epoch on freshly augmented images: every process encodes its share of each global batch and
+    every process steps its copy of the heads on the gathered features."""
+    rank, world = D.rank(), D.world_size()
+    torch.manual_seed(aug_seed)  # augmentation in the main process (num_workers=0)
+    loader = DataLoader(train, batch_sampler=[b[rank::world].tolist() for b in batches],
+                        num_workers=num_workers, pin_memory=device.type == "cuda",
+                        generator=torch.Generator().manual_seed(aug_seed))
+    bf16 = device.type == "cuda"
+    for x, y in tqdm(loader, **bar_kw):
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            f = backbone(x.to(device, non_blocking=True))
+        f, y = f.float(), torch.as_tensor(y).to(device)
+        if world > 1:
+            f, y = D.all_gather_varsize(f), D.all_gather_varsize(y)
+        trainer.step(f, y)
 
 
 # ---------------------------------------------------------------------------------------------
 # `synco eval linear`
 
 
-def probe_data(opts: EvalOptions, size: int, crop_scale) -> ProbeData:
-    train_tf = train_classification_transform(size, crop_scale=tuple(crop_scale))
-    train_aug, test = eval_datasets(opts, size, train_transform=train_tf)
-    train_eval, _ = eval_datasets(opts, size)
-    return ProbeData(train_aug, train_eval, test, list(test.classes), dataset_targets(train_eval), False,
-                     opts.dataset)
-
-
 def run_linear(checkpoint: str, out: Path, opts: LinearOptions, progress: bool = True) -> dict:
     check_hparams(opts)
-    check_eval_options(opts)
-    device = resolve_device(opts.device)
-    backbone, meta = load_eval_backbone(checkpoint, opts, device)
-    size = eval_image_size(opts, backbone)
-    data = probe_data(opts, size, opts.crop_scale)
-    result = linear_probe(backbone, meta, data, Path(out), opts, batch_size=opts.batch_size,
-                          num_workers=opts.num_workers, seed=opts.seed, device=device, image_size=size,
-                          checkpoint=checkpoint, progress=progress,
-                          fp_extra={"dataset": opts.dataset, "root": opts.root, "class_list": opts.class_list})
+    backbone, meta, data, kwargs = protocol_inputs(checkpoint, opts)
+    result = linear_probe(backbone, meta, data, Path(out), opts, progress=progress, **kwargs)
     result["options"] = asdict(opts)
-    result["report"] = report_columns(result)
+    result["report"] = report_columns(result, "Linear")
     if D.is_main():
         save_result(out, "linear", result)
         print(grid_table(result))

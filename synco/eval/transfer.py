@@ -33,11 +33,13 @@ import torch
 from torch.utils.data import Dataset
 
 from ..data.transforms import eval_transform, train_classification_transform
+from ..device import resolve_device
 from ..engine import dist as D
 from ..errors import SyncoError
-from .common import EvalOptions, eval_image_size, load_eval_backbone, resolve_device
+from .common import EvalOptions, eval_image_size, load_eval_backbone
 from .finetune import FinetuneHParams, check_finetune_hparams, finetune
-from .linear import LinearHParams, ProbeData, check_eval_options, check_hparams, linear_probe
+from .linear import LinearHParams, check_hparams, linear_probe
+from .probe import ProbeData, check_eval_options
 from .results import markdown_table, save_result
 
 VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import SyncoError
-from ..io import load_torch_file
+from ..io import atomic_write_bytes_with, load_torch_file
 
 # The CPU demo backbone: a 4-block ViT on small images (timm's ViT with overridden sizes).
 TINY_VIT = dict(img_size=16, patch_size=4, embed_dim=96, depth=4, num_heads=3)
@@ -49,6 +49,14 @@ def create_backbone(name: str, drop_path_rate: float = 0.0, bn_before_mlp: bool 
                          "e.g. deit_small_patch16_224 or swin_tiny_patch4_window7_224.") from None
     except TypeError as e:
         raise SyncoError(f"backbone '{name}' does not accept model.backbone_kwargs={kwargs}: {e}") from None
+    except (AssertionError, ValueError, ZeroDivisionError) as e:  # timm asserts on inconsistent sizes
+        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else "inconsistent sizes"
+        raise SyncoError(f"backbone '{name}' cannot be built with model.backbone_kwargs={kwargs} ({why}); "
+                         "check img_size, patch_size, window_size, embed_dim and num_heads.") from None
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if grid is not None and min(grid) < 1:
+        raise SyncoError(f"backbone '{name}' with model.backbone_kwargs={kwargs} has no patches: its patch_size is "
+                         "larger than its img_size. Use a smaller patch_size or a larger image size.")
     if bn_before_mlp:
         blocks = list(_blocks(model))
         if not blocks:
@@ -82,6 +90,9 @@ def input_size(model: nn.Module) -> int:
 # Loading a trained backbone from a run dir, a checkpoint or an exported safetensors file
 
 META_KEY = "synco"
+# Where a backbone that is not a timm architecture (model.bn_before_mlp=true) is exported: timm's loader
+# must never see it as backbone.safetensors, which it would load with untrained LayerNorms.
+SYNCO_ONLY_EXPORT = "backbone_synco.safetensors"
 
 
 def backbone_meta(model_cfg) -> dict:
@@ -89,15 +100,23 @@ def backbone_meta(model_cfg) -> dict:
             "bn_before_mlp": bool(model_cfg.bn_before_mlp)}
 
 
-def export_safetensors(model: nn.Module, meta: dict, path: Path) -> None:
+def export_safetensors(model: nn.Module, meta: dict, path: Path, synco_only: bool = False) -> None:
     """Save backbone weights so ``timm.create_model(name, pretrained=True,
-    pretrained_cfg_overlay=dict(file=path), num_classes=0)`` loads them; ``meta`` rides in the header."""
+    pretrained_cfg_overlay=dict(file=path), num_classes=0)`` loads them; ``meta`` rides in the header.
+
+    A ``bn_before_mlp`` backbone is not a timm architecture (BatchNorm where timm has LayerNorm): timm
+    would load it with untrained LayerNorms and only a warning, so it is refused unless ``synco_only``
+    (a file for :func:`load_backbone`, named :data:`SYNCO_ONLY_EXPORT` by ``synco pretrain``)."""
     from safetensors.torch import save_file
 
+    if meta.get("bn_before_mlp") and not synco_only:
+        raise SyncoError("a model.bn_before_mlp=true backbone cannot be exported for timm: timm's "
+                         f"{meta.get('backbone')} has LayerNorm before each MLP and would load this file with "
+                         "untrained LayerNorms. Load it with synco.models.backbone.load_backbone(path) from "
+                         f"{SYNCO_ONLY_EXPORT} or checkpoint.pt.")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = Path(path).with_suffix(".tmp")
-    save_file(state, str(tmp), metadata={META_KEY: json.dumps(meta)})
-    tmp.replace(path)
+    atomic_write_bytes_with(path, lambda tmp: save_file(state, str(tmp), metadata={META_KEY: json.dumps(meta)}),
+                            size=sum(t.numel() * t.element_size() for t in state.values()))
 
 
 def _meta_from_safetensors(path: Path) -> Optional[dict]:
@@ -105,7 +124,65 @@ def _meta_from_safetensors(path: Path) -> Optional[dict]:
 
     with safe_open(str(path), framework="pt") as f:
         raw = (f.metadata() or {}).get(META_KEY)
-    return json.loads(raw) if raw else None
+    if not raw:
+        return None
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        raise SyncoError(f"'{path}' has unreadable synco metadata (not JSON); re-export it, or give "
+                         "backbone=NAME and strip the metadata.") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("backbone"), str):
+        raise SyncoError(f"'{path}' has synco metadata without a 'backbone' name; it was not written by "
+                         "synco. Re-export it from its run (checkpoint.pt), or load it with timm directly.")
+    kwargs = meta.get("backbone_kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise SyncoError(f"'{path}': the synco metadata's backbone_kwargs is not a mapping.")
+    meta["backbone_kwargs"] = kwargs
+    return meta
+
+
+def peek_meta(path: str) -> Optional[dict]:
+    """The backbone name/kwargs of a run dir, checkpoint or export without building the model (cheap: the
+    safetensors header, or a memory-mapped checkpoint); None for 'random' or a file without metadata."""
+    if path == "random":
+        return None
+    p = _resolve_file(path)
+    if p.suffix == ".safetensors":
+        try:
+            return _meta_from_safetensors(p)
+        except SyncoError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise SyncoError(f"cannot read '{p}' as safetensors: {e}") from None
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - a full load gives the proper message
+        ckpt = load_torch_file(p)
+    return _meta_from_checkpoint(ckpt, p)
+
+
+def _resolve_file(path: str) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        for name in ("checkpoint.pt", "backbone.safetensors", SYNCO_ONLY_EXPORT):
+            if (p / name).is_file():
+                return p / name
+        raise SyncoError(f"'{path}' holds neither checkpoint.pt nor backbone.safetensors.")
+    if not p.is_file():
+        raise SyncoError(f"checkpoint '{path}' does not exist.")
+    return p
+
+
+def _meta_from_checkpoint(ckpt, p: Path) -> dict:
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise SyncoError(f"'{p}' is not a synco pretraining checkpoint (no config/model entries).")
+    try:
+        mcfg = ckpt["config"]["model"]
+        return {"backbone": mcfg["backbone"], "backbone_kwargs": dict(mcfg["backbone_kwargs"]),
+                "bn_before_mlp": bool(mcfg["bn_before_mlp"]), "method": ckpt["config"]["method"],
+                "epoch": ckpt.get("epoch")}
+    except (KeyError, TypeError, ValueError):
+        raise SyncoError(f"'{p}' is not a synco pretraining checkpoint (its config has no model section).") from None
 
 
 def _online_backbone_state(state: dict) -> dict:
@@ -124,22 +201,15 @@ def load_backbone(path: str, backbone: Optional[str] = None, backbone_kwargs: Op
             raise SyncoError("--checkpoint random needs a backbone name (backbone=deit_small_patch16_224).")
         meta = {"backbone": backbone, "backbone_kwargs": dict(backbone_kwargs or {}), "bn_before_mlp": False}
     else:
-        p = Path(path)
-        if p.is_dir():
-            for name in ("checkpoint.pt", "backbone.safetensors"):
-                if (p / name).is_file():
-                    p = p / name
-                    break
-            else:
-                raise SyncoError(f"'{path}' holds neither checkpoint.pt nor backbone.safetensors.")
-        if not p.is_file():
-            raise SyncoError(f"checkpoint '{path}' does not exist.")
+        p = _resolve_file(path)
         if p.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             try:
                 state = load_file(str(p))
                 meta = _meta_from_safetensors(p)
+            except SyncoError:
+                raise
             except Exception as e:  # noqa: BLE001
                 raise SyncoError(f"cannot read '{p}' as safetensors: {e}") from None
             if meta is None:
@@ -148,12 +218,7 @@ def load_backbone(path: str, backbone: Optional[str] = None, backbone_kwargs: Op
                 meta = {"backbone": backbone, "backbone_kwargs": dict(backbone_kwargs or {}), "bn_before_mlp": False}
         else:
             ckpt = load_torch_file(p)
-            if "config" not in ckpt or "model" not in ckpt:
-                raise SyncoError(f"'{p}' is not a synco pretraining checkpoint (no config/model entries).")
-            mcfg = ckpt["config"]["model"]
-            meta = {"backbone": mcfg["backbone"], "backbone_kwargs": dict(mcfg["backbone_kwargs"]),
-                    "bn_before_mlp": bool(mcfg["bn_before_mlp"]), "method": ckpt["config"]["method"],
-                    "epoch": ckpt.get("epoch")}
+            meta = _meta_from_checkpoint(ckpt, p)
             state = _online_backbone_state(ckpt["model"])
         if backbone and backbone != meta["backbone"]:
             raise SyncoError(f"checkpoint '{path}' holds a '{meta['backbone']}' backbone, but backbone={backbone} was asked for.")

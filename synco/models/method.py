@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..config import method_spec
 from ..losses import byol_loss, info_nce
 from ..negatives import SyntheticNegatives
 from .backbone import TokenBatchNorm, backbone_from_config
@@ -55,6 +56,7 @@ class SelfSupervisedModel(nn.Module):
         super().__init__()
         m = cfg.model
         self.method = cfg.method
+        self.spec = method_spec(cfg)
         self.temperature = cfg.contrast.temperature
         backbone = backbone_from_config(m, drop_path_rate=m.drop_path_online)
         dim = backbone.num_features
@@ -67,19 +69,23 @@ class SelfSupervisedModel(nn.Module):
         self._ema_pairs: Optional[tuple[list, list]] = None
 
         self.negatives = None
-        if self.method == "synco":
+        if self.spec.uses_synthetic:
             n = cfg.negatives
             self.negatives = SyntheticNegatives(n_hard=n.n_hard, counts=tuple(n.counts), alpha_max=n.alpha_max,
                                                 beta_max=n.beta_max, sigma=n.sigma, delta=n.delta, eta=n.eta)
-        if self.contrastive:
+        if self.uses_queue:
             k = cfg.contrast.queue_size
             self.register_buffer("queue1", F.normalize(torch.randn(k, m.proj_dim), dim=1))
             self.register_buffer("queue2", F.normalize(torch.randn(k, m.proj_dim), dim=1))
             self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
     @property
-    def contrastive(self) -> bool:
-        return self.method in ("synco", "moby")
+    def uses_queue(self) -> bool:
+        return self.spec.uses_queue
+
+    @property
+    def uses_synthetic(self) -> bool:
+        return self.spec.uses_synthetic
 
     def _online_target_state(self) -> dict:
         return {k: v for k, v in self.online.state_dict().items() if not k.startswith("predictor.")}
@@ -103,11 +109,12 @@ class SelfSupervisedModel(nn.Module):
         Returns (loss, stats, keys) where keys = (k1, k2) are the normalised target features to enqueue
         (after gathering across processes) once the optimizer has stepped.
         """
-        q1, q2 = (online or self.online)(x1, x2)
+        # `is None`, not `or`: bool() of a torch.compile wrapper calls len() and fails.
+        q1, q2 = (self.online if online is None else online)(x1, x2)
         with torch.no_grad():
             k1, k2 = self.target(x1, x2)
         k1, k2 = F.normalize(k1.float(), dim=1), F.normalize(k2.float(), dim=1)
-        if not self.contrastive:
+        if not self.uses_queue:
             l1, s1 = byol_loss(q1, k2)
             l2, s2 = byol_loss(q2, k1)
         else:
@@ -116,8 +123,9 @@ class SelfSupervisedModel(nn.Module):
             if use_synthetic and self.negatives is not None:
                 syn1 = self.negatives(q1.detach(), self.queue2, generator=generator)
                 syn2 = self.negatives(q2.detach(), self.queue1, generator=generator)
-            l1, s1 = info_nce(q1, k2, self.queue2, self.temperature, syn1)
-            l2, s2 = info_nce(q2, k1, self.queue1, self.temperature, syn2)
+            slices = self.negatives.slices if self.negatives is not None else None
+            l1, s1 = info_nce(q1, k2, self.queue2, self.temperature, syn1, slices)
+            l2, s2 = info_nce(q2, k1, self.queue1, self.temperature, syn2, slices)
         stats = {key: (s1[key] + s2[key]) / 2 for key in s1}
         return l1 + l2, stats, (k1, k2)
 
@@ -134,7 +142,7 @@ class SelfSupervisedModel(nn.Module):
     @torch.no_grad()
     def enqueue(self, k1: torch.Tensor, k2: torch.Tensor) -> None:
         """Replace the oldest entries with the (globally gathered) keys; no host sync."""
-        if not self.contrastive:
+        if not self.uses_queue:
             return
         n, size = k1.shape[0], self.queue1.shape[0]
         if size % n:

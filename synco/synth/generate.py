@@ -34,8 +34,9 @@ from typing import Optional
 
 import torch
 
+from ..device import resolve_device
 from ..errors import SyncoError
-from .diffusion import SAMPLERS, image_seed, is_model_dir, load_model, make_scheduler, resolve_device, to_pil
+from .model import SAMPLERS, image_seed, is_model_dir, load_model, make_scheduler, to_pil
 
 MANIFEST = "manifest.jsonl"
 SETTINGS = "generation.json"

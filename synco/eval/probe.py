@@ -1,0 +1,197 @@
+"""What the linear probe and fine-tuning share: their data, recipe checks, the batch-scaled learning
+rate, seeded epochs, resume fingerprints, per-head scores and report columns.
+
+Both train a classifier for ``epochs`` epochs of SGD on a frozen or unfrozen backbone and resume a killed
+run to the same weights: every epoch's batch order and augmentation draw from a seed of (seed, epoch,
+stream), and a checkpoint carries the settings it was made with.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from ..data.transforms import train_classification_transform
+from ..device import resolve_device
+from ..engine import dist as D
+from ..errors import SyncoError
+from ..resume import config_differences
+from .common import EvalOptions, eval_datasets, eval_image_size, load_eval_backbone
+
+# Options that change nothing in the numbers: a resumed run may differ in them.
+RESUME_FREE = {"device", "num_workers", "resume", "eval_every"}
+
+
+@dataclass
+class ProbeData:
+    """What a probe needs: the training images twice (train and test transform: same samples, same
+    order), the test images, the class names and whether targets are multi-hot (VOC)."""
+
+    train_aug: Dataset
+    train_eval: Dataset
+    test: Dataset
+    classes: list
+    targets: Optional[list] = None
+    multilabel: bool = False
+    name: str = ""
+
+
+def dataset_targets(dataset) -> Optional[list]:
+    t = getattr(dataset, "targets", None)
+    return list(t) if t is not None else None
+
+
+def probe_data(opts: EvalOptions, size: int, crop_scale) -> ProbeData:
+    train_tf = train_classification_transform(size, crop_scale=tuple(crop_scale))
+    train_aug, test = eval_datasets(opts, size, train_transform=train_tf)
+    train_eval, _ = eval_datasets(opts, size)
+    return ProbeData(train_aug, train_eval, test, list(test.classes), dataset_targets(train_eval), False,
+                     opts.dataset)
+
+
+def protocol_inputs(checkpoint: str, opts) -> tuple[nn.Module, dict, ProbeData, dict]:
+    """(backbone, its meta, data, keyword arguments) for ``linear_probe`` / ``finetune`` from the options of
+    `synco eval linear` / `finetune` (an :class:`EvalOptions` with a recipe's ``crop_scale``)."""
+    check_eval_options(opts)
+    device = resolve_device(opts.device)
+    backbone, meta = load_eval_backbone(checkpoint, opts, device)
+    size = eval_image_size(opts, backbone)
+    data = probe_data(opts, size, opts.crop_scale)
+    kwargs = dict(batch_size=opts.batch_size, num_workers=opts.num_workers, seed=opts.seed, device=device,
+                  image_size=size, checkpoint=checkpoint,
+                  fp_extra={"dataset": opts.dataset, "root": opts.root, "class_list": opts.class_list})
+    return backbone, meta, data, kwargs
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks and the learning rate
+
+
+def check_recipe(h, prefix: str = "") -> None:
+    """The checks every SGD recipe (``LinearHParams``, ``FinetuneHParams``) passes."""
+    def bad(key: str, msg: str) -> None:
+        raise SyncoError(f"option '{prefix}{key}': {msg}")
+
+    if h.epochs < 1:
+        bad("epochs", "must be >= 1.")
+    if not 0 <= h.warmup_epochs <= h.epochs:
+        bad("warmup_epochs", f"must be in [0, epochs={h.epochs}].")
+    if h.lr_batch_ref < 0:
+        bad("lr_batch_ref", "must be >= 0 (0 = no batch-size scaling).")
+    if not 0 <= h.momentum < 1:
+        bad("momentum", "must be in [0, 1).")
+    if h.nesterov and h.momentum == 0:
+        bad("nesterov", "Nesterov momentum needs momentum > 0.")
+    if h.weight_decay < 0:
+        bad("weight_decay", "must be >= 0.")
+    if not 0 <= h.label_smoothing < 1:
+        bad("label_smoothing", "must be in [0, 1).")
+    if len(h.crop_scale) != 2 or not 0 < h.crop_scale[0] <= h.crop_scale[1] <= 1:
+        bad("crop_scale", "must be [min, max] with 0 < min <= max <= 1.")
+    if h.eval_every < 1:
+        bad("eval_every", "must be >= 1.")
+
+
+def check_eval_options(o: EvalOptions) -> None:
+    if o.batch_size < 1:
+        raise SyncoError("option 'batch_size': must be >= 1.")
+    if o.batch_size < D.world_size():
+        raise SyncoError(f"option 'batch_size': the total batch {o.batch_size} is smaller than the "
+                         f"{D.world_size()} processes; raise batch_size.")
+    if o.num_workers < 0:
+        raise SyncoError("option 'num_workers': must be >= 0.")
+
+
+def batch_scaled_lr(value: float, batch_size: int, ref: int) -> float:
+    """``value x batch_size / ref``, the linear scaling rule; ``ref=0`` keeps ``value``."""
+    return float(value) * batch_size / ref if ref else float(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeded epochs
+
+
+def epoch_draw_seed(seed: int, epoch: int, stream: int = 0) -> int:
+    """The seed of one epoch's random draws: stream 0 orders the batches, stream ``rank + 1`` is that
+    process's augmentation (and dropout)."""
+    return (seed * 1_000_003 + epoch * 7919 + stream * 104_729 + 17) % 2**31
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
+    """The global batches of one epoch (positions in the training subset): a seeded permutation cut into
+    full batches (the remainder is dropped; a set smaller than one batch is one batch)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_draw_seed(seed, epoch)))
+    if n <= batch_size:
+        return [perm]
+    return [perm[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    return max(1, n // batch_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume
+
+
+def fingerprint(opts, extra: dict) -> dict:
+    """The settings a checkpoint is made with, as JSON values (what a resumed run is compared against)."""
+    return json.loads(json.dumps({**asdict(opts), **extra}, default=str, sort_keys=True))
+
+
+def check_resumable(saved: dict, current: dict, path: Path) -> None:
+    diffs = config_differences(saved, current, RESUME_FREE)
+    if diffs:
+        listed = "; ".join(f"{d.key}: {d.saved!r} -> {d.current!r}" for d in diffs[:5])
+        raise SyncoError(f"'{path}' belongs to a run with other settings ({listed}). Use the same settings to "
+                         "resume, resume=false to start over, or another --out.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Scores and report
+
+
+def multilabel_map(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Mean average precision (%) over labels (torchmetrics, macro), as for PASCAL VOC 2007; labels
+    without a positive sample (their AP is undefined) are left out of the mean."""
+    from torchmetrics.functional.classification import multilabel_average_precision
+
+    keep = targets.sum(0) > 0
+    if not bool(keep.any()):
+        return float("nan")
+    return 100.0 * float(multilabel_average_precision(logits.float()[:, keep], targets.int()[:, keep],
+                                                      num_labels=int(keep.sum()), average="macro"))
+
+
+@torch.no_grad()
+def head_metrics(logits: torch.Tensor, targets: torch.Tensor, multilabel: bool = False) -> dict[str, list]:
+    """Per head metrics of logits ``[N, G, C]``: top1/top5/loss (%; loss is plain CE), or map/loss."""
+    n, g, c = logits.shape
+    if multilabel:
+        t = targets.float()
+        loss = F.binary_cross_entropy_with_logits(logits, t[:, None, :].expand(n, g, c), reduction="none")
+        return {"map": [multilabel_map(logits[:, i], t) for i in range(g)],
+                "loss": loss.mean(dim=(0, 2)).tolist()}
+    y = targets.long()
+    top = logits.topk(min(5, c), dim=2).indices  # [N, G, k]
+    hit = top == y[:, None, None]
+    loss = F.cross_entropy(logits.reshape(n * g, c), y.repeat_interleave(g), reduction="none").view(n, g)
+    return {"top1": (100.0 * hit[:, :, 0].float().mean(0)).tolist(),
+            "top5": (100.0 * hit.any(dim=2).float().mean(0)).tolist(),
+            "loss": loss.mean(0).tolist()}
+
+
+def report_columns(result: dict, prefix: str) -> dict:
+    """The columns `synco report` shows for a result: ``"<prefix> top-1"`` (or mAP) and top-5."""
+    metric = result["metric"]
+    cols = {f"{prefix} {'top-1' if metric == 'top1' else 'mAP'}": result[metric]}
+    if "top5" in result:
+        cols[f"{prefix} top-5"] = result["top5"]
+    return cols

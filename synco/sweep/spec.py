@@ -1,0 +1,481 @@
+"""Sweep specs: parsing, validation and expansion into points and runs.
+
+A spec is a YAML mapping::
+
+    base: cpu-demo                      # a preset name or a config YAML path
+    overrides: [epochs=10]              # key=value applied to every point (or a mapping key: value)
+    axes:
+      grid:                             # cartesian product of the keys' values ...
+        negatives.n_hard: [16, 64]
+        negatives.counts: [[4,4,4,4,4,4], [16,16,16,16,16,16]]
+      zip:                              # ... and/or equal-length lists taken together (one dimension)
+        negatives.warmup_epochs: [0, 3]
+        negatives.cooldown_epochs: [0, 5]
+      labels:                           # optional display names of the levels
+        negatives.counts: ["24", "96"]  #   a grid key: one name per value
+        zip: ["off", "on"]              #   the zip dimension: one name per row
+      names:                            # optional names of the dimensions (default: the key's last part)
+        negatives.counts: total
+        zip: window
+    seeds: 5                            # or a list [0, 1, 2]
+    compare: {axis: method, baseline: moby}   # paired differences (see below)
+    slurm: {partition: gpu, time: 600, gpus: 1, cpus: 8}
+    linear: {epochs: 100}               # options of `synco eval linear` for --linear
+    metrics: [knn_top1, final_loss]     # extra summary.json keys to aggregate
+
+``compare``: ``axis`` names a dimension (its name, or its key); ``baseline`` is a
+level (value or label) or a list of them, every other level is compared with each baseline; or give
+``pairs: [[a, b], ...]`` for explicit ``a − b`` differences. Pairs are formed within equal values of
+the other dimensions, over the seeds both points finished.
+
+Each point x seed is one ``synco pretrain`` run in ``OUT/<point>/seed<S>``; the point's name is built
+from its levels (``n_hard-16__counts-24``), made filesystem-safe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from ..errors import SyncoError
+
+SPEC_KEYS = ("name", "description", "base", "overrides", "axes", "seeds", "compare", "slurm", "linear", "metrics")
+AXES_KEYS = ("grid", "zip", "labels", "names")
+SLURM_KEYS = ("cluster", "partition", "time", "gpus", "cpus", "mem_gb", "extra")
+MAX_NAME = 120
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass
+class Dimension:
+    """One axis of the sweep: a grid key (one key) or the zip group (several keys taken together)."""
+
+    name: str
+    keys: list[str]
+    rows: list[tuple]  # one tuple of values (one per key) per level
+    labels: list[str]  # display name of each level
+    slugs: list[str]  # filesystem-safe name of each level
+    labelled: bool = False  # the spec gave the labels
+
+    @property
+    def numeric(self) -> bool:
+        """A single key whose values are all numbers (not booleans): plotted as a line."""
+        return len(self.keys) == 1 and all(_is_number(r[0]) for r in self.rows)
+
+    def level_index(self, level: Any) -> Optional[int]:
+        """Index of a level given by label, value (a single-key dimension) or the value's text."""
+        for i, (row, label) in enumerate(zip(self.rows, self.labels)):
+            if str(level) == label:
+                return i
+            if len(row) == 1 and (_same_value(level, row[0]) or str(level) == value_text(row[0])):
+                return i
+        return None
+
+
+@dataclass
+class Point:
+    name: str
+    levels: dict  # dimension name -> level label
+    values: dict  # config key -> value
+    index: tuple  # level index per dimension
+
+    @property
+    def overrides(self) -> list[str]:
+        return [override_text(k, v) for k, v in self.values.items()]
+
+
+@dataclass
+class Compare:
+    axis: str
+    pairs: list[tuple[int, int]]  # (a, b) level indices: a − b
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    origin: str
+    base: str
+    overrides: list[str]
+    dims: list[Dimension]
+    seeds: list[int]
+    compare: Optional[Compare] = None
+    slurm: dict = field(default_factory=dict)
+    linear: dict = field(default_factory=dict)
+    metrics: list[str] = field(default_factory=list)
+    description: str = ""
+    data: dict = field(default_factory=dict)  # the spec as read
+
+    @property
+    def axis_keys(self) -> list[str]:
+        return [k for d in self.dims for k in d.keys]
+
+    def dim(self, name: str) -> Dimension:
+        for d in self.dims:
+            if d.name == name or name in d.keys:
+                return d
+        raise KeyError(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if _is_number(a) and _is_number(b):
+        return math.isclose(float(a), float(b), rel_tol=1e-12, abs_tol=0.0)
+    return a == b
+
+
+def value_text(v: Any) -> str:
+    """Compact text of a value: ``0.2``, ``true``, ``[4,4,4,4,4,4]``, ``moby``."""
+    if isinstance(v, str):
+        return v
+    return json.dumps(v, separators=(",", ":"))
+
+
+def override_text(key: str, value: Any) -> str:
+    """``key=value`` with the value as JSON, which the config's YAML parser reads back unchanged."""
+    return f"{key}={json.dumps(value)}"
+
+
+def slugify(text: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9._+-]+", "_", str(text)).strip("_")
+    s = s.lstrip(".") or "x"
+    if len(s) > 40:
+        s = s[:32] + "-" + hashlib.sha1(s.encode()).hexdigest()[:6]
+    return s
+
+
+def _value_slug(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return "_".join(_value_slug(x) for x in v) or "empty"
+    if isinstance(v, dict):
+        return "_".join(f"{k}_{_value_slug(x)}" for k, x in v.items()) or "empty"
+    return slugify(value_text(v))
+
+
+def short_names(keys: list[str]) -> dict[str, str]:
+    """The last component of each dotted key, or the whole key where two last components clash."""
+    last = [k.split(".")[-1] for k in keys]
+    return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last)}
+
+
+def parse_override_list(value: Any, where: str) -> list[str]:
+    """A list of ``key=value`` strings, or a mapping ``{key: value}``, as ``key=value`` strings."""
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        return [override_text(str(k), v) for k, v in value.items()]
+    if isinstance(value, list) and all(isinstance(x, str) and "=" in x for x in value):
+        return list(value)
+    raise SyncoError(f"{where} must be a list of key=value strings (e.g. [epochs=10, contrast.temperature=0.1]) "
+                     f"or a mapping of config keys, got {value!r}.")
+
+
+def override_keys(overrides: list[str]) -> list[str]:
+    return [o.split("=", 1)[0].strip() for o in overrides]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def spec_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("synco.sweeps").iterdir() if p.name.endswith(".yaml"))
+
+
+def read_spec(path_or_name: str) -> tuple[dict, str, str]:
+    """(data, origin, name) of a spec given by path or by the name of a shipped spec."""
+    path = Path(path_or_name)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise SyncoError(f"sweep spec '{path}' does not exist.")
+        text, origin, name = path.read_text(), str(path), path.stem
+    else:
+        res = resources.files("synco.sweeps") / f"{path_or_name}.yaml"
+        if not res.is_file():
+            raise SyncoError(f"unknown sweep spec '{path_or_name}'. Shipped specs: {', '.join(spec_names())}; "
+                             "or give the path of a YAML file.")
+        text, origin, name = res.read_text(), f"sweep spec {path_or_name}", path_or_name
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SyncoError(f"{origin} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise SyncoError(f"{origin} must be a YAML mapping with base, axes and seeds.")
+    return data, origin, name
+
+
+def load_spec(path_or_name: str) -> SweepSpec:
+    data, origin, name = read_spec(path_or_name)
+    spec = parse_spec(data, origin, name)
+    base = Path(spec.base)
+    if base.suffix in (".yaml", ".yml") and not base.is_absolute() and Path(path_or_name).is_file():
+        beside = Path(path_or_name).parent / base
+        if beside.is_file() and not base.is_file():  # a base config next to the spec file
+            spec.base = str(beside)
+    return spec
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing
+
+
+def _parse_seeds(value: Any, where: str) -> list[int]:
+    if isinstance(value, bool):
+        value = None
+    if isinstance(value, int):
+        if value < 1:
+            raise SyncoError(f"{where}: 'seeds' must be >= 1 (a count) or a list of seeds, got {value}.")
+        return list(range(value))
+    if isinstance(value, list) and value and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                                  for s in value):
+        if len(set(value)) != len(value):
+            raise SyncoError(f"{where}: 'seeds' lists a seed twice: {value}.")
+        return list(value)
+    raise SyncoError(f"{where}: 'seeds' must be a count (seeds: 5 means 0..4) or a non-empty list of "
+                     f"non-negative integers, got {value!r}.")
+
+
+def parse_seeds_arg(text: str) -> list[int]:
+    """``--seeds 3`` (0, 1, 2) or ``--seeds 0,4,7``."""
+    try:
+        value = yaml.safe_load(f"[{text}]") if "," in text else yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    return _parse_seeds(value, "--seeds")
+
+
+def _check_key(key: Any, where: str) -> str:
+    if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+        raise SyncoError(f"{where}: axis key {key!r} is not a dotted config key like contrast.temperature.")
+    if key == "seed":
+        raise SyncoError(f"{where}: 'seed' cannot be an axis; list the seeds under 'seeds:' instead.")
+    return key
+
+
+def _labels_for(labels: Any, n: int, where: str) -> Optional[list[str]]:
+    if labels is None:
+        return None
+    if not isinstance(labels, list) or len(labels) != n or not all(isinstance(x, (str, int, float)) for x in labels):
+        raise SyncoError(f"{where} must be a list of {n} names (one per level), got {labels!r}.")
+    out = [str(x) for x in labels]
+    if len(set(out)) != n:
+        raise SyncoError(f"{where} names a level twice: {out}.")
+    return out
+
+
+def _dimension(name: str, keys: list[str], rows: list[tuple], labels: Optional[list[str]]) -> Dimension:
+    if labels is not None:
+        slugs = [slugify(x) for x in labels]
+        text = labels
+    else:
+        text = [", ".join(value_text(v) for v in row) for row in rows]
+        slugs = ["-".join(_value_slug(v) for v in row) for row in rows]
+    return Dimension(name, keys, rows, list(text), slugs, labelled=labels is not None)
+
+
+def parse_axes(axes: Any, origin: str) -> list[Dimension]:
+    where = f"{origin}: axes"
+    if axes is None:
+        return []
+    if not isinstance(axes, dict):
+        raise SyncoError(f"{where} must be a mapping with 'grid:' and/or 'zip:' (key -> list of values).")
+    unknown = sorted(set(axes) - set(AXES_KEYS))
+    if unknown:
+        raise SyncoError(f"{where}: unknown entry {', '.join(map(repr, unknown))} (valid: {', '.join(AXES_KEYS)}). "
+                         "Put the swept keys under 'grid:' or 'zip:'.")
+    grid, zipped = axes.get("grid") or {}, axes.get("zip") or {}
+    labels = axes.get("labels") or {}
+    for section, value in (("grid", grid), ("zip", zipped)):
+        if not isinstance(value, dict):
+            raise SyncoError(f"{where}.{section} must be a mapping of config key -> list of values, got {value!r}.")
+    if not isinstance(labels, (dict, list)):
+        raise SyncoError(f"{where}.labels must be a mapping (axis key -> names), got {labels!r}.")
+    if isinstance(labels, list):
+        if grid or not zipped:
+            raise SyncoError(f"{where}.labels is a list, which is only allowed for a zip alone; use a mapping "
+                             "(grid key -> names, 'zip' -> names).")
+        labels = {"zip": labels}
+    names = axes.get("names") or {}
+    if not isinstance(names, dict) or not all(isinstance(v, str) and v for v in names.values()):
+        raise SyncoError(f"{where}.names must be a mapping (grid key or 'zip') -> dimension name, got {names!r}.")
+    clash = sorted(set(grid) & set(zipped))
+    if clash:
+        raise SyncoError(f"{where}: key {clash[0]} is both in grid and in zip.")
+    shorts = short_names(list(grid) + list(zipped))
+    dims = []
+    for key, values in grid.items():
+        _check_key(key, where)
+        if not isinstance(values, list) or not values:
+            raise SyncoError(f"{where}.grid.{key} must be a non-empty list of values, got {values!r} "
+                             f"(a list-valued key takes a list of lists, e.g. [[4,4,4,4,4,4], [8,8,8,8,8,8]]).")
+        for a, b in itertools.combinations(values, 2):
+            if _same_value(a, b):
+                raise SyncoError(f"{where}.grid.{key} lists the value {value_text(a)} twice.")
+        lab = _labels_for(labels.get(key), len(values), f"{where}.labels.{key}")
+        dims.append(_dimension(names.get(key, shorts[key]), [key], [(v,) for v in values], lab))
+    if zipped:
+        lengths = {}
+        for key, values in zipped.items():
+            _check_key(key, where)
+            if not isinstance(values, list) or not values:
+                raise SyncoError(f"{where}.zip.{key} must be a non-empty list of values, got {values!r}.")
+            lengths[key] = len(values)
+        if len(set(lengths.values())) != 1:
+            raise SyncoError(f"{where}.zip: the lists must have equal lengths, got "
+                             f"{', '.join(f'{k}: {n}' for k, n in lengths.items())}.")
+        keys = list(zipped)
+        rows = [tuple(zipped[k][i] for k in keys) for i in range(len(zipped[keys[0]]))]
+        for a, b in itertools.combinations(rows, 2):
+            if all(_same_value(x, y) for x, y in zip(a, b)):
+                raise SyncoError(f"{where}.zip lists the same row twice: {', '.join(map(value_text, a))}.")
+        name = names.get("zip") or (shorts[keys[0]] if len(keys) == 1 else "+".join(shorts[k] for k in keys))
+        lab = _labels_for(labels.get("zip"), len(rows), f"{where}.labels.zip")
+        dims.append(_dimension(name, keys, rows, lab))
+    for section, mapping in (("labels", labels), ("names", names)):
+        stray = sorted(set(mapping) - set(grid) - ({"zip"} if zipped else set()))
+        if stray:
+            raise SyncoError(f"{where}.{section} names {stray[0]!r}, which is not a grid key"
+                             f"{' nor zip' if zipped else ''}.")
+    dim_names = [d.name for d in dims]
+    if len(set(dim_names)) != len(dim_names):
+        raise SyncoError(f"{where}: two dimensions have the same name ({', '.join(dim_names)}); rename one with "
+                         "axes.names.")
+    return dims
+
+
+def parse_compare(value: Any, dims: list[Dimension], origin: str) -> Optional[Compare]:
+    if value is None:
+        return None
+    where = f"{origin}: compare"
+    if not isinstance(value, dict) or "axis" not in value or not ({"baseline", "pairs"} & set(value)):
+        raise SyncoError(f"{where} must be a mapping like {{axis: method, baseline: moby}} or "
+                         "{axis: method, pairs: [[synco, moby], [synco, byol]]}.")
+    unknown = sorted(set(value) - {"axis", "baseline", "pairs"})
+    if unknown:
+        raise SyncoError(f"{where}: unknown entry {unknown[0]!r} (valid: axis, baseline, pairs).")
+    axis = value["axis"]
+    dim = next((d for d in dims if d.name == axis or (len(d.keys) == 1 and d.keys[0] == axis)), None)
+    if dim is None:
+        raise SyncoError(f"{where}: axis {axis!r} is not a dimension of the sweep "
+                         f"(dimensions: {', '.join(d.name for d in dims) or 'none'}).")
+
+    def level(x) -> int:
+        i = dim.level_index(x)
+        if i is None:
+            raise SyncoError(f"{where}: {x!r} is not a level of axis {dim.name!r} "
+                             f"(levels: {', '.join(dim.labels)}).")
+        return i
+
+    pairs: list[tuple[int, int]] = []
+    if "pairs" in value:
+        ps = value["pairs"]
+        if not isinstance(ps, list) or not all(isinstance(p, list) and len(p) == 2 for p in ps):
+            raise SyncoError(f"{where}.pairs must be a list of [a, b] pairs (a − b), got {ps!r}.")
+        pairs += [(level(a), level(b)) for a, b in ps]
+    if "baseline" in value:
+        bases = value["baseline"] if isinstance(value["baseline"], list) else [value["baseline"]]
+        idx = [level(b) for b in bases]
+        pairs += [(a, b) for b in idx for a in range(len(dim.rows)) if a not in idx]
+    if any(a == b for a, b in pairs):
+        raise SyncoError(f"{where}: a level is compared with itself.")
+    pairs = list(dict.fromkeys(pairs))
+    if not pairs:
+        raise SyncoError(f"{where}: no pair to compare (axis {dim.name!r} has levels {', '.join(dim.labels)}).")
+    return Compare(dim.name, pairs)
+
+
+def _parse_slurm(value: Any, origin: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise SyncoError(f"{origin}: slurm must be a mapping like {{partition: gpu, time: 600, gpus: 1, cpus: 8}}.")
+    unknown = sorted(set(value) - set(SLURM_KEYS))
+    if unknown:
+        raise SyncoError(f"{origin}: slurm.{unknown[0]} is unknown (valid: {', '.join(SLURM_KEYS)}; "
+                         "other submitit parameters go under slurm.extra, e.g. {slurm_account: abc}).")
+    for key in ("time", "gpus", "cpus"):
+        v = value.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < (1 if key == "time" else 0)):
+            raise SyncoError(f"{origin}: slurm.{key} must be a non-negative integer"
+                             f"{' (minutes)' if key == 'time' else ''}, got {v!r}.")
+    if value.get("extra") is not None and not isinstance(value["extra"], dict):
+        raise SyncoError(f"{origin}: slurm.extra must be a mapping of submitit parameters.")
+    return dict(value)
+
+
+def parse_spec(data: dict, origin: str = "sweep spec", name: str = "sweep") -> SweepSpec:
+    unknown = sorted(set(data) - set(SPEC_KEYS))
+    if unknown:
+        raise SyncoError(f"{origin}: unknown entry {unknown[0]!r} (valid: {', '.join(SPEC_KEYS)}).")
+    base = data.get("base")
+    if not isinstance(base, str) or not base:
+        raise SyncoError(f"{origin}: 'base' must name a preset (e.g. cpu-demo) or a config YAML file.")
+    overrides = parse_override_list(data.get("overrides"), f"{origin}: overrides")
+    dims = parse_axes(data.get("axes"), origin)
+    if "seeds" not in data:
+        raise SyncoError(f"{origin}: 'seeds' is missing; give a count (seeds: 3) or a list (seeds: [0, 1, 2]).")
+    seeds = _parse_seeds(data["seeds"], origin)
+    axis_keys = [k for d in dims for k in d.keys]
+    fixed = set(override_keys(overrides))
+    both = sorted(fixed & set(axis_keys))
+    if both:
+        raise SyncoError(f"{origin}: {both[0]} is both an override and an axis; keep it in one place.")
+    if "seed" in fixed:
+        raise SyncoError(f"{origin}: 'seed' is set by 'seeds:', not by an override.")
+    linear = data.get("linear") or {}
+    if not isinstance(linear, dict):
+        raise SyncoError(f"{origin}: linear must be a mapping of `synco eval linear` options, e.g. {{epochs: 100}}.")
+    metrics = data.get("metrics") or []
+    if not isinstance(metrics, list) or not all(isinstance(m, str) for m in metrics):
+        raise SyncoError(f"{origin}: metrics must be a list of summary.json keys, e.g. [knn_top1, final_loss].")
+    description = data.get("description") or ""
+    return SweepSpec(name=str(data.get("name") or name), origin=origin, base=base, overrides=overrides,
+                     dims=dims, seeds=seeds, compare=parse_compare(data.get("compare"), dims, origin),
+                     slurm=_parse_slurm(data.get("slurm"), origin), linear=dict(linear), metrics=list(metrics),
+                     description=str(description), data=data)
+
+
+# ---------------------------------------------------------------------------------------------
+# Expansion
+
+
+def expand_points(spec: SweepSpec) -> list[Point]:
+    """Every point of the sweep (the cartesian product of the dimensions), with a unique name."""
+    if not spec.dims:
+        return [Point("base", {}, {}, ())]
+    points, seen = [], {}
+    for index in itertools.product(*(range(len(d.rows)) for d in spec.dims)):
+        values, levels, parts = {}, {}, []
+        for d, i in zip(spec.dims, index):
+            values.update(zip(d.keys, d.rows[i]))
+            levels[d.name] = d.labels[i]
+            parts.append(f"{slugify(d.name)}-{d.slugs[i]}")
+        name = "__".join(parts)
+        if len(name) > MAX_NAME:
+            name = name[:MAX_NAME - 9] + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
+        if name in seen:
+            raise SyncoError(f"{spec.origin}: points {seen[name]} and {levels} get the same folder name '{name}'; "
+                             "give the levels distinct names with axes.labels.")
+        seen[name] = levels
+        points.append(Point(name, levels, values, tuple(index)))
+    return points

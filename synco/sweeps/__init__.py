@@ -1,0 +1,1 @@
+"""Shipped sweep specs for `synco sweep NAME` (YAML package data)."""

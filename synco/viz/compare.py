@@ -1,0 +1,168 @@
+"""Checkpoints side by side: every view of every checkpoint on the same images, one PNG per view (one row
+per image, one column per checkpoint: the papers' Figures 1 and 6-15) and ``metrics.json``.
+
+The heavy imports (torch, timm, matplotlib) wait inside the functions: every `synco` command builds its
+parser, and the parser imports this module for :class:`VizOptions`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from ..errors import SyncoError
+from .analysis import ALL_VIEWS, DEFAULT_VIEWS, analyse_checkpoint, parse_views, rounded
+
+
+@dataclass
+class VizOptions:
+    views: str = "auto"  # auto (every applicable view but heads) | all | comma list of ALL_VIEWS
+    threshold: float = 0.6  # fraction of [CLS] attention mass kept by the thresholded view
+    mask_box: float = 0.5  # default foreground: centred box, sides = this fraction of the image's
+    block: int = -1  # transformer block whose attention is read
+    max_images: Optional[int] = None
+    alpha: float = 0.5  # heat-map opacity over the image
+    cmap: str = "jet"
+    dpi: int = 100
+    device: str = "auto"
+    seed: int = 0  # initialisation of --checkpoint random
+    backbone: Optional[str] = None  # timm name or synco preset (cpu-demo) for --checkpoint random
+    backbone_kwargs: dict = field(default_factory=dict)
+
+
+def _label(checkpoint: str, meta: dict) -> str:
+    if checkpoint == "random":
+        return "random init"
+    p = Path(checkpoint)
+    run_dir = p if p.is_dir() else p.parent
+    method = meta.get("method")
+    if method is None and (run_dir / "config.yaml").is_file():
+        import yaml
+
+        try:
+            method = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("method")
+        except yaml.YAMLError:
+            method = None
+    epoch = meta.get("epoch")
+    name = run_dir.name or str(run_dir)
+    parts = [str(method) if method else name]
+    extra = ([name] if method else []) + ([f"{epoch} ep"] if isinstance(epoch, int) else [])
+    return parts[0] + (f" ({', '.join(extra)})" if extra else "")
+
+
+def _unique(labels: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for lab in labels:
+        seen[lab] = seen.get(lab, 0) + 1
+        out.append(lab if seen[lab] == 1 else f"{lab} #{seen[lab]}")
+    return out
+
+
+def _per_checkpoint(values: Optional[list[str]], n: int, what: str) -> list[Optional[str]]:
+    if not values:
+        return [None] * n
+    if len(values) == 1:
+        return values * n
+    if len(values) != n:
+        raise SyncoError(f"give {what} once for all checkpoints or once per checkpoint ({n}); got {len(values)}.")
+    return list(values)
+
+
+def visualize(checkpoints: list[str], out: Path, opts: VizOptions, images: Optional[str] = None,
+              mask: Optional[str] = None, linear_heads: Optional[list[str]] = None,
+              labels: Optional[list[str]] = None) -> dict:
+    """Run every view for every checkpoint, write the PNGs and ``metrics.json``; returns the JSON dict."""
+    from ..device import resolve_device
+    from ..eval.common import load_eval_backbone
+    from ..eval.head import load_head
+    from ..models.backbone import input_size
+    from .figure import HEAT, MASK, Column, grid_figure
+    from .images import denormalize, load_images, load_masks, masks_to_model_geometry, to_model_input
+    from .metrics import centre_box_mask
+
+    views = parse_views(opts.views)
+    if not 0.0 < opts.threshold <= 1.0:
+        raise SyncoError(f"threshold must be in (0, 1], got {opts.threshold}.")
+    if labels and len(labels) != len(checkpoints):
+        raise SyncoError(f"give --label once per checkpoint ({len(checkpoints)}); got {len(labels)}.")
+    heads = _per_checkpoint(linear_heads, len(checkpoints), "--linear-head")
+    device = resolve_device(opts.device)
+    photos = load_images(images, opts.max_images)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    results, size = [], None
+    for i, ckpt in enumerate(checkpoints):
+        model, meta = load_eval_backbone(ckpt, opts, device)
+        s = input_size(model)
+        if size is None:
+            size = s
+            x_cpu = to_model_input(photos, size)
+            if mask:
+                fg = masks_to_model_geometry(load_masks(mask, photos), size)
+                mask_desc = str(mask)
+            else:
+                fg = centre_box_mask(size, size, opts.mask_box).expand(len(photos), size, size)
+                mask_desc = f"centre box, sides {opts.mask_box} of the image"
+            display = denormalize(x_cpu)
+        elif s != size:
+            raise SyncoError(f"checkpoint '{ckpt}' takes {s}px inputs but the first one takes {size}px: "
+                             "compare backbones with the same input size in one figure.")
+        head = None
+        if heads[i] and heads[i].lower() != "none":
+            head, _ = load_head(heads[i], expect_dim=meta["num_features"])
+            head = head.to(device)
+        r = analyse_checkpoint(model, x_cpu.to(device), fg.to(device), views, block=opts.block,
+                               threshold=opts.threshold, head=head)
+        r["label"] = labels[i] if labels else _label(ckpt, meta)
+        r["meta"] = {k: meta.get(k) for k in ("backbone", "backbone_kwargs", "method", "epoch", "source")}
+        r["meta"]["linear_head"] = heads[i]
+        results.append(r)
+        del model
+    col_labels = _unique([r["label"] for r in results])
+    for r, lab in zip(results, col_labels):
+        r["label"] = lab
+
+    names = [p.name for p in photos]
+    present = [v for v in ALL_VIEWS if any(v in r["maps"] for r in results)]
+    written = {}
+    titles = {
+        "cls": "[CLS] attention, last block, mean over heads",
+        "threshold": f"[CLS] attention: patches holding {opts.threshold:.0%} of the mass",
+        "patch": "patch self-attention (received from other patches, [CLS] excluded)",
+        "gradcam": "Grad-CAM, last feature map", "saliency": "gradient saliency |dy/dx|",
+    }
+    for view in (v for v in present if v in (views or DEFAULT_VIEWS)):
+        if view == "heads":
+            cols = []
+            for r in results:
+                hm = r["maps"].get("heads")
+                if hm is None:
+                    cols.append(Column(r["label"], None))
+                    continue
+                hn = r["notes"].get("heads")
+                cols += [Column(f"{r['label']} h{h}", hm[:, h], notes=[row[h] for row in hn] if hn else None)
+                         for h in range(hm.shape[1])]
+            path = grid_figure(out / "cls_heads.png", display, cols, names, kind=HEAT, alpha=opts.alpha,
+                               cmap=opts.cmap, dpi=opts.dpi, title="[CLS] attention per head, last block")
+        else:
+            cols = [Column(r["label"], r["maps"].get(view), notes=r["notes"].get(view)) for r in results]
+            fname = {"cls": "cls_attention", "patch": "patch_attention", "threshold": "cls_threshold"}.get(view, view)
+            path = grid_figure(out / f"{fname}.png", display, cols, names,
+                               kind=MASK if view == "threshold" else HEAT, alpha=opts.alpha, cmap=opts.cmap,
+                               dpi=opts.dpi, title=titles[view])
+        written[view] = str(path)
+
+    report = {
+        "images": names, "image_size": size, "mask": mask_desc,
+        "mask_area_fraction": rounded(fg.float().mean(dim=(-2, -1)).mean()),
+        "threshold": opts.threshold, "views": list(written), "figures": written,
+        "entropy_units": "nats (max = log(num_patches))",
+        "checkpoints": [{"label": r["label"], **r["meta"], **r["metrics"]} for r in results],
+        "options": asdict(opts),
+    }
+    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    return report
