@@ -17,7 +17,10 @@ pytestmark = [pytest.mark.dist, pytest.mark.slow]
 # MoBY without drop path: every random draw is then keyed by the data (augmentations are seeded by
 # sample index), so 1 and 2 processes see identical inputs. Synthetic negatives and drop path draw from
 # per-rank streams by design, so they are off here.
-EQUIV = ["method=moby", "model.drop_path_online=0.0", "epochs=2", "contrast.queue_size=64"]
+# The tolerances below were set at m 0.99 and base lr 5e-3: pinned here, so retuning cpu-demo (m 0.9, lr 1e-2,
+# which carry the online weights' float noise into the target and its keys ten times faster) leaves them valid.
+EQUIV = ["method=moby", "model.drop_path_online=0.0", "epochs=2", "contrast.queue_size=64",
+         "contrast.momentum_start=0.99", "optim.base_lr=5e-3"]
 
 
 def run(args, nproc=1):

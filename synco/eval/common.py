@@ -45,7 +45,7 @@ def load_eval_backbone(checkpoint: str, opts: EvalOptions, device: torch.device)
     if checkpoint == "random":
         torch.manual_seed(opts.seed)
         return load_backbone("random", backbone=name, backbone_kwargs=kwargs, device=device)
-    return load_backbone(checkpoint, backbone=name, backbone_kwargs=kwargs, device=device)
+    return load_backbone(checkpoint, backbone=None, backbone_kwargs=kwargs, device=device)
 
 
 def eval_image_size(opts: EvalOptions, model: torch.nn.Module) -> int:
