@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..engine import dist as D
+from ..engine import signals
 from ..errors import SyncoError
 
 
@@ -29,8 +30,11 @@ class ShardSampler(torch.utils.data.Sampler):
 
 def feature_loader(dataset, batch_size: int = 256, num_workers: int = 0) -> DataLoader:
     sampler = ShardSampler(len(dataset), D.rank(), D.world_size()) if D.world_size() > 1 else None
+    # Workers ignore SIGTERM/SIGINT as the training loader's do: the main process handles them, so a scheduler
+    # signalling the whole process group during the k-NN monitor still gets a checkpoint, not a worker crash.
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=sampler, num_workers=num_workers,
-                      pin_memory=torch.cuda.is_available())
+                      pin_memory=torch.cuda.is_available(),
+                      worker_init_fn=signals.ignore_in_worker if num_workers else None)
 
 
 @torch.no_grad()
