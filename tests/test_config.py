@@ -78,3 +78,14 @@ def test_unknown_preset_and_bad_yaml(tmp_path):
     ok = tmp_path / "ok.yaml"
     ok.write_text("base: cpu-demo\nepochs: 3\noptim:\n  warmup_epochs: 1\n")
     assert load_config(str(ok)).epochs == 3
+
+
+def test_augment_section_reads_a_bare_yaml_on_key(tmp_path):
+    # YAML 1.1 reads `on:` as the boolean True; the config maps it back to data.augment.on
+    path = tmp_path / "p.yaml"
+    path.write_text("base: cpu-demo\ndata:\n  augment:\n    on: workers\n    flip_p: 0.25\n")
+    cfg = load_config(str(path))
+    assert (cfg.data.augment.on, cfg.data.augment.flip_p) == ("workers", 0.25)
+    assert load_config("cpu-demo").data.augment.on == "device"
+    with pytest.raises(SyncoError, match="data.augment.on"):
+        load_config("cpu-demo", ["data.augment.on=gpu"])
