@@ -6,6 +6,7 @@ wrong type, is a :class:`SyncoError` naming that key. The resolved config is sav
 
 from __future__ import annotations
 
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -222,7 +223,7 @@ def _set(cfg: Any, dotted: str, value: Any) -> None:
                 if not isinstance(value, dict):
                     raise SyncoError(f"config key '{dotted}' is a section; give a mapping or set its fields.")
                 for k, v in value.items():
-                    _set(cfg, f"{dotted}.{_yaml_key(k)}", v)
+                    _set(cfg, f"{dotted}.{k}", v)
             else:
                 setattr(node, part, _coerce(dotted, value, hints[part]))
         else:
@@ -231,14 +232,26 @@ def _set(cfg: Any, dotted: str, value: Any) -> None:
                 raise SyncoError(f"config key '{dotted}': '{'.'.join(parts[: i + 1])}' is not a section.")
 
 
-def _yaml_key(key: Any) -> str:
-    # YAML 1.1 (PyYAML) reads an unquoted `on:` key as the boolean True; the only such key here is augment.on.
-    return "on" if key is True else str(key)
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's booleans: only true/false. YAML 1.1 also reads on/off/yes/no as
+    booleans, which would turn the key ``data.augment.on:`` into ``True``."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [r for r in resolvers if r[0] != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
+
+
+def load_yaml(text: str) -> Any:
+    """Every YAML synco reads from users (presets, overrides, sweep specs): safe, with YAML 1.2 booleans."""
+    return yaml.load(text, Loader=_Yaml12Loader)
 
 
 def apply_dict(cfg: Any, data: dict, prefix: str = "") -> Any:
     for key, value in data.items():
-        _set(cfg, f"{prefix}{_yaml_key(key)}", value)
+        _set(cfg, f"{prefix}{key}", value)
     return cfg
 
 
@@ -248,7 +261,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, raw = text.split("=", 1)
     key = key.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() != "" else None
+        value = load_yaml(raw) if raw.strip() != "" else None
     except yaml.YAMLError as e:
         raise SyncoError(f"override '{text}': cannot parse value ({e.__class__.__name__}).") from None
     return key, value
@@ -285,7 +298,7 @@ def _read_yaml(path_or_name: str) -> tuple[dict, str]:
             )
         text, origin = res.read_text(), f"preset {path_or_name}"
     try:
-        data = yaml.safe_load(text) or {}
+        data = load_yaml(text) or {}
     except yaml.YAMLError as e:
         raise SyncoError(f"{origin} is not valid YAML: {e}") from None
     if not isinstance(data, dict):

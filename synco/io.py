@@ -81,13 +81,14 @@ def _write_failed(exc: BaseException, path: Path, needed: Callable[[], Optional[
     return SyncoError(f"cannot write {path}: {reason}. Check that the folder is writable and has free space.")
 
 
-def _atomic_write(path, write: Callable, needed: Callable[[], Optional[int]], mode: str = "wb") -> None:
+def _atomic_replace(path, write_tmp: Callable[[Path], None], needed: Callable[[], Optional[int]]) -> None:
+    """``write_tmp(tmp)`` writes a temp file beside ``path``; fsync it, rename it over ``path``. On any failure the
+    temp file is removed, and a write error becomes a SyncoError (a full disk says how many bytes it needed)."""
     path = Path(path)
     tmp = _tmp(path)
     try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
+        write_tmp(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
@@ -95,9 +96,18 @@ def _atomic_write(path, write: Callable, needed: Callable[[], Optional[int]], mo
             tmp.unlink()
         except OSError:
             pass
-        if isinstance(e, (OSError, RuntimeError)):
+        if isinstance(e, (OSError, RuntimeError)) or _disk_full_in(e):
             raise _write_failed(e, path, needed) from None
         raise
+
+
+def _atomic_write(path, write: Callable, needed: Callable[[], Optional[int]]) -> None:
+    """The same through an open binary file: ``write(f)``."""
+    def write_tmp(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            write(f)
+
+    _atomic_replace(path, write_tmp, needed)
 
 
 def atomic_save(obj, path) -> None:
@@ -117,21 +127,7 @@ def atomic_write_text(text: str, path) -> None:
 def atomic_write_bytes_with(path, write: Callable[[Path], None], size: Optional[int] = None) -> None:
     """Atomic write through a library that wants a file name (``write(tmp_path)``), e.g. safetensors;
     ``size`` (about how many bytes it writes) goes into a disk-full message."""
-    path = Path(path)
-    tmp = _tmp(path)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        if isinstance(e, (OSError, RuntimeError)) or _disk_full_in(e):
-            raise _write_failed(e, path, lambda: size) from None
-        raise
+    _atomic_replace(path, write, lambda: size)
 
 
 def _pid_alive(pid: int) -> bool:

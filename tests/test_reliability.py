@@ -666,3 +666,15 @@ def test_top1_at_is_k20_not_the_best():
     res = {10: {"top1": 90.0}, 20: {"top1": 50.0}, 200: {"top1": 70.0}}
     assert top1_at(res, 20) == 50.0
     assert top1_at({"10": {"top1": 1.0}, "100": {"top1": 2.0}}, 20) == 1.0  # the closest evaluated k
+
+
+def test_read_jsonl_skips_a_line_torn_by_a_kill(tmp_path):
+    from synco.engine.metrics import read_jsonl, training_summary
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1, "epoch": 0, "loss": 9.0, "sim_pos": 0.1}\n'
+                   '{"step": 2, "epoch": 0, "loss": 7.0, "sim_pos": 0.3}\n{"step": 3, "lo')
+    assert [r["step"] for r in read_jsonl(log)] == [1, 2]
+    assert training_summary(read_jsonl(log), 11.1) == {"initial_loss": 9.0, "final_loss": 7.0, "chance_loss": 11.1,
+                                                       "pos_cos": 0.3}
+    assert read_jsonl(tmp_path / "missing.jsonl") == []

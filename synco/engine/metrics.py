@@ -53,10 +53,20 @@ class MetricsLogger:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
+    """The records of a JSONL log; a line that is not a JSON object (torn by a killed writer) is skipped."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            records.append(rec)
+    return records
 
 
 def training_summary(records: list[dict], chance_loss: Optional[float]) -> dict:

@@ -24,6 +24,7 @@ import yaml
 
 from .. import resume
 from ..config import Config, apply_overrides, load_config, validate
+from ..engine.metrics import read_jsonl, training_summary
 from ..errors import SyncoError
 from ..io import atomic_write_text
 from . import stats as S
@@ -32,8 +33,6 @@ from .spec import Point, SweepSpec, expand_points, load_spec, override_keys, par
 
 # Metrics read for every run (when present): summary.json keys, plus linear_top1 from sweep_eval.json.
 DEFAULT_METRICS = ("knn_top1", "linear_top1", "final_loss", "pos_cos", "hardest_neg_cos")
-# Fallbacks from the last training record of metrics.jsonl for summaries without these keys.
-FROM_METRICS_LOG = {"final_loss": "loss", "pos_cos": "sim_pos", "hardest_neg_cos": "sim_hardest_neg"}
 PLOT_METRICS = ("knn_top1", "linear_top1")
 METRIC_LABELS = {"knn_top1": "k-NN top-1 (%)", "linear_top1": "linear top-1 (%)", "final_loss": "final loss",
                  "pos_cos": "cosine of the positive", "hardest_neg_cos": "cosine of the hardest negative"}
@@ -282,23 +281,6 @@ def record_linear(run: Run, spec: SweepSpec) -> Optional[float]:
 # Metrics of one run
 
 
-def _last_training_record(run_dir: Path) -> dict:
-    path = run_dir / "metrics.jsonl"
-    last: dict = {}
-    try:
-        with open(path) as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(rec, dict) and "loss" in rec:
-                    last = rec
-    except OSError:
-        pass
-    return last
-
-
 def run_metrics(run_dir: Path, names: list[str]) -> dict[str, float]:
     """Numbers of one finished run: ``summary.json`` keys, ``linear_top1`` from ``sweep_eval.json``, and
     final loss / cosines from the last training record of ``metrics.jsonl`` when the summary lacks them."""
@@ -311,12 +293,11 @@ def run_metrics(run_dir: Path, names: list[str]) -> dict[str, float]:
                         if k == "linear_top1"})
     except (OSError, ValueError):
         pass
-    out, last = {}, None
+    if any(name not in summary for name in names):  # summaries written before these keys existed
+        summary = {**training_summary(read_jsonl(run_dir / "metrics.jsonl"), None), **summary}
+    out = {}
     for name in names:
         v = summary.get(name)
-        if v is None and name in FROM_METRICS_LOG:
-            last = _last_training_record(run_dir) if last is None else last
-            v = last.get(FROM_METRICS_LOG[name])
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
             out[name] = float(v)
     return out

@@ -46,6 +46,7 @@ from typing import Any, Optional
 
 import yaml
 
+from ..config import load_yaml
 from ..errors import SyncoError
 
 SPEC_KEYS = ("name", "description", "base", "overrides", "axes", "seeds", "compare", "slurm", "linear", "metrics")
@@ -216,7 +217,7 @@ def read_spec(path_or_name: str) -> tuple[dict, str, str]:
                              "or give the path of a YAML file.")
         text, origin, name = res.read_text(), f"sweep spec {path_or_name}", path_or_name
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as e:
         raise SyncoError(f"{origin} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -258,7 +259,7 @@ def _parse_seeds(value: Any, where: str) -> list[int]:
 def parse_seeds_arg(text: str) -> list[int]:
     """``--seeds 3`` (0, 1, 2) or ``--seeds 0,4,7``."""
     try:
-        value = yaml.safe_load(f"[{text}]") if "," in text else yaml.safe_load(text)
+        value = load_yaml(f"[{text}]") if "," in text else load_yaml(text)
     except yaml.YAMLError:
         value = text
     return _parse_seeds(value, "--seeds")

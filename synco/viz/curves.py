@@ -11,7 +11,6 @@ the last epoch's length past the last one, e.g. in a run still going); a record 
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ..engine.metrics import read_jsonl
 from ..errors import SyncoError
 
 # (panel title, y label, [(record key, line style)])
@@ -60,22 +60,11 @@ def save_png(fig, path) -> Path:
 
 def read_records(path: Path) -> list[dict]:
     """The JSON records of ``metrics.jsonl`` (a half-written last line from a killed run is skipped)."""
-    records = []
     try:
-        with open(path) as f:
-            for line in f:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(rec, dict):
-                    records.append(rec)
+        Path(path).open().close()  # an unreadable log is an error here, not an empty curve
     except OSError as e:
         raise SyncoError(f"cannot read '{path}': {e.strerror or e}.") from None
-    return records
+    return read_jsonl(path)
 
 
 def epoch_of_steps(records: list[dict]):
