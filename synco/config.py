@@ -504,6 +504,10 @@ def validate_augment(a: AugmentConfig) -> None:
 
     if a.on not in ("workers", "device"):
         bad("on", f"must be workers or device, got '{a.on}'.")
+    for key in ("crop_scale", "crop_ratio", "jitter", "blur_sigma", "blur_p", "solarize_p"):
+        v = getattr(a, key)  # untyped lists: check the elements are numbers before comparing them
+        if any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in v):
+            bad(key, f"must be a list of numbers, got {v!r}.")
     if len(a.crop_scale) != 2 or not 0 < a.crop_scale[0] <= a.crop_scale[1] <= 1:
         bad("crop_scale", "must be [min, max] with 0 < min <= max <= 1.")
     if len(a.crop_ratio) != 2 or not 0 < a.crop_ratio[0] <= a.crop_ratio[1]:

@@ -89,3 +89,10 @@ def test_augment_section_reads_a_bare_yaml_on_key(tmp_path):
     assert load_config("cpu-demo").data.augment.on == "device"
     with pytest.raises(SyncoError, match="data.augment.on"):
         load_config("cpu-demo", ["data.augment.on=gpu"])
+
+
+@pytest.mark.parametrize("override", ["data.augment.jitter=[nan,0,0,0]", "data.augment.crop_scale=[a,1]",
+                                      "data.augment.blur_p=[true,0.1]"])
+def test_augment_lists_must_hold_numbers(override):
+    with pytest.raises(SyncoError, match="data.augment.* must be a list of numbers"):
+        load_config("cpu-demo", [override])
