@@ -26,7 +26,7 @@ from bench_negatives import time_negatives  # noqa: E402
 
 from synco.config import load_config  # noqa: E402
 from synco.engine.optim import build_optimizer  # noqa: E402
-from synco.models.method import SelfSupervisedModel  # noqa: E402
+from synco.models.method import create_model  # noqa: E402
 
 
 def _sync(device):
@@ -38,7 +38,7 @@ def time_step(preset: str, overrides: list[str], batch: int, device: torch.devic
               warmup: int = 1) -> float:
     cfg = load_config(preset, overrides + [f"optim.batch_size={batch}"])
     torch.manual_seed(0)
-    model = SelfSupervisedModel(cfg).to(device).train()
+    model = create_model(cfg).to(device).train()
     opt = build_optimizer(model, cfg.optim, 1e-4, device)
     size = cfg.model.backbone_kwargs.get("img_size", 224)
     x1 = torch.randn(batch, 3, size, size, device=device)
@@ -52,7 +52,7 @@ def time_step(preset: str, overrides: list[str], batch: int, device: torch.devic
         opt.step()
         opt.zero_grad(set_to_none=True)
         model.momentum_update(0.99)
-        if model.queue1.shape[0] % batch == 0:
+        if model.queue is None or model.queue.size % batch == 0:
             model.enqueue(k1, k2)
 
     times = []

@@ -237,10 +237,10 @@ def run_stale_cache(env: Env) -> tuple[int, str]:
     argv = ["pretrain", "--no-progress", "--out", out, *TINY, "data.dataset=folder", f"data.root={env.data['digits']}",
             *FOLDER, "epochs=2"]
     from synco.config import load_config
-    from synco.engine.train import Trainer
+    from synco.engine.train import Trainer, stop_at_step
 
     cfg = load_config("cpu-demo", argv[5:])
-    Trainer(cfg, out, progress=False).train(stop_at_step=3)
+    Trainer(cfg, out, progress=False, step_hooks=(stop_at_step(3),)).train()
     stamp = (out / "checkpoint.pt").stat().st_mtime_ns
     rc, err = call(["eval", "knn", "--checkpoint", out, "dataset=folder", f"root={env.data['digits']}", *KNN])
     if rc:
@@ -296,10 +296,10 @@ def run_rerun_throughput(env: Env) -> tuple[int, str]:
 
 def run_resume_throughput(env: Env) -> tuple[int, str]:
     from synco.config import load_config
-    from synco.engine.train import Trainer
+    from synco.engine.train import Trainer, stop_at_step
 
     out = env.out()
-    Trainer(load_config("cpu-demo", TINY), out, progress=False).train(stop_at_step=5)
+    Trainer(load_config("cpu-demo", TINY), out, progress=False, step_hooks=(stop_at_step(5),)).train()
     rc, err = call(["pretrain", "--no-progress", "--out", out, *TINY])
     if rc == 0:
         s = summary(out)

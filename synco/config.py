@@ -16,7 +16,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from .errors import SyncoError
+from .errors import SyncoError, key_error
 
 @dataclass(frozen=True)
 class MethodSpec:
@@ -35,6 +35,12 @@ METHODS = tuple(METHOD_SPECS)
 
 def method_spec(cfg) -> MethodSpec:
     return METHOD_SPECS[cfg.method]
+
+
+def negatives_kwargs(n: "NegativesConfig") -> dict:
+    """``SyntheticNegatives``' arguments from the ``negatives`` section (the window is the trainer's, not theirs)."""
+    return dict(n_hard=n.n_hard, counts=tuple(n.counts), alpha_max=n.alpha_max, beta_max=n.beta_max, sigma=n.sigma,
+                delta=n.delta, eta=n.eta)
 
 
 @dataclass
@@ -328,11 +334,12 @@ def save_config(cfg: Config, path: Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
+_bad = key_error("config key")
+
+
 def validate(cfg: Config) -> None:
     """Reject impossible configs early, naming the key. (World-size checks happen at launch.)"""
-    def bad(key: str, msg: str) -> None:
-        raise SyncoError(f"config key '{key}': {msg}")
-
+    bad = _bad  # a short name for the many checks below
     _check_finite(cfg)
     if cfg.method not in METHODS:
         bad("method", f"must be one of {', '.join(METHODS)}, got '{cfg.method}'.")
@@ -405,8 +412,7 @@ def validate(cfg: Config) -> None:
         from .negatives import SyntheticNegatives
 
         try:
-            SyntheticNegatives(n_hard=n.n_hard, counts=tuple(n.counts), alpha_max=n.alpha_max,
-                               beta_max=n.beta_max, sigma=n.sigma, delta=n.delta, eta=n.eta)
+            SyntheticNegatives(**negatives_kwargs(n))
         except SyncoError as e:
             raise SyncoError(f"config section 'negatives': {e}") from None
     d = cfg.data
@@ -499,30 +505,27 @@ def _match_image_size(cfg: Config) -> None:
 
 
 def validate_augment(a: AugmentConfig) -> None:
-    def bad(key: str, msg: str) -> None:
-        raise SyncoError(f"config key 'data.augment.{key}': {msg}")
-
     if a.on not in ("workers", "device"):
-        bad("on", f"must be workers or device, got '{a.on}'.")
+        _bad("data.augment.on", f"must be workers or device, got '{a.on}'.")
     for key in ("crop_scale", "crop_ratio", "jitter", "blur_sigma", "blur_p", "solarize_p"):
         v = getattr(a, key)  # untyped lists: check the elements are numbers before comparing them
         if any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in v):
-            bad(key, f"must be a list of numbers, got {v!r}.")
+            _bad(f"data.augment.{key}", f"must be a list of numbers, got {v!r}.")
     if len(a.crop_scale) != 2 or not 0 < a.crop_scale[0] <= a.crop_scale[1] <= 1:
-        bad("crop_scale", "must be [min, max] with 0 < min <= max <= 1.")
+        _bad("data.augment.crop_scale", "must be [min, max] with 0 < min <= max <= 1.")
     if len(a.crop_ratio) != 2 or not 0 < a.crop_ratio[0] <= a.crop_ratio[1]:
-        bad("crop_ratio", "must be [min, max] with 0 < min <= max.")
+        _bad("data.augment.crop_ratio", "must be [min, max] with 0 < min <= max.")
     if len(a.jitter) != 4 or any(not 0 <= v for v in a.jitter) or a.jitter[3] > 0.5:
-        bad("jitter", "must be [brightness, contrast, saturation, hue], all >= 0 and hue <= 0.5.")
+        _bad("data.augment.jitter", "must be [brightness, contrast, saturation, hue], all >= 0 and hue <= 0.5.")
     if len(a.blur_sigma) != 2 or not 0 < a.blur_sigma[0] <= a.blur_sigma[1]:
-        bad("blur_sigma", "must be [min, max] with 0 < min <= max.")
+        _bad("data.augment.blur_sigma", "must be [min, max] with 0 < min <= max.")
     for key in ("flip_p", "jitter_p", "grayscale_p"):
         if not 0.0 <= getattr(a, key) <= 1.0:
-            bad(key, "must be a probability in [0, 1].")
+            _bad(f"data.augment.{key}", "must be a probability in [0, 1].")
     for key in ("blur_p", "solarize_p"):
         v = getattr(a, key)
         if len(v) != 2 or not all(0.0 <= p <= 1.0 for p in v):
-            bad(key, "must be two probabilities [view 1, view 2], each in [0, 1].")
+            _bad(f"data.augment.{key}", "must be two probabilities [view 1, view 2], each in [0, 1].")
 
 
 def synthetic_window(cfg: Config) -> tuple[int, int]:

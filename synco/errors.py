@@ -1,10 +1,22 @@
 """User-facing errors: one short paragraph and a non-zero exit, never a bare traceback."""
 
+from typing import Callable, NoReturn
+
 
 class SyncoError(Exception):
     """An error caused by the user's input (data, config, checkpoint), reported without a traceback."""
 
     exit_code = 2
+
+
+def key_error(what: str, prefix: str = "") -> Callable[[str, str], NoReturn]:
+    """The one form of a bad-setting error, naming the key: ``bad = key_error("config key")`` and then
+    ``bad("epochs", "must be >= 1.")`` raises ``SyncoError("config key 'epochs': must be >= 1.")``."""
+
+    def bad(key: str, msg: str) -> NoReturn:
+        raise SyncoError(f"{what} '{prefix}{key}': {msg}")
+
+    return bad
 
 
 class Interrupted(KeyboardInterrupt):

@@ -10,7 +10,7 @@ import torch
 
 from synco.config import load_config
 from synco.engine.checkpoint import load
-from synco.engine.train import Trainer
+from synco.engine.train import Trainer, stop_at_step
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
@@ -62,8 +62,8 @@ def test_two_processes_equal_one_process_with_double_batch(tmp_path, tiny_overri
     assert (a["step"], a["epoch"], a["global_batch"]) == (b["step"], b["epoch"], b["global_batch"]) == (8, 2, 32)
     assert b["world_size"] == 2
     # the queues hold the same keys in the same slots (all-gathered in rank order)
-    assert int(a["model"]["queue_ptr"]) == int(b["model"]["queue_ptr"])
-    for q in ("queue1", "queue2"):
+    assert int(a["model"]["queue.ptr"]) == int(b["model"]["queue.ptr"])
+    for q in ("queue.queue1", "queue.queue2"):
         torch.testing.assert_close(a["model"][q], b["model"][q], rtol=0, atol=5e-5)
     assert_same_weights(a["model"], b["model"])
     la, lb = steps(one), steps(two)
@@ -75,7 +75,7 @@ def test_two_processes_equal_one_process_with_double_batch(tmp_path, tiny_overri
 
     # resume a 1-process checkpoint with 2 processes (same global batch): same end point
     cfg = load_config("cpu-demo", base + ["optim.batch_size=32"])
-    Trainer(cfg, resumed, progress=False).train(stop_at_step=4)
+    Trainer(cfg, resumed, progress=False, step_hooks=(stop_at_step(4),)).train()
     run(["pretrain", "--no-progress", "--out", str(resumed), *base, "optim.batch_size=16"], nproc=2)
     c = load(resumed / "checkpoint.pt")
     assert_same_weights(a["model"], c["model"])
@@ -100,7 +100,7 @@ def test_device_augmentation_two_processes_equal_one(tmp_path, tiny_overrides):
     run(["pretrain", "--no-progress", "--out", str(one), *base, "optim.batch_size=32"])
     run(["pretrain", "--no-progress", "--out", str(two), *base, "optim.batch_size=16"], nproc=2)
     a, b = load(one / "checkpoint.pt"), load(two / "checkpoint.pt")
-    for q in ("queue1", "queue2"):
+    for q in ("queue.queue1", "queue.queue2"):
         torch.testing.assert_close(a["model"][q], b["model"][q], rtol=0, atol=5e-5)
     assert_same_weights(a["model"], b["model"])
     for ra, rb in zip(steps(one), steps(two)):

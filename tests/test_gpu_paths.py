@@ -25,7 +25,7 @@ from synco.config import load_config
 from synco.engine.checkpoint import load
 from synco.engine.optim import build_optimizer, fused_adamw_supported
 from synco.engine.train import Trainer
-from synco.models.method import SelfSupervisedModel
+from synco.models.method import create_model
 
 # 2 steps of batch 32 in one epoch, no worker process. Drop path off: a compiled graph draws its random
 # numbers with inductor's own generator, so eager and compiled runs would drop different samples.
@@ -71,7 +71,7 @@ def test_bf16_autocast_loss_is_close_to_fp32(tmp_path, fp32_eager):
 def test_bf16_autocast_runs_matmuls_in_bf16(tiny_overrides):
     cfg = load_config("cpu-demo", tiny_overrides)
     torch.manual_seed(0)
-    model = SelfSupervisedModel(cfg).train()
+    model = create_model(cfg).train()
     x = torch.randn(8, 3, 16, 16)
     seen = []
     hook = model.online.projector.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
@@ -91,8 +91,8 @@ def test_fused_adamw_equals_foreach(tiny_overrides):
     assert not fused_adamw_supported(torch.device("meta"))
     cfg = load_config("cpu-demo", tiny_overrides)
     torch.manual_seed(0)
-    model = SelfSupervisedModel(cfg).train()
-    twin = SelfSupervisedModel(cfg).train()
+    model = create_model(cfg).train()
+    twin = create_model(cfg).train()
     twin.load_state_dict(model.state_dict())
     start = {k: v.detach().clone() for k, v in model.online.named_parameters()}
     fused = build_optimizer(model, cfg.optim, 1e-2, torch.device("cpu"))

@@ -6,13 +6,13 @@ import torch
 from synco.config import load_config
 from synco.engine.optim import build_optimizer
 from synco.models.backbone import TokenBatchNorm
-from synco.models.method import SelfSupervisedModel
+from synco.models.method import create_model
 
 
 def make(tiny_overrides, *extra):
     cfg = load_config("cpu-demo", tiny_overrides + list(extra))
     torch.manual_seed(0)
-    return cfg, SelfSupervisedModel(cfg)
+    return cfg, create_model(cfg)
 
 
 def views(n=8, seed=0):
@@ -45,15 +45,15 @@ def test_enqueue_replaces_oldest_slice_and_wraps(tiny_overrides):
     _, m = make(tiny_overrides, "contrast.queue_size=6", "negatives.n_hard=4")
     k1, k2 = torch.arange(12.0).view(3, 4)[:, :1].repeat(1, 32), -torch.ones(3, 32)
     m.enqueue(k1, k2)
-    assert int(m.queue_ptr) == 3
-    torch.testing.assert_close(m.queue1[:3], k1)
-    torch.testing.assert_close(m.queue2[:3], k2)
+    assert int(m.queue.ptr) == 3
+    torch.testing.assert_close(m.queue.queue1[:3], k1)
+    torch.testing.assert_close(m.queue.queue2[:3], k2)
     m.enqueue(k1 + 100, k2)
-    assert int(m.queue_ptr) == 0
-    torch.testing.assert_close(m.queue1[3:], k1 + 100)
+    assert int(m.queue.ptr) == 0
+    torch.testing.assert_close(m.queue.queue1[3:], k1 + 100)
     m.enqueue(k1 + 200, k2)
-    torch.testing.assert_close(m.queue1[:3], k1 + 200)
-    torch.testing.assert_close(m.queue1[3:], k1 + 100)
+    torch.testing.assert_close(m.queue.queue1[:3], k1 + 200)
+    torch.testing.assert_close(m.queue.queue1[3:], k1 + 100)
     with pytest.raises(ValueError, match="multiple"):
         m.enqueue(torch.ones(4, 32), torch.ones(4, 32))
 
@@ -79,12 +79,12 @@ def test_symmetric_loss_uses_the_other_views_queue(tiny_overrides):
 
     x1, x2 = views()
     _, m = make(tiny_overrides, "method=moby", "model.drop_path_online=0.0")
-    m.queue1.normal_()
-    m.queue2.copy_(F.normalize(torch.randn_like(m.queue2), dim=1))
+    m.queue.queue1.normal_()
+    m.queue.queue2.copy_(F.normalize(torch.randn_like(m.queue.queue2), dim=1))
     m.eval()  # fixed BN statistics so that the manual recomputation matches
     loss, _, (k1, k2) = m(x1, x2)
     q1, q2 = (F.normalize(q, dim=1) for q in m.online(x1, x2))
-    expect = info_nce(q1, k2, m.queue2, 0.2)[0] + info_nce(q2, k1, m.queue1, 0.2)[0]
+    expect = info_nce(q1, k2, m.queue.queue2, 0.2)[0] + info_nce(q2, k1, m.queue.queue1, 0.2)[0]
     torch.testing.assert_close(loss, expect)
 
 
@@ -100,7 +100,7 @@ def test_gradients_reach_only_the_online_network(tiny_overrides):
 def test_byol_has_no_queue_and_a_bounded_loss(tiny_overrides):
     x1, x2 = views()
     _, m = make(tiny_overrides, "method=byol")
-    assert not hasattr(m, "queue1")
+    assert m.queue is None and m.negatives is None
     loss, _, _ = m(x1, x2)
     assert 0.0 <= loss.item() <= 8.0
 
@@ -135,3 +135,34 @@ def test_bn_before_mlp_and_asymmetric_drop_path(tiny_overrides):
     x1, x2 = views()
     loss, _, _ = m(x1, x2)
     assert torch.isfinite(loss)
+
+
+def test_checkpoints_with_the_old_queue_names_still_load(tiny_overrides):
+    """Before KeyQueues, the queue buffers were the model's own (queue1, queue2, queue_ptr)."""
+    _, m = make(tiny_overrides, "contrast.queue_size=6", "negatives.n_hard=4")
+    m.enqueue(torch.ones(3, 32), -torch.ones(3, 32))
+    state = m.state_dict()
+    old = {{"queue.queue1": "queue1", "queue.queue2": "queue2", "queue.ptr": "queue_ptr"}.get(k, k): v
+           for k, v in state.items()}
+    assert "queue1" in old and "queue.queue1" not in old
+    _, fresh = make(tiny_overrides, "contrast.queue_size=6", "negatives.n_hard=4")
+    fresh.load_state_dict(old, strict=True)
+    assert int(fresh.queue.ptr) == 3
+    torch.testing.assert_close(fresh.queue.queue2[:3], -torch.ones(3, 32))
+
+
+def test_the_model_is_built_from_its_own_arguments():
+    """The factory pair: model_kwargs(cfg) holds everything SelfSupervisedModel needs, and nothing is a Config."""
+    from synco.config import load_config
+    from synco.models.method import SelfSupervisedModel, model_kwargs
+
+    cfg = load_config("cpu-demo", ["contrast.queue_size=128", "negatives.n_hard=16", "negatives.counts=[1,2,0,0,0,3]"])
+    kw = model_kwargs(cfg)
+    assert kw["negatives"]["counts"] == (1, 2, 0, 0, 0, 3) and kw["backbone"]["name"] == cfg.model.backbone
+    torch.manual_seed(0)
+    a = SelfSupervisedModel(**kw)
+    torch.manual_seed(0)
+    b = create_model(cfg)
+    assert a.queue.size == 128 and a.negatives.n_hard == 16
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)

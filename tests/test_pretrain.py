@@ -14,7 +14,7 @@ import yaml
 from synco.cli.main import main
 from synco.config import load_config
 from synco.engine.checkpoint import load
-from synco.engine.train import Trainer
+from synco.engine.train import Trainer, stop_at_step
 from synco.pretrain import pretrain
 
 
@@ -89,8 +89,8 @@ def test_resume_gives_the_same_weights_as_one_run(tmp_path, tiny_overrides, stop
                              f"data.augment.on={augment_on}"]
     cfg = load_config("cpu-demo", over)
     Trainer(cfg, tmp_path / "full", progress=False).train()
-    split = Trainer(cfg, tmp_path / "split", progress=False)
-    split.train(stop_at_step=stop_at)
+    split = Trainer(cfg, tmp_path / "split", progress=False, step_hooks=(stop_at_step(stop_at),))
+    split.train()
     assert load(tmp_path / "split" / "checkpoint.pt")["step"] == stop_at
     again = Trainer(cfg, tmp_path / "split", progress=False)
     assert again.train()["resumed"]
@@ -248,4 +248,4 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path, tiny_overrides):
     assert [r["step"] for r in recs] == list(range(1, 9))
     assert all(math.isfinite(r["loss"]) for r in recs)
     # the queue received every micro-batch's keys: 16 micro-batches x 16 keys, modulo its 128 slots
-    assert int(trainer.model.queue_ptr) == (16 * 16) % 128
+    assert int(trainer.model.queue.ptr) == (16 * 16) % 128

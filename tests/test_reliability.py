@@ -268,10 +268,10 @@ def test_lock_of_a_reused_pid_or_garbage_is_stale(tmp_path):
 
 
 def test_rerun_and_resume_keep_the_whole_run_throughput(tmp_path, capsys, tiny_overrides):
-    from synco.engine.train import Trainer
+    from synco.engine.train import Trainer, stop_at_step
 
     cfg = load_config("cpu-demo", tiny_overrides + ["data.num_workers=0"])
-    Trainer(cfg, tmp_path, progress=False).train(stop_at_step=3)  # segment 1: steps 0..3, then "killed"
+    Trainer(cfg, tmp_path, progress=False, step_hooks=(stop_at_step(3),)).train()  # segment 1: steps 0..3, then "killed"
     rc, err = pretrain(capsys, tmp_path, tiny_overrides)  # segment 2: steps 3..8
     assert rc == 0, err
     first = json.loads((tmp_path / "summary.json").read_text())

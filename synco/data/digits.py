@@ -19,7 +19,8 @@ from synco.errors import SyncoError
 SPLITS = ("train", "test")
 
 
-def _split_indices(y: np.ndarray, split: str) -> np.ndarray:
+def split_indices(y: np.ndarray, split: str) -> np.ndarray:
+    """Sorted positions of ``split`` ("train": 1437, "test": 360) among the labels ``y`` of ``load_digits()``."""
     # Fixed seed + stratification: every run and every machine sees the same 1437/360 split.
     train_idx, test_idx = train_test_split(np.arange(len(y)), test_size=0.2, random_state=0, stratify=y)
     return np.sort(train_idx if split == "train" else test_idx)
@@ -52,7 +53,7 @@ class DigitsDataset(torch.utils.data.Dataset):
         if int(image_size) < 1:
             raise SyncoError(f"Digits image_size must be a positive number of pixels, got {image_size}.")
         bunch = load_digits()
-        idx = _split_indices(bunch.target, split)
+        idx = split_indices(bunch.target, split)
         self.split = split
         self.indices = idx  # positions in sklearn's load_digits(), for provenance
         self.transform = transform

@@ -115,9 +115,20 @@ class _Skip(torch.utils.data.Sampler):
 
 
 class PretrainData:
-    def __init__(self, cfg, dist, bad_image_log: Optional[Path] = None):
-        d = cfg.data
-        self.cfg, self.bad_image_log = cfg, bad_image_log
+    """The training set of one process: its sampler, a persistent loader and the two views of each batch.
+
+    Args:
+        data: the ``data`` config section (dataset, root, image size, augmentations, synthetic mix, workers).
+        batch_size: images per process per micro-batch.
+        seed: the run's seed (data order, the subset of ``max_images``, every view's random stream).
+        world_size, rank: this process's share of each global batch.
+        bad_image_log: where unreadable images are listed (they are replaced, not fatal).
+    """
+
+    def __init__(self, data, *, batch_size: int, seed: int, world_size: int = 1, rank: int = 0,
+                 bad_image_log: Optional[Path] = None):
+        d = data
+        self.data_cfg, self.batch_size, self.seed, self.bad_image_log = data, batch_size, seed, bad_image_log
         self.on_device = d.augment.on == "device"
         self.device_views = None
         if self.on_device:
@@ -127,7 +138,7 @@ class PretrainData:
         self.real = build_dataset(d.dataset, root=d.root, split="train", transform=views, class_list=d.class_list,
                                   image_size=d.image_size, bad_image_log=bad_image_log)
         if d.max_images and d.max_images < len(self.real):
-            keep = torch.randperm(len(self.real), generator=torch.Generator().manual_seed(cfg.seed))[: d.max_images]
+            keep = torch.randperm(len(self.real), generator=torch.Generator().manual_seed(seed))[: d.max_images]
             self.real = torch.utils.data.Subset(self.real, keep.sort().values.tolist())
         self.synthetic = None
         n_real, n_syn = len(self.real), 0
@@ -141,26 +152,24 @@ class PretrainData:
             n_real, n_syn = mix_counts(len(self.real), d.synthetic_ratio, d.synthetic_mode)
         self.counts = (n_real, n_syn)
         self.epoch_size = n_real + n_syn
-        common = dict(num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=cfg.seed, drop_last=True)
+        common = dict(num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
         if self.synthetic is None:
-            self.dataset = IndexSeeded(self.real, cfg.seed, with_index=self.on_device)
-            self.sampler = GlobalBatchSampler(self.dataset, cfg.optim.batch_size, **common)
+            self.dataset = IndexSeeded(self.real, seed, with_index=self.on_device)
+            self.sampler = GlobalBatchSampler(self.dataset, batch_size, **common)
         else:
-            self.dataset = IndexSeeded(ConcatDataset([self.real, self.synthetic]), cfg.seed,
-                                       with_index=self.on_device)
-            self.sampler = GlobalBatchSampler(self.dataset.dataset, cfg.optim.batch_size, counts=self.counts,
-                                              **common)
+            self.dataset = IndexSeeded(ConcatDataset([self.real, self.synthetic]), seed, with_index=self.on_device)
+            self.sampler = GlobalBatchSampler(self.dataset.dataset, batch_size, counts=self.counts, **common)
         self.samples_per_rank = len(self.sampler)
         self._loader: Optional[DataLoader] = None
 
     def _make_loader(self, sampler, persistent: bool, epoch: int) -> DataLoader:
-        workers = self.cfg.data.num_workers
+        workers = self.data_cfg.num_workers
         # An explicit generator: without one, starting an epoch would draw from the global RNG and shift the
         # stream of drop path and synthetic negatives differently in a resumed run.
-        return DataLoader(self.dataset, batch_size=self.cfg.optim.batch_size, sampler=sampler, drop_last=True,
+        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True,
                           num_workers=workers, pin_memory=torch.cuda.is_available(),
                           persistent_workers=persistent and workers > 0, prefetch_factor=4 if workers else None,
-                          generator=torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch),
+                          generator=torch.Generator().manual_seed(self.seed * 7919 + epoch),
                           worker_init_fn=signals.ignore_in_worker if workers else None)
 
     def loader(self, epoch: int, skip_batches: int = 0) -> DataLoader:
@@ -169,7 +178,7 @@ class PretrainData:
         epoch cut by a resume gets a loader of its own."""
         self.sampler.set_epoch(epoch)
         if skip_batches:
-            return self._make_loader(_Skip(self.sampler, skip_batches * self.cfg.optim.batch_size), False, epoch)
+            return self._make_loader(_Skip(self.sampler, skip_batches * self.batch_size), False, epoch)
         if self._loader is None:
             self._loader = self._make_loader(self.sampler, True, epoch)
         return self._loader
@@ -183,13 +192,19 @@ class PretrainData:
 
         images, index = batch
         if self.device_views is None:
-            self.device_views = BatchViews(self.cfg.data.image_size, view_params(self.cfg.data.augment),
+            self.device_views = BatchViews(self.data_cfg.image_size, view_params(self.data_cfg.augment),
                                            IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD).to(device)
-        return self.device_views(images.to(device, non_blocking=True), sample_seeds(self.cfg.seed, epoch, index))
+        return self.device_views(images.to(device, non_blocking=True), sample_seeds(self.seed, epoch, index))
 
     def bad_images(self) -> int:
         return count_bad_images(self.bad_image_log) if self.bad_image_log else 0
 
 
+def pretrain_data_kwargs(cfg, dist) -> dict:
+    """:class:`PretrainData`'s arguments from a config and the process group (timm's ``x_kwargs(cfg)`` pair)."""
+    return dict(data=cfg.data, batch_size=cfg.optim.batch_size, seed=cfg.seed, world_size=dist.world_size,
+                rank=dist.rank)
+
+
 def build_pretrain_data(cfg, dist, bad_image_log: Optional[Path] = None) -> PretrainData:
-    return PretrainData(cfg, dist, bad_image_log)
+    return PretrainData(**pretrain_data_kwargs(cfg, dist), bad_image_log=bad_image_log)

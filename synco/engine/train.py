@@ -7,7 +7,6 @@ passes over the whole dataset, whatever the number of processes.
 
 from __future__ import annotations
 
-import contextlib
 import random
 import time
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from ..config import Config, method_spec, save_config, synthetic_window
 from ..device import resolve_device, use_bf16
 from ..errors import SyncoError
 from ..models.backbone import backbone_meta, export_safetensors, load_state_checked
-from ..models.method import SelfSupervisedModel
+from ..models.method import create_model
 from ..resume import config_differences
 from . import checkpoint as ckpt
 from . import signals as sig
@@ -32,6 +31,7 @@ from . import dist as D
 from .data import build_pretrain_data
 from .metrics import MetricsLogger
 from .optim import build_optimizer, build_scheduler
+from .step import train_step
 from .syncbn import convert_sync_batchnorm
 
 
@@ -66,11 +66,23 @@ class RunState:
 # (e.g. the k-NN monitor, which lives above the engine and so reaches it only through this hook).
 EpochHook = Callable[["Trainer", int], Optional[dict]]
 
+# Called on every process after each optimizer step as ``hook(trainer)``. Returning True ends ``train()`` at once,
+# after a checkpoint, so ``resume=true`` continues exactly there: a job's time budget, a preemption notice, or a
+# test's simulated kill. The answer must be the same on every process (decide from ``trainer.state.step``, or
+# agree through torch.distributed).
+StepHook = Callable[["Trainer"], bool]
+
+
+def stop_at_step(step: int) -> StepHook:
+    """A step hook that ends training after optimizer step ``step`` (the run stays resumable)."""
+    return lambda trainer: trainer.state.step == step
+
 
 class Trainer:
-    def __init__(self, cfg: Config, out_dir: Path, progress: bool = True, epoch_hooks: tuple[EpochHook, ...] = ()):
+    def __init__(self, cfg: Config, out_dir: Path, progress: bool = True, epoch_hooks: tuple[EpochHook, ...] = (),
+                 step_hooks: tuple[StepHook, ...] = ()):
         self.cfg, self.out = cfg, Path(out_dir)
-        self.epoch_hooks = epoch_hooks
+        self.epoch_hooks, self.step_hooks = epoch_hooks, step_hooks
         self.device = resolve_device(cfg.device)
         self.dist = D.init_distributed(self.device.type)
         if self.device.type == "cuda":
@@ -107,7 +119,7 @@ class Trainer:
         self.window = synthetic_window(cfg)
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        self.model = SelfSupervisedModel(cfg).to(self.device)
+        self.model = create_model(cfg).to(self.device)
         if self.world > 1:
             self.model.online = convert_sync_batchnorm(self.model.online, self.device)
             self.model.target = convert_sync_batchnorm(self.model.target, self.device)
@@ -176,39 +188,21 @@ class Trainer:
 
     # -- training ---------------------------------------------------------------------------------
 
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
-
     def step(self, micro_batches: list, use_synthetic: bool) -> tuple[dict, float]:
-        """One optimizer step: forward, backward and enqueue each micro-batch ``(x1, x2)`` (``accum_steps`` of
-        them), then clip, AdamW and the EMA of the target. Returns the micro-batches' summed statistics as device
-        tensors (no host sync) with a ``loss`` key, and the EMA momentum used."""
+        """One optimizer step over ``micro_batches`` (``accum_steps`` pairs of views) at the current schedules
+        (see :func:`synco.engine.step.train_step`). Returns the summed statistics as device tensors (no host sync)
+        with a ``loss`` key, and the EMA momentum used."""
         cfg, st = self.cfg, self.state
         self.scheduler.step_update(num_updates=st.step)
-        sums: dict[str, torch.Tensor] = {}
-        for i, (x1, x2) in enumerate(micro_batches):
-            last = i == len(micro_batches) - 1
-            ctx = self.online.no_sync() if (self.world > 1 and not last) else contextlib.nullcontext()
-            with ctx:
-                with self._autocast():
-                    loss, stats, (k1, k2) = self.model(x1, x2, use_synthetic=use_synthetic, online=self.online)
-                (loss / len(micro_batches)).backward()
-            self.model.enqueue(D.all_gather_cat(k1), D.all_gather_cat(k2))
-            stats["loss"] = loss.detach()
-            for key, v in stats.items():
-                sums[key] = sums.get(key, 0) + v.float()
-        if cfg.optim.clip_grad:
-            torch.nn.utils.clip_grad_norm_(self.model.online.parameters(), cfg.optim.clip_grad, foreach=True)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         # MoBY pulls the target towards the updated weights theta_{t+1} with m(t+1), not m(t).
         momentum = schedules.momentum_at(st.step + 1, self.total_steps, cfg.contrast.momentum_start)
-        self.model.momentum_update(momentum)
+        sums = train_step(self.model, self.online, self.optimizer, micro_batches, use_synthetic=use_synthetic,
+                          momentum=momentum, clip_grad=cfg.optim.clip_grad, bf16=self.bf16, world=self.world)
         st.step += 1
         return sums, momentum
 
-    def train(self, stop_at_step: Optional[int] = None) -> dict:
-        """Run to the end (or, to simulate an interruption, return after checkpointing at ``stop_at_step``)."""
+    def train(self) -> dict:
+        """Run to the end, or until a step hook asks to stop (after a checkpoint)."""
         resumed = self.maybe_resume()  # replaces self.state: bind st only after it
         cfg, st = self.cfg, self.state
         if self.dist.is_main:
@@ -221,6 +215,7 @@ class Trainer:
         window = _MetricsWindow(self.world)
         self.throughput.start(st.step)
         self.model.train()
+        stop = False
         while st.epoch < cfg.epochs:
             epoch = st.epoch
             if st.batch_in_epoch == 0:
@@ -239,6 +234,7 @@ class Trainer:
                 st.batch_in_epoch += len(micro)
                 micro = []
                 bar.update(1)
+                stop = any([hook(self) for hook in self.step_hooks])  # every hook sees every step
                 if st.step % cfg.log_every == 0 or st.step == self.total_steps:
                     self._check_finite(bad)
                     record = {"step": st.step, "epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"],
@@ -246,7 +242,7 @@ class Trainer:
                     logger.log(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", ep=epoch, syn=int(use_syn))
                 if st.batch_in_epoch < n_batches and (
-                        (cfg.ckpt_every_steps and st.step % cfg.ckpt_every_steps == 0) or st.step == stop_at_step):
+                        (cfg.ckpt_every_steps and st.step % cfg.ckpt_every_steps == 0) or stop):
                     self._check_finite(bad)
                     self.save()
                 signum = sig.stop_requested(st.step, self.world, self.device, cfg.log_every)
@@ -256,9 +252,9 @@ class Trainer:
                     bar.close()
                     logger.close()
                     raise sig.stopped(signum, st.step, st.epoch, self.ckpt_path)
-                if st.step == stop_at_step:
+                if stop:
                     break
-            if stop_at_step is not None and st.step == stop_at_step and st.batch_in_epoch < n_batches:
+            if stop and st.batch_in_epoch < n_batches:
                 break
             st.epoch, st.batch_in_epoch = epoch + 1, 0
             self._check_finite(bad)
@@ -269,7 +265,7 @@ class Trainer:
                 logger.log({"step": st.step, "epoch": epoch, "epoch_end": True, "real_images": real,
                             "synthetic_images": synthetic, "bad_images": self.data.bad_images()})
             self._run_epoch_hooks(epoch, logger, window)
-            if st.step == stop_at_step:
+            if stop:
                 break
         bar.close()
         logger.close()

@@ -302,9 +302,9 @@ def _epoch_images(opts: EfficiencyOptions, cfg) -> tuple[int, str]:
     if cfg.data.dataset == "digits":
         from sklearn.datasets import load_digits
 
-        from ..data.digits import _split_indices
+        from ..data.digits import split_indices
 
-        return len(_split_indices(load_digits().target, "train")), "digits train split"
+        return len(split_indices(load_digits().target, "train")), "digits train split"
     return IMAGENET_TRAIN_IMAGES, "ImageNet-1k train"
 
 
@@ -351,10 +351,7 @@ class _LoaderInputs:
             self._it = iter(self.data.loader(self.epoch))
             batch, _ = next(self._it)
         timeline.mark("data wait")
-        if hasattr(self.data, "views"):  # on=device: the views are made here, on the device
-            x1, x2 = self.data.views(batch, self.epoch, self.device)
-        else:
-            x1, x2 = (x.to(self.device, non_blocking=True) for x in batch)
+        x1, x2 = self.data.views(batch, self.epoch, self.device)  # on=device: made here, on the device
         timeline.mark("views to device")
         return x1, x2
 
@@ -366,7 +363,8 @@ def measure_method(cfg, opts: EfficiencyOptions, device: torch.device, probe: Me
     """Time, memory, FLOPs and breakdown of ``opts.steps`` training steps of ``cfg.method`` (after
     ``opts.warmup_steps``, and one more step whose FLOPs are counted)."""
     from ..engine.optim import build_optimizer
-    from ..models.method import SelfSupervisedModel
+    from ..engine.step import train_step
+    from ..models.method import create_model
     from ..schedules import scaled_lr
 
     torch.manual_seed(opts.seed)
@@ -374,7 +372,7 @@ def measure_method(cfg, opts: EfficiencyOptions, device: torch.device, probe: Me
     check_batch(cfg)
     gc.collect()
     before = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else rss_mb()
-    model = SelfSupervisedModel(cfg).to(device)
+    model = create_model(cfg).to(device)
     params = count_parameters(model)
     optimizer = build_optimizer(model, cfg.optim, scaled_lr(cfg.optim.base_lr, batch), device)
     size = cfg.data.image_size
@@ -393,19 +391,10 @@ def measure_method(cfg, opts: EfficiencyOptions, device: torch.device, probe: Me
         compute(x1, x2)
         return None
 
-    def compute(x1: torch.Tensor, x2: torch.Tensor) -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss, _, (k1, k2) = model(x1, x2, use_synthetic=use_syn)
-        timeline.mark("loss (rest of forward)")
-        loss.backward()
-        timeline.mark("backward")
-        model.enqueue(k1, k2)
-        if cfg.optim.clip_grad:
-            torch.nn.utils.clip_grad_norm_(model.online.parameters(), cfg.optim.clip_grad, foreach=True)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        model.momentum_update(cfg.contrast.momentum_start)
-        timeline.mark("optimizer, EMA, enqueue")
+    def compute(x1: torch.Tensor, x2: torch.Tensor) -> None:  # the trainer's own step, at a fixed momentum
+        train_step(model, model.online, optimizer, [(x1, x2)], use_synthetic=use_syn,
+                   momentum=cfg.contrast.momentum_start, clip_grad=cfg.optim.clip_grad, bf16=bf16,
+                   mark=timeline.mark)
 
     flops = flops_by_module = None
     if opts.flops:

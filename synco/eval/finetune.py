@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -101,14 +101,13 @@ def build_optimizer(model: nn.Module, hp: FinetuneHParams, lr: float) -> torch.o
                                weight_decay=hp.weight_decay, momentum=hp.momentum)
 
 
-def _epoch_done(epoch: int) -> None:
-    """Called after each finished (and checkpointed) epoch; tests patch it to simulate a kill."""
-
-
 def finetune(backbone: nn.Module, meta: dict, data: ProbeData, out: Path, hp: FinetuneHParams, *, batch_size: int,
              num_workers: int, seed: int, device: torch.device, image_size: int, checkpoint: str,
-             progress: bool = True, ckpt_name: str = "finetune_ckpt.pt", fp_extra: Optional[dict] = None) -> dict:
-    """Fine-tune ``backbone`` + a new classifier on ``data``; returns the result dict (the caller writes it)."""
+             progress: bool = True, ckpt_name: str = "finetune_ckpt.pt", fp_extra: Optional[dict] = None,
+             on_epoch: Optional[Callable[[int], None]] = None) -> dict:
+    """Fine-tune ``backbone`` + a new classifier on ``data``; returns the result dict (the caller writes it).
+    ``on_epoch(n)`` is called after epoch ``n`` is checkpointed (progress reporting; a kill raised there resumes
+    exactly)."""
     t0 = time.perf_counter()
     out = Path(out)
     check_finetune_hparams(hp)
@@ -188,7 +187,8 @@ def finetune(backbone: nn.Module, meta: dict, data: ProbeData, out: Path, hp: Fi
                          "model": model.state_dict(), "optimizer": optimizer.state_dict(), "history": history},
                         ckpt_path)
         bar.update(1)
-        _epoch_done(epoch + 1)
+        if on_epoch is not None:  # after the epoch's checkpoint: a kill here loses nothing
+            on_epoch(epoch + 1)
     bar.close()
 
     evaluated = [h for h in history if "test" in h]

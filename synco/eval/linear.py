@@ -40,7 +40,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -121,10 +121,6 @@ def heldout_split(n: int, fraction: float, seed: int, targets: Optional[list] = 
 
 
 
-def _epoch_done(epoch: int) -> None:
-    """Called after each finished (and checkpointed) epoch; tests patch it to simulate a kill."""
-
-
 # ---------------------------------------------------------------------------------------------
 # The probe
 
@@ -132,8 +128,10 @@ def _epoch_done(epoch: int) -> None:
 def linear_probe(backbone: nn.Module, meta: dict, data: ProbeData, out: Path, hp: LinearHParams, *,
                  batch_size: int, num_workers: int, seed: int, device: torch.device, image_size: int,
                  checkpoint: str, progress: bool = True, ckpt_name: str = "linear_ckpt.pt",
-                 head_name: Optional[str] = "linear_head.pt", fp_extra: Optional[dict] = None) -> dict:
-    """Train the LR grid on ``data`` and return the result dict (written by the caller)."""
+                 head_name: Optional[str] = "linear_head.pt", fp_extra: Optional[dict] = None,
+                 on_epoch: Optional[Callable[[int], None]] = None) -> dict:
+    """Train the LR grid on ``data`` and return the result dict (written by the caller). ``on_epoch(n)`` is
+    called after epoch ``n`` is checkpointed (progress reporting; a kill raised there resumes exactly)."""
     t0 = time.perf_counter()
     out = Path(out)
     check_hparams(hp)
@@ -204,7 +202,8 @@ def linear_probe(backbone: nn.Module, meta: dict, data: ProbeData, out: Path, hp
             if history and history[-1]["epoch"] == epoch + 1:
                 last = history[-1]["heldout" if use_heldout else "test"][metric]
                 bar.set_postfix_str(f"best {'held-out' if use_heldout else 'test'} {metric} {max(last):.1f}")
-            _epoch_done(epoch + 1)
+            if on_epoch is not None:  # after the epoch's checkpoint: a kill here loses nothing
+                on_epoch(epoch + 1)
         bar.close()
 
     g, epoch = select_best(history, metric, use_heldout)

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from ..data.transforms import train_classification_transform
 from ..device import resolve_device
 from ..engine import dist as D
-from ..errors import SyncoError
+from ..errors import SyncoError, key_error
 from ..resume import config_differences
 from .common import EvalOptions, eval_datasets, eval_image_size, load_eval_backbone
 
@@ -76,8 +76,7 @@ def protocol_inputs(checkpoint: str, opts) -> tuple[nn.Module, dict, ProbeData, 
 
 def check_recipe(h, prefix: str = "") -> None:
     """The checks every SGD recipe (``LinearHParams``, ``FinetuneHParams``) passes."""
-    def bad(key: str, msg: str) -> None:
-        raise SyncoError(f"option '{prefix}{key}': {msg}")
+    bad = key_error("option", prefix)
 
     if h.epochs < 1:
         bad("epochs", "must be >= 1.")

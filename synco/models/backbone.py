@@ -72,9 +72,15 @@ def create_backbone(name: str, drop_path_rate: float = 0.0, bn_before_mlp: bool 
     return model
 
 
+def backbone_kwargs(model_cfg) -> dict:
+    """:func:`create_backbone`'s arguments from the ``model`` section (timm's ``x_kwargs(cfg)`` + ``create_x(**kw)``
+    pair); the drop-path rate is the caller's, because the online and target encoders differ in it."""
+    return dict(name=model_cfg.backbone, bn_before_mlp=model_cfg.bn_before_mlp,
+                fixed_patch_embed=model_cfg.fixed_patch_embed, **model_cfg.backbone_kwargs)
+
+
 def backbone_from_config(model_cfg, drop_path_rate: float = 0.0) -> nn.Module:
-    return create_backbone(model_cfg.backbone, drop_path_rate=drop_path_rate, bn_before_mlp=model_cfg.bn_before_mlp,
-                           fixed_patch_embed=model_cfg.fixed_patch_embed, **model_cfg.backbone_kwargs)
+    return create_backbone(**backbone_kwargs(model_cfg), drop_path_rate=drop_path_rate)
 
 
 def input_size(model: nn.Module) -> int:

@@ -16,11 +16,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import method_spec
+from ..config import METHOD_SPECS, method_spec, negatives_kwargs
 from ..losses import byol_loss, info_nce
 from ..negatives import SyntheticNegatives
-from .backbone import TokenBatchNorm, backbone_from_config
+from .backbone import TokenBatchNorm, backbone_kwargs, create_backbone
 from .heads import MLPHead
+from .queue import KeyQueues, rename_legacy_keys
 
 
 def _has_batchnorm(module: nn.Module) -> bool:
@@ -51,33 +52,53 @@ class Encoder(nn.Module):
         return self._head(f1), self._head(f2)
 
 
+def model_kwargs(cfg) -> dict:
+    """:class:`SelfSupervisedModel`'s arguments from a config (timm's ``x_kwargs(cfg)`` + ``create_x(**kw)`` pair)."""
+    m, spec = cfg.model, method_spec(cfg)
+    return dict(method=cfg.method, backbone=backbone_kwargs(m), drop_path_online=m.drop_path_online,
+                drop_path_target=m.drop_path_target, proj_hidden=m.proj_hidden, proj_dim=m.proj_dim,
+                pred_hidden=m.pred_hidden, temperature=cfg.contrast.temperature, queue_size=cfg.contrast.queue_size,
+                negatives=negatives_kwargs(cfg.negatives) if spec.uses_synthetic else None)
+
+
+def create_model(cfg) -> "SelfSupervisedModel":
+    return SelfSupervisedModel(**model_kwargs(cfg))
+
+
 class SelfSupervisedModel(nn.Module):
-    def __init__(self, cfg):
+    """Online and target encoders, the key queues, the synthetic-negative generator and the loss of one method.
+
+    Args:
+        method: synco, moby or byol; what it needs (queues, synthetic negatives) is its :class:`MethodSpec`.
+        backbone: :func:`~synco.models.backbone.create_backbone` arguments (the timm name and its kwargs).
+        drop_path_online, drop_path_target: stochastic-depth rates of the two backbones (Table 3).
+        proj_hidden, proj_dim, pred_hidden: widths of the projector and predictor MLPs.
+        temperature: tau of InfoNCE.
+        queue_size: keys per queue (methods with queues only).
+        negatives: :class:`~synco.negatives.SyntheticNegatives` arguments (methods with synthetic negatives only;
+            None takes its defaults).
+    """
+
+    def __init__(self, *, method: str, backbone: dict, proj_hidden: int, proj_dim: int, pred_hidden: int,
+                 drop_path_online: float = 0.0, drop_path_target: float = 0.0, temperature: float = 0.2,
+                 queue_size: int = 4096, negatives: Optional[dict] = None):
         super().__init__()
-        m = cfg.model
-        self.method = cfg.method
-        self.spec = method_spec(cfg)
-        self.temperature = cfg.contrast.temperature
-        backbone = backbone_from_config(m, drop_path_rate=m.drop_path_online)
-        dim = backbone.num_features
-        self.online = Encoder(backbone, MLPHead(dim, m.proj_hidden, m.proj_dim),
-                              MLPHead(m.proj_dim, m.pred_hidden, m.proj_dim))
-        self.target = Encoder(backbone_from_config(m, drop_path_rate=m.drop_path_target),
-                              MLPHead(dim, m.proj_hidden, m.proj_dim))
+        self.method = method
+        self.spec = METHOD_SPECS[method]
+        self.temperature = temperature
+        online_backbone = create_backbone(**backbone, drop_path_rate=drop_path_online)
+        dim = online_backbone.num_features
+        self.online = Encoder(online_backbone, MLPHead(dim, proj_hidden, proj_dim),
+                              MLPHead(proj_dim, pred_hidden, proj_dim))
+        self.target = Encoder(create_backbone(**backbone, drop_path_rate=drop_path_target),
+                              MLPHead(dim, proj_hidden, proj_dim))
         self.target.load_state_dict(self._online_target_state(), strict=True)
         self.target.requires_grad_(False)
         self._ema_pairs: Optional[tuple[list, list]] = None
-
-        self.negatives = None
-        if self.spec.uses_synthetic:
-            n = cfg.negatives
-            self.negatives = SyntheticNegatives(n_hard=n.n_hard, counts=tuple(n.counts), alpha_max=n.alpha_max,
-                                                beta_max=n.beta_max, sigma=n.sigma, delta=n.delta, eta=n.eta)
-        if self.uses_queue:
-            k = cfg.contrast.queue_size
-            self.register_buffer("queue1", F.normalize(torch.randn(k, m.proj_dim), dim=1))
-            self.register_buffer("queue2", F.normalize(torch.randn(k, m.proj_dim), dim=1))
-            self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self.negatives = SyntheticNegatives(**(negatives or {})) if self.spec.uses_synthetic else None
+        # Built last: its random initial keys come after the encoders' weights in the RNG stream.
+        self.queue = KeyQueues(queue_size, proj_dim) if self.spec.uses_queue else None
+        self.register_load_state_dict_pre_hook(_legacy_queue_keys)
 
     @property
     def uses_queue(self) -> bool:
@@ -120,12 +141,13 @@ class SelfSupervisedModel(nn.Module):
         else:
             q1, q2 = F.normalize(q1.float(), dim=1), F.normalize(q2.float(), dim=1)
             syn1 = syn2 = None
+            queue1, queue2 = self.queue.queue1, self.queue.queue2
             if use_synthetic and self.negatives is not None:
-                syn1 = self.negatives(q1.detach(), self.queue2, generator=generator)
-                syn2 = self.negatives(q2.detach(), self.queue1, generator=generator)
+                syn1 = self.negatives(q1.detach(), queue2, generator=generator)
+                syn2 = self.negatives(q2.detach(), queue1, generator=generator)
             slices = self.negatives.slices if self.negatives is not None else None
-            l1, s1 = info_nce(q1, k2, self.queue2, self.temperature, syn1, slices)
-            l2, s2 = info_nce(q2, k1, self.queue1, self.temperature, syn2, slices)
+            l1, s1 = info_nce(q1, k2, queue2, self.temperature, syn1, slices)
+            l2, s2 = info_nce(q2, k1, queue1, self.temperature, syn2, slices)
         stats = {key: (s1[key] + s2[key]) / 2 for key in s1}
         return l1 + l2, stats, (k1, k2)
 
@@ -141,17 +163,14 @@ class SelfSupervisedModel(nn.Module):
 
     @torch.no_grad()
     def enqueue(self, k1: torch.Tensor, k2: torch.Tensor) -> None:
-        """Replace the oldest entries with the (globally gathered) keys; no host sync."""
-        if not self.uses_queue:
-            return
-        n, size = k1.shape[0], self.queue1.shape[0]
-        if size % n:
-            raise ValueError(f"queue size {size} is not a multiple of the global batch {n}")
-        idx = (self.queue_ptr + torch.arange(n, device=k1.device)) % size
-        self.queue1.index_copy_(0, idx, k1.to(self.queue1.dtype))
-        self.queue2.index_copy_(0, idx, k2.to(self.queue2.dtype))
-        self.queue_ptr.add_(n).remainder_(size)
+        """Enqueue the (globally gathered) keys ``[n, proj_dim]`` of both views; nothing for methods without queues."""
+        if self.queue is not None:
+            self.queue.enqueue(k1, k2)
 
     def _apply(self, fn, recurse=True):
         self._ema_pairs = None  # parameters may be replaced by .to()/.cuda()
         return super()._apply(fn, recurse)
+
+
+def _legacy_queue_keys(module, state_dict, prefix, *args) -> None:
+    rename_legacy_keys(state_dict, prefix)  # checkpoints from before KeyQueues load unchanged

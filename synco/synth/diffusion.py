@@ -27,7 +27,7 @@ import torch
 
 from ..device import resolve_device, use_bf16
 from ..engine.metrics import trim_jsonl
-from ..errors import SyncoError
+from ..errors import SyncoError, key_error
 from ..resume import config_differences
 from .model import FORMAT, MODEL_FILE, SAMPLERS, SmallDiffusion, save_model, write_preview
 
@@ -77,8 +77,7 @@ RESUMABLE_KEYS = {"steps", "device", "threads", "num_workers", "log_every", "ckp
 
 
 def validate_train_config(cfg: DiffusionTrainConfig) -> None:
-    def bad(key, msg):
-        raise SyncoError(f"synth-data train option '{key}': {msg}")
+    bad = key_error("synth-data train option")
 
     if cfg.image_size < 0 or (0 < cfg.image_size < 4):
         bad("image_size", "must be >= 4 (or 0 for the dataset default).")

@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 
 from ..device import resolve_device
-from ..errors import SyncoError
+from ..errors import SyncoError, key_error
 from .model import SAMPLERS, image_seed, is_model_dir, load_model, make_scheduler, to_pil
 
 MANIFEST = "manifest.jsonl"
@@ -69,8 +69,7 @@ IDENTITY_KEYS = ("model", "sampler", "steps", "guidance", "seed", "resolution", 
 
 
 def validate_generate_config(cfg: GenerateConfig) -> None:
-    def bad(key, msg):
-        raise SyncoError(f"synth-data generate option '{key}': {msg}")
+    bad = key_error("synth-data generate option")
 
     if cfg.sampler != "default" and cfg.sampler not in SAMPLERS:
         bad("sampler", f"must be default or one of {', '.join(SAMPLERS)}.")
