@@ -61,7 +61,7 @@ def time_per_image(ds, n, batch, workers) -> float:
     sub = torch.utils.data.Subset(ds, range(n))
     loader = DataLoader(sub, batch_size=batch, num_workers=workers, drop_last=False)
     start, cpu = time.perf_counter(), time.process_time()
-    for (v1, v2), _ in loader:
+    for _ in loader:
         pass
     return n / (time.perf_counter() - start), n / (time.process_time() - cpu)
 

@@ -58,13 +58,13 @@ CATEGORIES = ("clear errors", "handled correctly", "unclear errors", "raw traceb
 @dataclass
 class Case:
     name: str
-    argv: Callable[["Env"], list] | list
+    argv: Callable[[Env], list] | list
     expect: str  # error | ok | signal
     needle: str = ""  # error: must appear in the last stderr line
-    check: Optional[Callable[["Env", str], bool]] = None  # ok: proves the output right
-    setup: Optional[Callable[["Env"], None]] = None
+    check: Optional[Callable[[Env, str], bool]] = None  # ok: proves the output right
+    setup: Optional[Callable[[Env], None]] = None
     subprocess: bool = False
-    run: Optional[Callable[["Env"], tuple[int, str]]] = None  # a custom runner (processes, signals)
+    run: Optional[Callable[[Env], tuple[int, str]]] = None  # a custom runner (processes, signals)
 
 
 @dataclass

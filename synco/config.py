@@ -18,6 +18,7 @@ import yaml
 
 from .errors import SyncoError, key_error
 
+
 @dataclass(frozen=True)
 class MethodSpec:
     """What a method needs, stated once (solo-learn style): the engine, the model and the tools ask this, never
@@ -37,7 +38,7 @@ def method_spec(cfg) -> MethodSpec:
     return METHOD_SPECS[cfg.method]
 
 
-def negatives_kwargs(n: "NegativesConfig") -> dict:
+def negatives_kwargs(n: NegativesConfig) -> dict:
     """``SyntheticNegatives``' arguments from the ``negatives`` section (the window is the trainer's, not theirs)."""
     return dict(n_hard=n.n_hard, counts=tuple(n.counts), alpha_max=n.alpha_max, beta_max=n.beta_max, sigma=n.sigma,
                 delta=n.delta, eta=n.eta)

@@ -273,7 +273,7 @@ class DirLock:
         now = _start_time(pid)
         return started is not None and now is not None and started != now
 
-    def acquire(self) -> "DirLock":
+    def acquire(self) -> DirLock:
         me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _start_time(os.getpid())}
         for _ in range(5):
             try:
@@ -324,7 +324,7 @@ class DirLock:
                     pass
             self.held = False
 
-    def __enter__(self) -> "DirLock":
+    def __enter__(self) -> DirLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

@@ -179,7 +179,7 @@ class Rule(NamedTuple):
     """
 
     name: str
-    build: Callable[[torch.Tensor, _Draw, "SyntheticNegatives", torch.Tensor], torch.Tensor]
+    build: Callable[[torch.Tensor, _Draw, SyntheticNegatives, torch.Tensor], torch.Tensor]
 
 
 # Types 1..6 in slot order; `counts` has one entry per rule. To add a rule: write its maths

@@ -10,15 +10,14 @@ import os
 from pathlib import Path
 
 from .config import Config, method_spec, synthetic_window
-from .engine import dist as D
-from .engine import signals
+from .engine import dist as D, signals
 from .engine.checkpoint import throughput_totals
 from .engine.metrics import read_jsonl, training_summary
-from .losses import chance_loss
 from .engine.train import Trainer
 from .eval.monitor import knn_monitor
 from .eval.run_summary import evaluate_run
 from .io import DirLock, atomic_write_text, check_output_dir, remove_stale_temps
+from .losses import chance_loss
 from .models.backbone import SYNCO_ONLY_EXPORT, backbone_meta, export_safetensors
 
 logger = logging.getLogger("synco")

@@ -10,8 +10,15 @@ import torch.nn as nn
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from synco.errors import SyncoError
-from synco.eval.adversarial import (ATTACKS, EPS, NormalizedClassifier, attack_accuracy, build_attack, parse_attacks,
-                                    table14_row)
+from synco.eval.adversarial import (
+    ATTACKS,
+    EPS,
+    NormalizedClassifier,
+    attack_accuracy,
+    build_attack,
+    parse_attacks,
+    table14_row,
+)
 from synco.eval.head import Classifier, LinearHead, save_head
 
 MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)

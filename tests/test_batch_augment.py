@@ -17,8 +17,15 @@ from torchvision.transforms.v2 import functional as TF
 from synco.config import AugmentConfig
 from synco.data import batch_augment as BA
 from synco.data.batch_augment import BatchViews, ViewDraw, resized_crop, sample_seeds, uniforms
-from synco.data.transforms import (BYOL_T, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD,
-                                   AugmentationParams, blur_kernel_size, byol_transforms, view_params)
+from synco.data.transforms import (
+    BYOL_T,
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    AugmentationParams,
+    blur_kernel_size,
+    byol_transforms,
+    view_params,
+)
 from synco.errors import SyncoError
 
 BICUBIC = v2.InterpolationMode.BICUBIC

@@ -18,9 +18,17 @@ from torchvision.transforms import v2
 from synco.data.build import build_dataset
 from synco.data.digits import DigitsDataset, export_digits_imagefolder
 from synco.data.folder import SafeImageFolder, count_bad_images, load_class_list
-from synco.data.transforms import (BYOL_T, BYOL_T_PRIME, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, TwoViews,
-                                   blur_kernel_size, byol_transforms, eval_transform,
-                                   train_classification_transform)
+from synco.data.transforms import (
+    BYOL_T,
+    BYOL_T_PRIME,
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    TwoViews,
+    blur_kernel_size,
+    byol_transforms,
+    eval_transform,
+    train_classification_transform,
+)
 from synco.errors import SyncoError
 
 

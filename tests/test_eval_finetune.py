@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 import torch.nn as nn
+from test_eval_linear import MeanColour, colour_data  # the toy data of the linear tests
 
 import synco.eval.finetune as FT
 from synco.cli.main import main
 from synco.engine.checkpoint import load
 from synco.eval.finetune import FinetuneHParams, FinetuneModel, finetune
-from test_eval_linear import MeanColour, colour_data  # the toy data of the linear tests
 
 CPU = torch.device("cpu")
 

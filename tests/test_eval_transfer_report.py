@@ -19,7 +19,6 @@ from synco.eval.probe import multilabel_map
 from synco.eval.report import build_report, write_report
 from synco.eval.transfer import TransferOptions, build_transfer_split, run_transfer
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

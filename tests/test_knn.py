@@ -12,7 +12,6 @@ from synco.cli.main import main
 from synco.eval.knn import extract_features, feature_loader, knn_classify
 from synco.models.backbone import create_backbone, export_safetensors, load_backbone
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

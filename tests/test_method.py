@@ -74,8 +74,9 @@ def test_outside_the_window_synco_is_exactly_moby(tiny_overrides):
 
 
 def test_symmetric_loss_uses_the_other_views_queue(tiny_overrides):
-    from synco.losses import info_nce
     import torch.nn.functional as F
+
+    from synco.losses import info_nce
 
     x1, x2 = views()
     _, m = make(tiny_overrides, "method=moby", "model.drop_path_online=0.0")

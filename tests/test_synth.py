@@ -14,7 +14,7 @@ from synco.cli.main import main
 from synco.errors import SyncoError
 from synco.synth import diffusion as D
 from synco.synth.diffusion import DiffusionTrainConfig, train_diffusion
-from synco.synth.generate import (GenerateConfig, generate, imagenet_class_ids, imagenet_wnids, parse_classes)
+from synco.synth.generate import GenerateConfig, generate, imagenet_class_ids, imagenet_wnids, parse_classes
 from synco.synth.model import MODEL_FILE, image_seed, load_model, write_preview
 
 # A UNet small enough to train a few steps in well under a second.

@@ -14,11 +14,9 @@ from synco.cli.main import main
 from synco.errors import SyncoError
 from synco.eval.head import LinearHead
 from synco.models.backbone import create_backbone, export_safetensors
-from synco.viz.attention import (capture_attention, has_global_attention, threshold_mass, upsample,
-                                 vit_attention)
+from synco.viz.attention import capture_attention, has_global_attention, threshold_mass, upsample, vit_attention
 from synco.viz.figure import HEAT, MASK, Column, grid_figure
-from synco.viz.images import (DEFAULT_IMAGE_NAMES, load_images, load_masks, masks_to_model_geometry,
-                              to_model_input)
+from synco.viz.images import DEFAULT_IMAGE_NAMES, load_images, load_masks, masks_to_model_geometry, to_model_input
 from synco.viz.metrics import attention_entropy, centre_box_mask, entropy, mask_fraction, row_entropy
 from synco.viz.saliency import grad_cam, gradient_saliency
 

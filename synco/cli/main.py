@@ -105,7 +105,8 @@ def os_error_message(e: OSError) -> Optional[str]:
     anything else, which is a bug and keeps its traceback."""
     where = f" ({e.filename})" if getattr(e, "filename", None) else ""
     if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-        return f"disk full{where}: free some space and re-run the same command (a run resumes from its last checkpoint)."
+        return (f"disk full{where}: free some space and re-run the same command (a run resumes from its last "
+                "checkpoint).")
     if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return f"cannot write{where}: {e.strerror}. Choose a location you can write to."
     return None

@@ -41,8 +41,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from kornia.color import rgb_to_grayscale
-from kornia.enhance import (adjust_brightness_accumulative, adjust_contrast_with_mean_subtraction, adjust_hue,
-                            adjust_saturation_with_gray_subtraction, solarize)
+from kornia.enhance import (
+    adjust_brightness_accumulative,
+    adjust_contrast_with_mean_subtraction,
+    adjust_hue,
+    adjust_saturation_with_gray_subtraction,
+    solarize,
+)
 from kornia.filters import gaussian_blur2d
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -286,7 +291,7 @@ class BatchViews(nn.Module):
         self.register_buffer("gray_weights", torch.tensor(_GRAY_WEIGHTS, dtype=torch.float32), persistent=False)
 
     @classmethod
-    def from_config(cls, augment, size: int, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> "BatchViews":
+    def from_config(cls, augment, size: int, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> BatchViews:
         """From a ``data.augment`` config section (config.AugmentConfig), as the per-image path reads it."""
         return cls(size, view_params(augment), mean, std)
 

@@ -12,8 +12,11 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..io import atomic_save, atomic_write_text  # noqa: F401 (the engine's checkpoint API)
-from ..io import load_torch_file as load  # noqa: F401
+from ..io import (  # noqa: F401 (the engine's checkpoint API)
+    atomic_save,
+    atomic_write_text,
+    load_torch_file as load,  # noqa: F401
+)
 
 
 def rng_state() -> dict:

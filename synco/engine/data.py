@@ -17,8 +17,14 @@ from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 
 from ..data.build import build_dataset
 from ..data.folder import SafeImageFolder, count_bad_images
-from ..data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, TwoViews, byol_transforms, \
-    uint8_transform, view_params
+from ..data.transforms import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    TwoViews,
+    byol_transforms,
+    uint8_transform,
+    view_params,
+)
 from ..errors import SyncoError
 from . import signals
 
@@ -32,7 +38,8 @@ def mix_counts(n_real: int, ratio: float, mode: str) -> tuple[int, int]:
         n_syn = int(round(ratio * n_real))
         return n_real - n_syn, n_syn
     if ratio >= 1:
-        raise SyncoError("data.synthetic_mode=add needs data.synthetic_ratio < 1 (1 means synthetic only: use replace).")
+        raise SyncoError("data.synthetic_mode=add needs data.synthetic_ratio < 1 (1 means synthetic only: use "
+                         "replace).")
     return n_real, int(round(n_real * ratio / (1 - ratio)))
 
 

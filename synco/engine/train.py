@@ -25,9 +25,7 @@ from ..errors import SyncoError
 from ..models.backbone import backbone_meta, export_safetensors, load_state_checked
 from ..models.method import create_model
 from ..resume import config_differences
-from . import checkpoint as ckpt
-from . import signals as sig
-from . import dist as D
+from . import checkpoint as ckpt, dist as D, signals as sig
 from .data import build_pretrain_data
 from .metrics import MetricsLogger
 from .optim import build_optimizer, build_scheduler
@@ -40,8 +38,8 @@ class NonFiniteLoss(SyncoError):
 
 
 # Config keys that may change when a run is resumed (they do not change the maths of training).
-RESUMABLE_CHANGES = {"resume", "log_every", "ckpt_every_steps", "knn_at_end", "knn_every", "threads", "device", "compile",
-                     "data.num_workers", "data.root", "optim.batch_size", "knn"}
+RESUMABLE_CHANGES = {"resume", "log_every", "ckpt_every_steps", "knn_at_end", "knn_every", "threads", "device",
+                     "compile", "data.num_workers", "data.root", "optim.batch_size", "knn"}
 
 
 def seed_all(seed: int) -> None:
@@ -273,7 +271,7 @@ class Trainer:
         return {"images_per_second": window.run_images / max(seconds, 1e-9), "train_seconds": seconds,
                 "steps": st.step, "resumed": resumed, "segments": self.throughput.segments(st.step)}
 
-    def _run_epoch_hooks(self, epoch: int, logger: MetricsLogger, window: "_MetricsWindow") -> None:
+    def _run_epoch_hooks(self, epoch: int, logger: MetricsLogger, window: _MetricsWindow) -> None:
         for hook in self.epoch_hooks:
             t_hook = time.perf_counter()
             record = hook(self, epoch)

@@ -10,8 +10,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..engine import dist as D
-from ..engine import signals
+from ..engine import dist as D, signals
 from ..errors import SyncoError
 
 

@@ -30,14 +30,24 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..engine import dist as D
-from ..engine.checkpoint import atomic_save
-from ..engine.checkpoint import load as load_ckpt
+from ..engine.checkpoint import atomic_save, load as load_ckpt
 from ..engine.optim import build_scheduler
 from ..errors import SyncoError
 from .common import EvalOptions
 from .features import predict
-from .probe import (ProbeData, batch_scaled_lr, check_recipe, check_resumable, epoch_batches, epoch_draw_seed,
-                    fingerprint, head_metrics, protocol_inputs, report_columns, steps_per_epoch)
+from .probe import (
+    ProbeData,
+    batch_scaled_lr,
+    check_recipe,
+    check_resumable,
+    epoch_batches,
+    epoch_draw_seed,
+    fingerprint,
+    head_metrics,
+    protocol_inputs,
+    report_columns,
+    steps_per_epoch,
+)
 from .results import markdown_table, save_result
 
 

@@ -142,8 +142,8 @@ def select_best(history: list[dict], metric: str = "top1", use_heldout: bool = T
     if not history:
         raise ValueError("no evaluation in the history")
     if use_heldout:
-        best = max(((selection_key(h["heldout"], metric, g, h["epoch"]), g, h["epoch"])
-                    for h in history for g in range(len(h["heldout"][metric]))))
+        best = max((selection_key(h["heldout"], metric, g, h["epoch"]), g, h["epoch"])
+                    for h in history for g in range(len(h["heldout"][metric])))
         return best[1], best[2]
     last = history[-1]
     g = max(range(len(last["test"][metric])), key=lambda i: selection_key(last["test"], metric, i, 0))

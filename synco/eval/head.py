@@ -60,10 +60,11 @@ def load_head(path: str | Path, expect_dim: Optional[int] = None) -> tuple[Linea
     if p.is_dir():
         p = p / "linear_head.pt"
     if not p.is_file():
-        raise SyncoError(f"linear head '{path}' not found; train one with `synco eval linear` (it writes linear_head.pt).")
+        raise SyncoError(f"linear head '{path}' not found; train one with `synco eval linear` (it writes "
+                         "linear_head.pt).")
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
-        weight, bias = state["weight"], state["bias"]
+        weight, _ = state["weight"], state["bias"]  # both must be there
     except Exception as e:  # noqa: BLE001
         raise SyncoError(f"cannot read linear head '{p}': {e}") from None
     dim = weight.shape[1]

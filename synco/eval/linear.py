@@ -48,15 +48,24 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from ..engine import dist as D
-from ..engine.checkpoint import atomic_save
-from ..engine.checkpoint import load as load_ckpt
+from ..engine.checkpoint import atomic_save, load as load_ckpt
 from ..errors import SyncoError
 from .common import EvalOptions
 from .features import predict
 from .grid import GridTrainer, grid_table, select_best, selection_key, summarize
 from .head import head_from_state, save_head
-from .probe import (ProbeData, batch_scaled_lr, check_recipe, check_resumable, epoch_batches, epoch_draw_seed,
-                    fingerprint, protocol_inputs, report_columns, steps_per_epoch)
+from .probe import (
+    ProbeData,
+    batch_scaled_lr,
+    check_recipe,
+    check_resumable,
+    epoch_batches,
+    epoch_draw_seed,
+    fingerprint,
+    protocol_inputs,
+    report_columns,
+    steps_per_epoch,
+)
 from .results import save_result
 
 PAPER_LRS = [0.1, 0.5, 0.75, 1.0, 1.25, 1.5]

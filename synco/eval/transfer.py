@@ -67,9 +67,11 @@ SPECS = {s.name: s for s in [
     TransferSpec("food101", "Food-101", "Food101", "food-101", "images/, meta/", 101),
     TransferSpec("cars", "Cars", "StanfordCars", "stanford_cars",
                  "devkit/, cars_train/, cars_test/, cars_test_annos_withlabels.mat", 196),
-    TransferSpec("caltech101", "Caltech-101", "Caltech101", "caltech101/101_ObjectCategories", "one folder per class", 101),
+    TransferSpec("caltech101", "Caltech-101", "Caltech101", "caltech101/101_ObjectCategories", "one folder per class",
+                 101),
     TransferSpec("dtd", "DTD", "DTD", "dtd/dtd", "images/, labels/", 47),
-    TransferSpec("aircraft", "Aircraft", "FGVCAircraft", "fgvc-aircraft-2013b", "data/ with images/, variants.txt and the split files", 100),
+    TransferSpec("aircraft", "Aircraft", "FGVCAircraft", "fgvc-aircraft-2013b",
+                 "data/ with images/, variants.txt and the split files", 100),
     TransferSpec("sun397", "SUN397", "SUN397", "SUN397", "ClassName.txt and the a/, b/, ... class folders", 397),
     TransferSpec("voc2007", "VOC2007", "VOCDetection (year='2007')", "VOCdevkit/VOC2007",
                  "JPEGImages/, Annotations/, ImageSets/Main/ of both trainval and test", 20, multilabel=True),
@@ -138,7 +140,7 @@ class SplitView(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def with_transform(self, transform) -> "SplitView":
+    def with_transform(self, transform) -> SplitView:
         return SplitView(self.items, self.targets, self.classes, transform, self.load)
 
     def __getitem__(self, i: int):
@@ -244,9 +246,9 @@ def build_transfer_split(name: str, root, opts: Optional[TransferOptions] = None
                                        list(VOC_CLASSES), load=_voc_image))
             return views[0], views[1]
     except (RuntimeError, FileNotFoundError, OSError, KeyError, ValueError) as e:
-        raise SyncoError(f"{spec.title}: torchvision.datasets.{spec.tv_class} cannot read {expected_path(Path(root), spec)}"
-                         f" ({e.__class__.__name__}: {str(e)[:200]}). It should hold {spec.contents}, as extracted "
-                         "from the official archives.") from None
+        raise SyncoError(f"{spec.title}: torchvision.datasets.{spec.tv_class} cannot read "
+                         f"{expected_path(Path(root), spec)} ({e.__class__.__name__}: {str(e)[:200]}). It should "
+                         f"hold {spec.contents}, as extracted from the official archives.") from None
     raise SyncoError(f"unknown transfer dataset '{name}'")
 
 

@@ -227,7 +227,8 @@ def load_backbone(path: str, backbone: Optional[str] = None, backbone_kwargs: Op
             meta = _meta_from_checkpoint(ckpt, p)
             state = _online_backbone_state(ckpt["model"])
         if backbone and backbone != meta["backbone"]:
-            raise SyncoError(f"checkpoint '{path}' holds a '{meta['backbone']}' backbone, but backbone={backbone} was asked for.")
+            raise SyncoError(f"checkpoint '{path}' holds a '{meta['backbone']}' backbone, but backbone={backbone} was "
+                             "asked for.")
     model = create_backbone(meta["backbone"], bn_before_mlp=meta.get("bn_before_mlp", False), **meta["backbone_kwargs"])
     if state is not None:
         load_state_checked(model, state, f"checkpoint '{path}'", meta["backbone"])

@@ -61,7 +61,7 @@ def model_kwargs(cfg) -> dict:
                 negatives=negatives_kwargs(cfg.negatives) if spec.uses_synthetic else None)
 
 
-def create_model(cfg) -> "SelfSupervisedModel":
+def create_model(cfg) -> SelfSupervisedModel:
     return SelfSupervisedModel(**model_kwargs(cfg))
 
 

@@ -272,7 +272,8 @@ def record_linear(run: Run, spec: SweepSpec) -> Optional[float]:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     data = {"linear_top1": top1, "linear_result": str(path),
-            "linear_options": json.loads(json.dumps(opts, default=str)), "summary_sha1": _sha1(run.dir / "summary.json")}
+            "linear_options": json.loads(json.dumps(opts, default=str)),
+            "summary_sha1": _sha1(run.dir / "summary.json")}
     atomic_write_text(json.dumps(data, indent=2) + "\n", run.dir / "sweep_eval.json")
     return top1
 

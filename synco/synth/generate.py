@@ -212,7 +212,7 @@ class PipelineBackend:
         try:
             pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, local_files_only=True,
                                                      cache_dir=cfg.cache_dir, **extra)
-        except (OSError, ValueError, EnvironmentError) as e:
+        except (OSError, ValueError) as e:
             if path.is_dir():
                 raise SyncoError(f"cannot load the diffusers pipeline in '{model}' ({e.__class__.__name__}: "
                                  f"{str(e)[:300]}).") from None

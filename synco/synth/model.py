@@ -98,7 +98,7 @@ class SmallDiffusion:
     def null_class(self) -> int:
         return int(self.meta["null_class"])
 
-    def to(self, device) -> "SmallDiffusion":
+    def to(self, device) -> SmallDiffusion:
         self.unet.to(device)
         return self
 

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 
 from ..errors import SyncoError
 
-
 # ---------------------------------------------------------------------------------------------
 # Which models have inspectable global attention
 
