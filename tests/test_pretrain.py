@@ -131,7 +131,7 @@ def test_sigkill_then_same_command_resumes(tmp_path, tiny_overrides):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_overrides, monkeypatch, capsys):
     from synco.models import method
 
-    original = method.SelfSupervisedModel.forward
+    original = method.SelfSupervisedModel.loss
     calls = {"n": 0}
 
     def poisoned(self, *a, **k):
@@ -139,7 +139,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_overrides,
         calls["n"] += 1
         return (loss * float("nan") if calls["n"] > 5 else loss), stats, keys
 
-    monkeypatch.setattr(method.SelfSupervisedModel, "forward", poisoned)
+    monkeypatch.setattr(method.SelfSupervisedModel, "loss", poisoned)
     rc = run_cli("--out", str(tmp_path), *tiny_overrides, "epochs=3")
     err = capsys.readouterr().err
     assert rc == 2 and "NaN" in err and "epoch 1" in err and "Traceback" not in err

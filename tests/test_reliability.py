@@ -300,22 +300,22 @@ def test_signal_during_training_writes_a_checkpoint_at_the_step_and_resumes_exac
     cfg = load_config("cpu-demo", over)
     Trainer(cfg, tmp_path / "full", progress=False).train()
 
-    original = method.SelfSupervisedModel.forward
+    original = method.SelfSupervisedModel.loss
     calls = {"n": 0}
 
-    def forward(self, *a, **k):
+    def loss(self, *a, **k):
         calls["n"] += 1
         if calls["n"] == 3:
             signals.simulate(signal.SIGTERM)  # arrives during step 3
         return original(self, *a, **k)
 
-    method.SelfSupervisedModel.forward = forward
+    method.SelfSupervisedModel.loss = loss
     try:
         with signals.handle_signals(), pytest.raises(Interrupted) as e:
             with signals.deferred():
                 Trainer(cfg, tmp_path / "split", progress=False).train()
     finally:
-        method.SelfSupervisedModel.forward = original
+        method.SelfSupervisedModel.loss = original
     assert e.value.exit_code == 143 and "after step 3" in str(e.value)
     state = load(tmp_path / "split" / "checkpoint.pt")
     assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (3, 0, 3)  # mid-epoch, nothing lost

@@ -47,7 +47,8 @@ def train_step(model: nn.Module, online: nn.Module, optimizer: torch.optim.Optim
         ctx = online.no_sync() if (world > 1 and not last) else contextlib.nullcontext()
         with ctx:
             with torch.autocast(x1.device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss, stats, (k1, k2) = model(x1, x2, use_synthetic=use_synthetic, online=online)
+                q1, q2 = online(x1, x2)
+                loss, stats, (k1, k2) = model.loss(q1, q2, x1, x2, use_synthetic=use_synthetic)
             mark("loss (rest of forward)")
             (loss / len(micro_batches)).backward()
             mark("backward")

@@ -160,12 +160,21 @@ def count_flops(fn: Callable[[], object]) -> tuple[int, dict]:
     return int(mode.get_total_flops()), per_module
 
 
-def _flops_by_part(total: int, per_module: dict) -> dict:
-    """A step's FLOPs split into the online encoder (forward + backward), the target (forward) and the rest
-    (loss, queue similarities and synthetic negatives, with their backward)."""
-    online = next((v for k, v in per_module.items() if k.endswith(".online")), 0)
-    target = next((v for k, v in per_module.items() if k.endswith(".target")), 0)
-    return {"online": online, "target": target, "loss and negatives": total - online - target}
+def _flops_by_part(model: torch.nn.Module, x1: torch.Tensor, x2: torch.Tensor, total: int, bf16: bool) -> dict:
+    """A step's FLOPs split into the online encoder (forward + backward), the target (forward) and the rest (loss,
+    queue similarities and synthetic negatives, with their backward). The encoders are counted apart, on the same
+    views: FLOPs depend on shapes only, so a backward from a stand-in loss counts what the step's backward does."""
+
+    def online() -> None:
+        with torch.autocast(x1.device.type, dtype=torch.bfloat16, enabled=bf16):
+            q1, q2 = model.online(x1, x2)
+        (q1.float().sum() + q2.float().sum()).backward()
+
+    online_flops, _ = count_flops(online)
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad(), torch.autocast(x1.device.type, dtype=torch.bfloat16, enabled=bf16):
+        target_flops, _ = count_flops(lambda: model.target(x1, x2))
+    return {"online": online_flops, "target": target_flops, "loss and negatives": total - online_flops - target_flops}
 
 
 def _sync(device: torch.device) -> None:
@@ -387,7 +396,8 @@ def measure_method(cfg, opts: EfficiencyOptions, device: torch.device, probe: Me
         timeline.start()
         x1, x2 = inputs.next(timeline)
         if count:  # the FLOPs of the model's step only, not of the data pipeline
-            return count_flops(lambda: compute(x1, x2))
+            total, _ = count_flops(lambda: compute(x1, x2))
+            return total, _flops_by_part(model, x1, x2, total, bf16)
         compute(x1, x2)
         return None
 
@@ -396,9 +406,9 @@ def measure_method(cfg, opts: EfficiencyOptions, device: torch.device, probe: Me
                    momentum=cfg.contrast.momentum_start, clip_grad=cfg.optim.clip_grad, bf16=bf16,
                    mark=timeline.mark)
 
-    flops = flops_by_module = None
+    flops = flops_by_part = None
     if opts.flops:
-        flops, flops_by_module = step(count=True)
+        flops, flops_by_part = step(count=True)
     for _ in range(max(opts.warmup_steps, 0)):
         step()
     if cuda:
@@ -437,7 +447,7 @@ def measure_method(cfg, opts: EfficiencyOptions, device: torch.device, probe: Me
         peak = matmul_peak(device, torch.bfloat16 if bf16 else torch.float32, opts.peak_size)
         model_s = max(step_s - (breakdown["data wait"] + breakdown["views to device"]) / 1000.0, 1e-12)
         row.update({"flops_per_step": flops, "flops_per_image": flops / batch,
-                    "flops_by_part": _flops_by_part(flops, flops_by_module),
+                    "flops_by_part": flops_by_part,
                     "achieved_flops_per_s": flops / step_s, **peak,
                     "mfu": flops / step_s / peak["peak_flops_per_s"],
                     "mfu_model": flops / model_s / peak["peak_flops_per_s"]})

@@ -124,14 +124,27 @@ class SelfSupervisedModel(nn.Module):
     # -- the step ---------------------------------------------------------------------------------
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, use_synthetic: bool = False,
-                online: Optional[nn.Module] = None, generator: Optional[torch.Generator] = None):
-        """Loss of one batch. ``online`` may be the DDP-wrapped ``self.online``.
+                generator: Optional[torch.Generator] = None):
+        """Loss of one batch of views ``x1``, ``x2`` ``[B, 3, H, W]`` through ``self.online``: :meth:`loss` of its
+        predictions. (The trainer runs its DDP/compiled wrapper of ``online`` itself and then calls :meth:`loss`.)"""
+        q1, q2 = self.online(x1, x2)
+        return self.loss(q1, q2, x1, x2, use_synthetic=use_synthetic, generator=generator)
 
-        Returns (loss, stats, keys) where keys = (k1, k2) are the normalised target features to enqueue
-        (after gathering across processes) once the optimizer has stepped.
+    def loss(self, q1: torch.Tensor, q2: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor,
+             use_synthetic: bool = False, generator: Optional[torch.Generator] = None):
+        """The method's loss of the online predictions against the target's keys of the other view.
+
+        Args:
+            q1, q2: ``[B, proj_dim]`` online predictions of views 1 and 2.
+            x1, x2: the views ``[B, 3, H, W]``, which the target encoder embeds (without gradients).
+            use_synthetic: add synthetic hard negatives (synco, inside its window of epochs).
+            generator: the random stream of the synthetic negatives (default: torch's global one).
+
+        Returns:
+            ``(loss, stats, (k1, k2))``: the symmetric loss (a scalar), detached statistics (scalars), and the
+            normalised target keys ``[B, proj_dim]`` to enqueue (after gathering across processes) once the
+            optimizer has stepped.
         """
-        # `is None`, not `or`: bool() of a torch.compile wrapper calls len() and fails.
-        q1, q2 = (self.online if online is None else online)(x1, x2)
         with torch.no_grad():
             k1, k2 = self.target(x1, x2)
         k1, k2 = F.normalize(k1.float(), dim=1), F.normalize(k2.float(), dim=1)
