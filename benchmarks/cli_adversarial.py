@@ -208,7 +208,7 @@ def run_signal(sig: int, workers: int = 1, group: bool = False):
 
 
 def check_signal(env: Env, err: str) -> bool:
-    from synco.engine.checkpoint import load
+    from synco.io import load_torch_file as load
 
     out = env.data["signal_out"]
     if "stopped after step" in err:
@@ -616,7 +616,7 @@ def cases() -> list[Case]:
                   "already holds a checkpoint"))
     c.append(Case("resume: corrupt checkpoint", [], "error", "cannot read", run=run_corrupt_resume))
     c.append(Case("resume: after SIGKILL", [], "ok", run=run_sigkill_resume, subprocess=True,
-                  check=lambda env, err: __import__("synco.engine.checkpoint", fromlist=["load"]).load(
+                  check=lambda env, err: __import__("synco.io", fromlist=["load_torch_file"]).load_torch_file(
                       env.data["sigkill_out"] / "checkpoint.pt")["step"] == 60))
     c.append(Case("resume: re-run keeps the throughput (item 3)", [], "ok", run=run_rerun_throughput,
                   check=lambda env, err: True))

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from synco.config import load_config
-from synco.engine.checkpoint import load
 from synco.engine.train import Trainer, stop_at_step
+from synco.io import load_torch_file as load
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 

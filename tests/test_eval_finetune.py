@@ -11,8 +11,8 @@ from test_eval_linear import MeanColour, colour_data  # the toy data of the line
 
 import synco.eval.finetune as FT
 from synco.cli.main import main
-from synco.engine.checkpoint import load
 from synco.eval.finetune import FinetuneHParams, FinetuneModel, finetune
+from synco.io import load_torch_file as load
 
 CPU = torch.device("cpu")
 

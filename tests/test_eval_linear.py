@@ -13,12 +13,12 @@ from PIL import Image
 import synco.eval.linear as L
 from synco.cli.main import main
 from synco.data.transforms import eval_transform, train_classification_transform
-from synco.engine.checkpoint import load as load_ckpt
 from synco.errors import SyncoError
 from synco.eval.grid import GridTrainer, select_best
 from synco.eval.head import Classifier, load_head
 from synco.eval.linear import LinearHParams, linear_probe
 from synco.eval.probe import ProbeData, batch_scaled_lr, epoch_batches, steps_per_epoch
+from synco.io import load_torch_file as load_ckpt
 
 CPU = torch.device("cpu")
 

@@ -22,9 +22,9 @@ import pytest
 import torch
 
 from synco.config import load_config
-from synco.engine.checkpoint import load
 from synco.engine.optim import build_optimizer, fused_adamw_supported
 from synco.engine.train import Trainer
+from synco.io import load_torch_file as load
 from synco.models.method import create_model
 
 # 2 steps of batch 32 in one epoch, no worker process. Drop path off: a compiled graph draws its random

@@ -13,8 +13,8 @@ import yaml
 
 from synco.cli.main import main
 from synco.config import load_config
-from synco.engine.checkpoint import load
 from synco.engine.train import Trainer, stop_at_step
+from synco.io import load_torch_file as load
 from synco.pretrain import pretrain
 
 

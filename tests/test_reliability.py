@@ -21,8 +21,8 @@ from PIL import Image
 
 from synco.cli.main import main
 from synco.config import load_config
-from synco.engine.checkpoint import load
 from synco.errors import Interrupted, SyncoError
+from synco.io import load_torch_file as load
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

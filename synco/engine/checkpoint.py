@@ -1,22 +1,49 @@
-"""Atomic checkpoint files: written to a temp file in the same folder, fsynced, then renamed.
+"""The trainer's checkpoint: what it holds and how it is written and read.
 
-A kill at any moment leaves either the previous complete checkpoint or the new one, never half.
+A checkpoint holds the model (online, target, queues), the optimizer, the position in the run (optimizer step,
+epoch, micro-batches of the epoch already consumed), the config, the process layout, the RNG states and the
+throughput of every training segment. It is written atomically (temp file in the same folder, fsync, rename:
+a kill at any moment leaves the previous complete checkpoint or the new one) and read with
+``torch.load(weights_only=True)``, so the RNG states are stored as plain tensors and tuples.
 """
 
 from __future__ import annotations
 
 import random
 import time
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
-from ..io import (  # noqa: F401 (the engine's checkpoint API)
-    atomic_save,
-    atomic_write_text,
-    load_torch_file as load,  # noqa: F401
-)
+from ..io import atomic_save, load_torch_file
+
+VERSION = 1
+
+
+def save_training_state(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                        epoch: int, batch_in_epoch: int, config: dict, world_size: int, global_batch: int,
+                        segments: list[dict]) -> None:
+    atomic_save({
+        "version": VERSION,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": None,  # bf16 autocast needs no loss scaling
+        "step": step,
+        "epoch": epoch,
+        "batch_in_epoch": batch_in_epoch,
+        "config": config,
+        "world_size": world_size,
+        "global_batch": global_batch,
+        "rng": rng_state(),
+        "segments": segments,
+    }, path)
+
+
+def load_training_state(path: Path) -> dict:
+    """The dict :func:`save_training_state` wrote (a one-paragraph SyncoError if the file is not one)."""
+    return load_torch_file(path)
 
 
 def rng_state() -> dict:

@@ -140,20 +140,11 @@ class Trainer:
     def save(self) -> None:
         if not self.dist.is_main:
             return
-        ckpt.atomic_save({
-            "version": 1,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": None,  # bf16 autocast needs no loss scaling
-            "step": self.state.step,
-            "epoch": self.state.epoch,
-            "batch_in_epoch": self.state.batch_in_epoch,
-            "config": self.cfg.to_dict(),
-            "world_size": self.world,
-            "global_batch": self.global_batch,
-            "rng": ckpt.rng_state(),
-            "segments": self.throughput.segments(self.state.step),
-        }, self.ckpt_path)
+        st = self.state
+        ckpt.save_training_state(self.ckpt_path, model=self.model, optimizer=self.optimizer, step=st.step,
+                                 epoch=st.epoch, batch_in_epoch=st.batch_in_epoch, config=self.cfg.to_dict(),
+                                 world_size=self.world, global_batch=self.global_batch,
+                                 segments=self.throughput.segments(st.step))
 
     def maybe_resume(self) -> bool:
         if not self.ckpt_path.exists():
@@ -161,7 +152,7 @@ class Trainer:
         if not self.cfg.resume:
             raise SyncoError(f"'{self.out}' already holds a checkpoint; use resume=true to continue it, "
                              "or choose another --out.")
-        state = ckpt.load(self.ckpt_path)
+        state = ckpt.load_training_state(self.ckpt_path)
         saved_cfg = state.get("config", {})
         if saved_cfg.get("model", {}).get("backbone") != self.cfg.model.backbone:
             raise SyncoError(f"'{self.ckpt_path}' was trained with backbone "

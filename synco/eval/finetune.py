@@ -30,9 +30,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..engine import dist as D
-from ..engine.checkpoint import atomic_save, load as load_ckpt
 from ..engine.optim import build_scheduler
 from ..errors import SyncoError
+from ..io import atomic_save, load_torch_file as load_ckpt
 from .common import EvalOptions
 from .features import predict
 from .probe import (

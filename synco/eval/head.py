@@ -17,8 +17,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..engine.checkpoint import atomic_save
 from ..errors import SyncoError
+from ..io import atomic_save
 from .common import EvalOptions, load_eval_backbone
 
 

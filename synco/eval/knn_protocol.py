@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..engine import dist as D
-from ..engine.checkpoint import atomic_save
+from ..io import atomic_save
 from .common import EvalOptions, eval_datasets, eval_image_size, load_eval_backbone, resolve_device
 from .knn import check_knn_inputs, extract_features, feature_loader, knn_classify, knn_table
 from .results import save_result

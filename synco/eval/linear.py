@@ -48,8 +48,8 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from ..engine import dist as D
-from ..engine.checkpoint import atomic_save, load as load_ckpt
 from ..errors import SyncoError
+from ..io import atomic_save, load_torch_file as load_ckpt
 from .common import EvalOptions
 from .features import predict
 from .grid import GridTrainer, grid_table, select_best, selection_key, summarize

@@ -18,8 +18,8 @@ from typing import Optional
 
 import yaml
 
-from ..engine.checkpoint import atomic_write_text
 from ..errors import SyncoError
+from ..io import atomic_write_text
 from .results import markdown_table
 
 PROTOCOL_ORDER = ("knn", "linear", "finetune", "transfer")

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from ..engine.checkpoint import atomic_write_text
+from ..io import atomic_write_text
 
 
 def save_result(out_dir: Path, name: str, result: dict) -> Path:
