@@ -11,16 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from synco.errors import SyncoError
-from synco.eval.efficiency import (
-    PARTS,
-    EfficiencyOptions,
-    count_flops,
-    count_parameters,
-    efficiency_table,
-    matmul_peak,
-    rss_mb,
-    run_efficiency,
-)
+from synco.eval.efficiency import EfficiencyOptions, count_parameters, efficiency_table, run_efficiency
+from synco.eval.meters import PARTS, count_flops, matmul_peak, rss_mb
 
 # The cpu-demo model made smaller still: a 1-block ViT and narrow heads keep three methods to a few seconds.
 SMALL = ["model.backbone_kwargs={img_size: 16, patch_size: 4, embed_dim: 48, depth: 1, num_heads: 2}",
