@@ -1,9 +1,10 @@
 """Where do a trained run's hard negatives come from? (issue 10: the positive's cosine stays below the hardest
 queue negative's on digits.)
 
-Replays one more epoch of a finished pretraining run exactly as training sees it (same views, same sampler, the
-trained online/target encoders, a queue of the target's keys filled step by step) and records, for every query,
-which image and which class each queue entry came from. Reports:
+Replays two more epochs of a finished pretraining run (the first fills the queue, the second is measured, its
+start included) exactly as training sees it (same views, same sampler, the trained online/target encoders, a
+queue of the target's keys filled step by step) and records, for every query, which image and which class each
+queue entry came from. Reports:
 
 * own_key: the share of queries whose own image has a key in the queue (the "own earlier key" hypothesis);
 * same_class_hard: the share of each query's n_hard hardest queue entries that show the same digit (chance: ~10%);
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from synco.config import load_config  # noqa: E402
+from synco.config import load_config, method_spec  # noqa: E402
 from synco.engine.data import build_pretrain_data  # noqa: E402
 from synco.engine.dist import DistInfo  # noqa: E402
 from synco.io import load_torch_file  # noqa: E402
@@ -37,6 +38,9 @@ from synco.models.method import create_model  # noqa: E402
 @torch.no_grad()
 def replay(run_dir: Path, steps: int = 0) -> dict:
     cfg = load_config(str(run_dir / "config.yaml"), ["data.num_workers=0"])
+    if cfg.data.augment.on != "device" or cfg.optim.accum_steps != 1 or not method_spec(cfg).uses_queue:
+        raise SystemExit(f"{run_dir}: the replay needs data.augment.on=device (batches carry their dataset index), "
+                         "optim.accum_steps=1 and a queue (synco or moby).")
     state = load_torch_file(run_dir / "checkpoint.pt")
     torch.manual_seed(0)
     model = create_model(cfg)

@@ -64,10 +64,10 @@ class RunState:
 # (e.g. the k-NN monitor, which lives above the engine and so reaches it only through this hook).
 EpochHook = Callable[["Trainer", int], Optional[dict]]
 
-# Called on every process after each optimizer step as ``hook(trainer)``. Returning True ends ``train()`` at once,
-# after a checkpoint, so ``resume=true`` continues exactly there: a job's time budget, a preemption notice, or a
-# test's simulated kill. The answer must be the same on every process (decide from ``trainer.state.step``, or
-# agree through torch.distributed).
+# Called on every process after each optimizer step as ``hook(trainer)``. Returning True ends ``train()`` after this
+# step's checkpoint (on an epoch's last step, after the epoch's checkpoint and hooks), so ``resume=true`` continues
+# exactly there: a job's time budget, a preemption notice, or a test's simulated kill. The answer must be the same
+# on every process (decide from ``trainer.state.step``, or agree through torch.distributed).
 StepHook = Callable[["Trainer"], bool]
 
 

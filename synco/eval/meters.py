@@ -105,7 +105,9 @@ def count_flops(fn: Callable[[], object]) -> tuple[int, dict]:
 def flops_by_part(model: torch.nn.Module, x1: torch.Tensor, x2: torch.Tensor, total: int, bf16: bool) -> dict:
     """A step's FLOPs split into the online encoder (forward + backward), the target (forward) and the rest (loss,
     queue similarities and synthetic negatives, with their backward). The encoders are counted apart, on the same
-    views: FLOPs depend on shapes only, so a backward from a stand-in loss counts what the step's backward does."""
+    views: FLOPs depend on shapes only, so a backward from a stand-in loss counts what the step's backward does.
+    These passes run in train mode, so they move BatchNorm statistics like one more step would: call it before
+    the warm-up steps, never between measured ones."""
 
     def online() -> None:
         with torch.autocast(x1.device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -155,7 +157,8 @@ class StepTimeline:
     """Wall time of each part of a training step, from marks taken at the part boundaries.
 
     Hooks on the model's online and target encoders and a wrapper around its synthetic-negative generator take
-    the marks inside the model's forward, so the model itself is unchanged. Marks are ``time.perf_counter`` on
+    the forward passes' marks; the step itself marks the rest (``train_step(mark=timeline.mark)``), so neither
+    the model nor the step changes. Marks are ``time.perf_counter`` on
     CPU and CUDA events on CUDA (read once the step has finished), so nothing waits for the GPU mid-step.
     """
 
