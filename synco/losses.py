@@ -14,11 +14,19 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature:
              synthetic_slices: Optional[Mapping[str, slice]] = None) -> tuple[torch.Tensor, dict]:
     """InfoNCE of Eq. (1) over [positive, K queue negatives, synthetic negatives] (Algorithm 1).
 
-    q, k: [B, C] normalised queries and their positive keys; queue: [K, C] normalised negatives;
-    synthetic: optional [B, S, C] per-query negatives, whose slots ``synthetic_slices`` names by type.
-    Returns the mean loss and detached statistics: mean positive cosine, mean hardest queue cosine, the
-    fraction of queries whose hardest queue entry beats their positive, and for synthetic negatives
-    their mean cosine (overall and per type, Section 8 of SynBY) and how often one beats the positive.
+    Args:
+        q: ``[B, C]`` normalised queries.
+        k: ``[B, C]`` their normalised positive keys.
+        queue: ``[K, C]`` normalised negatives shared by all queries.
+        temperature: tau.
+        synthetic: optional ``[B, S, C]`` per-query negatives.
+        synthetic_slices: the slots of ``synthetic`` each type fills, by name (for per-type statistics).
+
+    Returns:
+        The mean loss (a scalar) and detached scalar statistics: mean positive cosine, mean hardest queue cosine,
+        the fraction of queries whose hardest queue entry beats their positive and of queue entries that do, and
+        for synthetic negatives their mean cosine (overall and per type, Section 8 of SynBY) and how often one
+        beats the positive.
     """
     l_pos = (q * k).sum(dim=1, keepdim=True)
     l_neg = q @ queue.t()
@@ -49,7 +57,15 @@ def chance_loss(num_negatives: int) -> float:
 
 
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """BYOL regression loss 2 - 2 cos(p, z) (the MSE of normalised vectors), averaged over the batch."""
+    """BYOL regression loss 2 - 2 cos(p, z) (the MSE of normalised vectors), averaged over the batch.
+
+    Args:
+        p: ``[B, C]`` online predictions (any norm).
+        z: ``[B, C]`` target projections of the other view (any norm).
+
+    Returns:
+        The mean loss (a scalar in [0, 4]) and ``{"sim_pos": mean cosine}`` (detached).
+    """
     p, z = F.normalize(p.float(), dim=1), F.normalize(z.float(), dim=1)
     cos = (p * z).sum(dim=1)
     return (2.0 - 2.0 * cos).mean(), {"sim_pos": cos.detach().mean()}
