@@ -168,3 +168,12 @@ def test_breakdown_with_the_training_data_pipeline(result):
     assert r["mfu"] < r["mfu_model"]
     with pytest.raises(SyncoError, match="inputs"):
         run_efficiency(None, EfficiencyOptions(methods=["moby"], inputs="disk"), SMALL, log=lambda s: None)
+
+
+def test_isolated_measurement_may_start_dataloader_workers():
+    """Each method runs in a spawned child; with inputs=loader and worker processes the child starts its own
+    children, which a daemonic process may not (it crashed with a traceback)."""
+    opts = EfficiencyOptions(methods=["byol"], batch_size=16, steps=1, warmup_steps=0, device="cpu", isolate=True,
+                             inputs="loader", epoch_images=1600, flops=False)
+    res = run_efficiency(None, opts, SMALL + ["data.num_workers=1", "data.augment.on=workers"], log=lambda s: None)
+    assert res["isolated"] and res["methods"]["byol"]["breakdown_ms"]["data wait"] > 0

@@ -251,6 +251,8 @@ def _measure_child(cfg, opts: EfficiencyOptions, device: str, conn) -> None:
         conn.send(("ok", measure_method(cfg, opts, dev, MemoryProbe(dev))))
     except SyncoError as e:
         conn.send(("error", str(e)))
+    except Exception as e:  # noqa: BLE001 - reported by the parent as one paragraph, not a child's traceback
+        conn.send(("error", f"the {cfg.method} measurement failed: {type(e).__name__}: {e}"))
     finally:
         conn.close()
 
@@ -261,7 +263,9 @@ def measure_isolated(cfg, opts: EfficiencyOptions, device: torch.device) -> dict
 
     ctx = mp.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_measure_child, args=(cfg, opts, str(device), send), daemon=True)
+    # Not a daemon: with inputs=loader the child starts DataLoader workers, which daemons may not have. The parent
+    # still never leaves it behind (terminated below on any way out).
+    proc = ctx.Process(target=_measure_child, args=(cfg, opts, str(device), send), daemon=False)
     proc.start()
     send.close()
     try:
@@ -270,6 +274,10 @@ def measure_isolated(cfg, opts: EfficiencyOptions, device: torch.device) -> dict
         proc.join()
         raise SyncoError(f"the {cfg.method} measurement process died (exit code {proc.exitcode}); "
                          "out of memory? Try a smaller batch_size.") from None
+    except BaseException:  # a signal or Ctrl-C while waiting: take the child down too
+        proc.terminate()
+        proc.join()
+        raise
     finally:
         recv.close()
     proc.join()
