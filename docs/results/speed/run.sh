@@ -1,0 +1,22 @@
+#!/bin/bash
+# Issue 11 measurements, after the sweeps (idle box). Whole-loop throughput of short cpu-demo runs, alternating.
+cd /tmp/speed
+S=/work/main/.venv/bin/synco
+COMMON="epochs=4 knn_every=0 knn_at_end=false log_every=11"
+for rep in 1 2 3; do
+  for v in device1 device2 workers; do
+    case $v in
+      device1) O="threads=1";;
+      device2) O="threads=2";;
+      workers) O="threads=1 data.augment.on=workers data.num_workers=1";;
+    esac
+    rm -rf $v-$rep
+    /usr/bin/time -f "%e %U %S" -o $v-$rep.time $S pretrain --no-progress --out $v-$rep $COMMON $O > $v-$rep.log 2>&1
+    echo "$v $rep $(python3 -c "import json;s=json.load(open('$v-$rep/summary.json'));print(round(s['images_per_second'],1), round(s['train_seconds'],1))") $(cat $v-$rep.time)"
+  done
+done
+for v in workers device; do
+  if [ $v = workers ]; then O="data.augment.on=workers data.num_workers=1"; else O=""; fi
+  $S eval efficiency --methods synco --steps 30 --out eff-$v inputs=loader threads=1 $O > eff-$v.log 2>&1
+  tail -12 eff-$v.log
+done
