@@ -1,7 +1,7 @@
 #!/bin/bash
 # Issue 11 measurements, after the sweeps (idle box). Whole-loop throughput of short cpu-demo runs, alternating.
-cd /tmp/speed
-S=/work/main/.venv/bin/synco
+mkdir -p "${OUT:-runs/speed}" && cd "${OUT:-runs/speed}"
+S=${SYNCO:-synco}
 COMMON="epochs=4 knn_every=0 knn_at_end=false log_every=11"
 for rep in 1 2 3; do
   for v in device1 device2 workers; do
