@@ -4,10 +4,12 @@ mkdir -p "${OUT:-runs/speed}" && cd "${OUT:-runs/speed}"
 S=${SYNCO:-synco}
 COMMON="epochs=4 knn_every=0 knn_at_end=false log_every=11"
 for rep in 1 2 3; do
-  for v in device1 device2 workers; do
+  for v in device1 device2 device1w device2w workers; do
     case $v in
       device1) O="threads=1";;
       device2) O="threads=2";;
+      device1w) O="threads=1 data.num_workers=1";;   # a worker fetches the uint8 images ahead of the step
+      device2w) O="threads=2 data.num_workers=1";;
       workers) O="threads=1 data.augment.on=workers data.num_workers=1";;
     esac
     rm -rf $v-$rep
