@@ -4,6 +4,7 @@ failure reporting, the output files, and `synco report curves`."""
 
 import json
 import math
+import signal
 import sys
 
 import pytest
@@ -262,10 +263,15 @@ def test_interrupting_the_local_launcher_stops_its_runs(tmp_path):
 
     tasks = [Task(f"t{i}", [sys.executable, "-c", "import time; time.sleep(60)"], str(tmp_path / f"t{i}.txt"))
              for i in range(3)]
-    threading.Timer(1.0, _thread.interrupt_main).start()
-    t0 = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
-        run_local(tasks, jobs=2, progress=False)  # the third task never starts
+    # A shell starts background jobs (`make test &`) with SIGINT ignored, and then interrupt_main does nothing.
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Timer(1.0, _thread.interrupt_main).start()
+        t0 = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            run_local(tasks, jobs=2, progress=False)  # the third task never starts
+    finally:
+        signal.signal(signal.SIGINT, old)
     assert time.monotonic() - t0 < 30
     from synco.sweep import launch
 
