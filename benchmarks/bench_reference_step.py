@@ -171,8 +171,9 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--warmup", type=int, default=2)
     args = p.parse_args(argv)
-    if QUEUE % args.batch:
-        sys.exit(f"bench_reference_step: --batch must divide the queue ({QUEUE}), as the authors' code asserts")
+    if args.batch < 2 or QUEUE % args.batch:
+        sys.exit(f"bench_reference_step: --batch must be at least 2 (BatchNorm in the heads) and divide the queue "
+                 f"({QUEUE}), as the authors' code asserts; got {args.batch}")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 

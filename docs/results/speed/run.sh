@@ -1,10 +1,21 @@
 #!/bin/bash
-# Issue 11 measurements, after the sweeps (idle box). Whole-loop throughput of short cpu-demo runs, alternating.
-mkdir -p "${OUT:-runs/speed}" && cd "${OUT:-runs/speed}"
+# Issue 11: whole-loop throughput of short cpu-demo runs, the variants alternating, 3 rounds.
+#   bash run.sh             idle machine: five variants, then the efficiency breakdowns (loop_img_per_s.txt)
+#   LOADED=1 bash run.sh    shared machine: another 1-thread training runs throughout; device vs workers
+#                           (loop_img_per_s_loaded.txt)
 S=${SYNCO:-synco}
+VARIANTS="device1 device2 device1w device2w workers"
+if [ -n "$LOADED" ]; then VARIANTS="device1 workers"; fi
+mkdir -p "${OUT:-runs/speed${LOADED:+-loaded}}" && cd "${OUT:-runs/speed${LOADED:+-loaded}}"
+if [ -n "$LOADED" ]; then
+  rm -rf load; $S pretrain --no-progress --out load threads=1 > load.log 2>&1 &
+  LOAD=$!
+  trap 'kill $LOAD 2>/dev/null' EXIT
+  sleep ${LOAD_WARMUP_S:-20}
+fi
 COMMON="epochs=4 knn_every=0 knn_at_end=false log_every=11"
 for rep in 1 2 3; do
-  for v in device1 device2 device1w device2w workers; do
+  for v in $VARIANTS; do
     case $v in
       device1) O="threads=1";;
       device2) O="threads=2";;
@@ -17,6 +28,7 @@ for rep in 1 2 3; do
     echo "$v $rep $(python3 -c "import json;s=json.load(open('$v-$rep/summary.json'));print(round(s['images_per_second'],1), round(s['train_seconds'],1))") $(cat $v-$rep.time)"
   done
 done
+[ -n "$LOADED" ] && exit 0
 for v in workers device; do
   if [ $v = workers ]; then O="data.augment.on=workers data.num_workers=1"; else O=""; fi
   $S eval efficiency --methods synco --steps 30 --out eff-$v inputs=loader threads=1 $O > eff-$v.log 2>&1
