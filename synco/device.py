@@ -1,6 +1,8 @@
-"""Which torch device a run uses."""
+"""Which torch device a run uses, and the process-wide CPU settings of a training process."""
 
 from __future__ import annotations
+
+import ctypes
 
 import torch
 
@@ -22,3 +24,30 @@ def resolve_device(name: str) -> torch.device:
 def use_bf16(precision: str, device: torch.device) -> bool:
     """``precision=auto`` means bf16 autocast on CUDA and fp32 elsewhere (CPUs without bf16 units run it slower)."""
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def configure_cpu(threads: int) -> None:
+    """Process-wide CPU settings of a training (or timed) process: ``threads > 0`` sets torch's intra-op threads
+    (0 keeps torch's default), and the C allocator keeps freed memory (:func:`keep_freed_memory`)."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    keep_freed_memory()
+
+
+def keep_freed_memory() -> bool:
+    """Tell glibc's malloc to keep freed memory for reuse instead of returning it to the kernel.
+
+    By default a freed block of a few MB (every activation of a step) is unmapped or trimmed off the heap and
+    faulted in again, page by page, at the next step: about 11,000 page faults and 14 % of a 2-thread cpu-demo
+    step (``benchmarks/bench_allocator.py``). Blocks up to 32 MB (glibc's largest mmap threshold) then come from
+    the heap, which is not shrunk; the process keeps its peak memory. Returns False where the C library has no
+    ``mallopt`` (macOS) and nothing was changed; musl accepts and ignores it."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    kept_blocks = mallopt(m_mmap_threshold, 32 << 20)
+    kept_heap = mallopt(m_trim_threshold, 1 << 30)
+    return bool(kept_blocks and kept_heap)

@@ -7,6 +7,7 @@ import dataclasses
 import math
 from collections import Counter
 
+import kornia.enhance as KE
 import numpy as np
 import pytest
 import torch
@@ -157,6 +158,50 @@ def test_jitter_order_is_per_sample(colour_image):
             ref = TV_JITTER[k](ref, f[k])
         torch.testing.assert_close(out[b], ref, atol=1e-4, rtol=0)
     assert (out[0] - out[1]).abs().max() > 0.01
+
+
+KORNIA_JITTER = (KE.adjust_brightness_accumulative, KE.adjust_contrast_with_mean_subtraction,
+                 KE.adjust_saturation_with_gray_subtraction, KE.adjust_hue)
+
+
+def test_fused_jitter_is_kornia_op_by_op_bit_for_bit():
+    """The jitter blends brightness, contrast and saturation in one pass per round: each sample must still get
+    exactly kornia's ops one at a time, in its own order, the off ones (jitter not drawn, strength 0) untouched."""
+    g = torch.Generator().manual_seed(11)
+    B, size = 48, 10
+    x = torch.rand(B, 3, size, size, generator=g)
+    x[:8, 1:] = x[:8, :1]  # some grey images
+    views = (BYOL_T, dataclasses.replace(BYOL_T, hue=0.0, brightness=0.0))  # view 2 jitters only c and s
+    bv = BatchViews(size, views)
+    for view, p in enumerate(views):
+        d = bv.draw(sample_seeds(3, view, torch.arange(B)), size, size)[view]
+        d = dataclasses.replace(d, box=torch.tensor([[0, 0, size, size]] * B), flip=torch.zeros(B, dtype=torch.bool),
+                                gray=torch.zeros(B, dtype=torch.bool), blur=torch.zeros(B, dtype=torch.bool),
+                                solarize=torch.zeros(B, dtype=torch.bool))
+        out = _unnorm(bv.apply_view(x, p, d))
+        crop = resized_crop(x, d.box, d.flip, size)  # the same float image the jitter starts from
+        strengths = (p.brightness, p.contrast, p.saturation, p.hue)
+        for b in range(B):
+            ref = crop[b:b + 1]
+            for k in d.order[b].tolist() if d.jitter[b] else []:
+                if strengths[k] > 0:
+                    f = d.factors[b:b + 1, k]
+                    ref = KORNIA_JITTER[k](ref, (f * (2 * math.pi) if k == 3 else f).to(torch.float32))
+            assert torch.equal(out[b:b + 1], _unnorm(bv.apply_view(ref, dataclasses.replace(
+                p, color_jitter_p=0.0), _draw(1, size)))), (view, b)
+        assert d.jitter.any() and not d.jitter.all()
+
+
+def test_both_views_at_once_equal_one_view_at_a_time():
+    """forward() runs both views as one batch of 2B: the same numbers as applying each view on its own."""
+    x = torch.randint(0, 256, (16, 3, 20, 20), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    views = (BYOL_T, dataclasses.replace(BYOL_T, hue=0.0, flip_p=0.0, blur_p=0.3, solarize_p=0.5))
+    bv = BatchViews(16, views)
+    seeds = sample_seeds(1, 2, torch.arange(16))
+    x1, x2 = bv(x, seeds)
+    d1, d2 = bv.draw(seeds, 20, 20)
+    assert torch.equal(x1, bv.apply_view(x.float() / 255, views[0], d1))
+    assert torch.equal(x2, bv.apply_view(x.float() / 255, views[1], d2))
 
 
 def test_grayscale_blur_solarize_flip_normalise_match_torchvision(colour_image):

@@ -345,3 +345,31 @@ def test_train_classification_transform():
     assert x.shape == (3, 48, 48) and x.dtype == torch.float32
     assert not _ops(t, v2.ColorJitter), "linear probing uses crop + flip only"
     assert _ops(t, v2.RandomResizedCrop)[0][0].scale == (0.5, 1.0)
+
+
+# ---------------------------------------------------------------- pretraining batches
+
+
+@pytest.mark.parametrize("max_images", [None, 300])
+def test_in_memory_batches_equal_the_per_item_path(max_images):
+    """On the device path the digits are fetched a whole batch at a time: the same images, indices and labels,
+    in the same order, as the per-item lookup and collate."""
+    from synco.config import load_config
+    from synco.engine.data import GlobalBatchSampler, IndexSeeded, PretrainData
+
+    cfg = load_config("cpu-demo", [f"data.max_images={max_images or 'null'}"])
+    fast = PretrainData(cfg.data, batch_size=32, seed=4)
+    assert fast.batched is not None
+    slow = PretrainData(cfg.data, batch_size=32, seed=4)
+    slow.batched, slow.dataset = None, IndexSeeded(slow.real, 4, with_index=True)
+    slow.sampler = GlobalBatchSampler(slow.dataset, 32, num_replicas=1, rank=0, shuffle=True, seed=4, drop_last=True)
+    n = 0
+    for epoch in (0, 3):
+        for ((a, ia), la), ((b, ib), lb) in zip(fast.loader(epoch), slow.loader(epoch), strict=True):
+            assert a.dtype == b.dtype == torch.uint8 and a.shape == (32, 3, 16, 16)
+            assert torch.equal(a, b) and torch.equal(ia, ib) and torch.equal(la, lb)
+            n += 1
+    assert n == 2 * ((max_images or 1437) // 32)
+    workers = load_config("cpu-demo", ["data.augment.on=workers", "data.num_workers=0"])
+    assert PretrainData(workers.data, batch_size=32, seed=4).batched is None  # per-image views in workers
+

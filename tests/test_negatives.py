@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.bench_negatives import fresh_negatives  # the generator before it kept its buffers (8fd4217)
 from synco.errors import SyncoError
 from synco.negatives import (
     RULES,
@@ -367,56 +368,6 @@ def test_cuda_matches_contract(scene):
 # --- kept buffers: the same bits as fresh arrays, and never overwriting a result in use ----------
 
 
-def _frozen_negatives(gen, q, queue, generator=None):
-    """SyntheticNegatives.__call__ as it was before it kept its buffers (main 8fd4217), verbatim in
-    substance: fresh arrays everywhere, vecdot for q.n, each rule's result copied into the output."""
-
-    def grad(q, n):
-        q_norm = torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(1e-12)
-        n_norm = torch.linalg.vector_norm(n, dim=-1, keepdim=True).clamp_min(1e-12)
-        dot = torch.linalg.vecdot(q, n, dim=-1).unsqueeze(-1)
-        return torch.addcmul(q, dot / n_norm**2, n, value=-1) / (q_norm * n_norm)
-
-    batch, channels = q.shape
-    q32, queue32 = q.float(), queue.float()
-    hard_idx = (q32 @ queue32.T).topk(gen.n_hard, dim=1, sorted=False).indices
-    qr = q32.unsqueeze(1)
-    out = torch.empty((batch, gen.num_synthetic, channels))
-    for t, span in enumerate(gen.slices.values()):
-        shape = (batch, span.stop - span.start)
-        if not shape[1]:
-            continue
-
-        def hard():
-            pick = torch.randint(gen.n_hard, shape, generator=generator)
-            return queue32.index_select(0, hard_idx.gather(1, pick).reshape(-1)).view(*shape, channels)
-
-        def uniform(low, high):
-            return torch.rand((*shape, 1), generator=generator, dtype=torch.float32) * (high - low) + low
-
-        if t == 0:
-            n = hard()
-            raw = torch.lerp(n, qr, uniform(0.0, gen.alpha_max))
-        elif t == 1:
-            n = hard()
-            raw = torch.lerp(qr, n, 1 + uniform(1.0, gen.beta_max))
-        elif t == 2:
-            n_i, n_j = hard(), hard()
-            raw = torch.lerp(n_j, n_i, uniform(0.0, 1.0))
-        elif t == 3:
-            n = hard()
-            raw = n + torch.randn((*shape, channels), generator=generator, dtype=torch.float32) * gen.sigma
-        elif t == 4:
-            n = hard()
-            raw = torch.add(n, grad(qr, n), alpha=gen.delta)
-        else:
-            n = hard()
-            raw = torch.add(n, torch.sign(grad(qr, n)), alpha=gen.eta)
-        out[:, span] = raw
-    out.div_(torch.linalg.vector_norm(out, dim=-1, keepdim=True).clamp_min_(1e-12))
-    return out.to(q.dtype)
-
-
 def _unit(shape, seed):
     return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
 
@@ -431,7 +382,7 @@ def test_bit_identical_to_the_fresh_array_implementation(batch, k, c, n_hard, co
     mine, ref = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     # repeated calls reuse the kept buffers; a different batch size replaces them; bf16 goes through float32
     for qq, kk in [(q, queue), (q, queue), (q, queue), (q[:3], queue), (q, queue), (q.bfloat16(), queue.bfloat16())]:
-        got, expected = gen(qq, kk, mine), _frozen_negatives(gen, qq, kk, ref)
+        got, expected = gen(qq, kk, mine), fresh_negatives(gen, qq, kk, ref)
         assert got.dtype == expected.dtype and torch.equal(got, expected)
 
 
@@ -461,7 +412,7 @@ def test_a_training_step_reuses_two_outputs_and_gets_the_right_gradients(one_thr
         ptrs.append(tuple(s.data_ptr() for s in syn))
         loss = sum(torch.einsum("bc,bsc->bs", q, s).exp().sum() for s in syn)
         loss.backward()
-        expected = [_frozen_negatives(gen, q.detach(), queue, ref) for _ in range(2)]
+        expected = [fresh_negatives(gen, q.detach(), queue, ref) for _ in range(2)]
         grad = sum((e * torch.einsum("bc,bsc->bs", q.detach(), e).exp().unsqueeze(-1)).sum(1) for e in expected)
         torch.testing.assert_close(q.grad, grad, rtol=1e-6, atol=1e-6)
         del syn, loss  # as the model's forward drops its references; backward freed the graph's

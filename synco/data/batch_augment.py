@@ -2,7 +2,7 @@
 
 The per-image path (:func:`synco.data.transforms.byol_view`, run in DataLoader workers) and this one draw
 every parameter from the same distributions; here the DataLoader only delivers uint8 images of one size,
-and :class:`BatchViews` makes both views of the whole batch at once::
+and :class:`BatchViews` makes both views of the whole batch at once (as one batch of 2B)::
 
     views = BatchViews(size, view_params(cfg.data.augment), mean, std).to(device)
     x1, x2 = views(images_uint8.to(device), sample_seeds(seed, epoch, indices))
@@ -25,8 +25,9 @@ jitter component of strength 0, is skipped entirely):
   batch and smooth with a Gaussian before downscaling, and ``crop_and_resize`` is bilinear without antialias:
   neither is the per-image path's resampling;
 - colour jitter with a random order of brightness, contrast, saturation and hue per sample (torchvision's
-  ``ColorJitter`` semantics, kornia's per-sample functionals: ``adjust_brightness_accumulative``,
-  ``adjust_contrast_with_mean_subtraction``, ``adjust_saturation_with_gray_subtraction``, ``adjust_hue``);
+  ``ColorJitter`` semantics; bit for bit kornia's per-sample functionals ``adjust_brightness_accumulative``,
+  ``adjust_contrast_with_mean_subtraction`` and ``adjust_saturation_with_gray_subtraction``, run as one blend
+  per round, and ``adjust_hue``);
 - grayscale (torchvision's luma weights), Gaussian blur with a per-sample sigma and
   ``blur_kernel_size(size)`` taps (``kornia.filters.gaussian_blur2d``, reflect borders), solarise at 0.5;
 - normalisation.
@@ -34,6 +35,7 @@ jitter component of strength 0, is skipped entirely):
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass
@@ -42,10 +44,7 @@ import torch
 import torch.nn as nn
 from kornia.color import rgb_to_grayscale
 from kornia.enhance import (
-    adjust_brightness_accumulative,
-    adjust_contrast_with_mean_subtraction,
     adjust_hue,
-    adjust_saturation_with_gray_subtraction,
     solarize,
 )
 from kornia.filters import gaussian_blur2d
@@ -266,6 +265,12 @@ def _tensor_factor(f: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return f.to(torch.float32).to(x.device, non_blocking=True)
 
 
+def _components(p: AugmentationParams) -> torch.Tensor:
+    """``[4]`` bool: which of brightness, contrast, saturation and hue the view jitters (torchvision leaves out a
+    component of strength 0, and the whole jitter at probability 0)."""
+    return torch.tensor([s > 0 and p.color_jitter_p > 0 for s in (p.brightness, p.contrast, p.saturation, p.hue)])
+
+
 class BatchViews(nn.Module):
     """``BatchViews(size, (T, T'), mean, std)(images, seeds) -> (x1, x2)``: both BYOL views of a batch.
 
@@ -305,39 +310,46 @@ class BatchViews(nn.Module):
         return tuple(draw_view(p, seeds, v, height, width) for v, p in enumerate(self.views))
 
     # -- application -------------------------------------------------------------------------------------------
-    def _jitter(self, x: torch.Tensor, p: AugmentationParams, d: ViewDraw) -> torch.Tensor:
-        strengths = (p.brightness, p.contrast, p.saturation, p.hue)
-        on = [s > 0 for s in strengths]  # torchvision leaves out a component of strength 0
-        if not any(on) or p.color_jitter_p <= 0:
-            return x
-        f = d.factors
-        ops = (
-            lambda y, r: adjust_brightness_accumulative(y, _tensor_factor(f[r, 0], y)),
-            lambda y, r: adjust_contrast_with_mean_subtraction(y, _tensor_factor(f[r, 1], y)),
-            lambda y, r: adjust_saturation_with_gray_subtraction(y, _tensor_factor(f[r, 2], y)),
-            lambda y, r: adjust_hue(y, _tensor_factor(f[r, 3] * (2 * math.pi), y)),  # turns -> radians
-        )
-        # Four rounds; in round k each jittered sample applies the k-th op of its own order.
+    def _jitter(self, x: torch.Tensor, d: ViewDraw, on: torch.Tensor) -> torch.Tensor:
+        """Four rounds; in round k each jittered sample applies the k-th op of its own order (``on``: ``[B, 4]``
+        which components each sample's view has). Brightness, contrast and saturation are each
+        ``clamp(x * f + base * (1 - f))`` with base 0, the grey mean or the grey image (kornia's formulas, the
+        same float operations), so one blend per round serves them all, a factor of 1 leaving the other samples
+        exactly as they are; hue runs on its own samples."""
+        rows = torch.arange(x.shape[0])
         for k in range(4):
-            for op in range(4):
-                if on[op]:
-                    x = _apply_where(x, d.jitter & (d.order[:, k] == op), ops[op])
+            op = d.order[:, k]
+            active = d.jitter & on[rows, op]
+            blend = active & (op < 3)
+            if blend.any():
+                factor = torch.where(blend, d.factors[rows, op.clamp(max=2)], 1.0)
+                f = _tensor_factor(factor, x).view(-1, 1, 1, 1)
+                gray = rgb_to_grayscale(x)
+                contrast = _tensor_factor(blend & (op == 1), x).view(-1, 1, 1, 1)
+                saturation = _tensor_factor(blend & (op == 2), x).view(-1, 1, 1, 1)
+                base = gray * saturation + gray.mean((-2, -1), True) * contrast
+                x = (x * f + base * (1 - f)).clamp_(0.0, 1.0)
+            x = _apply_where(x, active & (op == 3),
+                             lambda y, r: adjust_hue(y, _tensor_factor(d.factors[r, 3] * (2 * math.pi), y)))
         return x
 
-    def apply_view(self, x: torch.Tensor, p: AugmentationParams, d: ViewDraw) -> torch.Tensor:
-        """One view of ``x`` (float ``[B, 3, H, W]`` in [0, 1]) with the drawn parameters ``d``, normalised."""
-        out = resized_crop(x, d.box, d.flip if p.flip_p > 0 else torch.zeros_like(d.flip), self.size)
-        out = self._jitter(out, p, d)
-        if p.grayscale_p > 0:
-            w = self.gray_weights.to(out.device)
-            out = _apply_where(out, d.gray, lambda y, r: rgb_to_grayscale(y, rgb_weights=w).expand_as(y))
-        if p.blur_p > 0:
-            ks = self.kernel_size
-            out = _apply_where(out, d.blur, lambda y, r: gaussian_blur2d(
-                y, (ks, ks), d.sigma[r].to(torch.float32)[:, None].expand(-1, 2).contiguous(), "reflect"))
-        if p.solarize_p > 0:
-            out = _apply_where(out, d.solarize, lambda y, r: solarize(y, 0.5))
+    def _apply_draws(self, x: torch.Tensor, d: ViewDraw, on: torch.Tensor) -> torch.Tensor:
+        """Views of ``x`` (float ``[B, 3, H, W]`` in [0, 1]) with the drawn parameters ``d``, normalised. A sample's
+        result depends on its own row only, so both views of a batch go through at once (half the small ops)."""
+        out = resized_crop(x, d.box, d.flip, self.size)
+        out = self._jitter(out, d, on)
+        w = self.gray_weights.to(out.device)
+        out = _apply_where(out, d.gray, lambda y, r: rgb_to_grayscale(y, rgb_weights=w).expand_as(y))
+        ks = self.kernel_size
+        out = _apply_where(out, d.blur, lambda y, r: gaussian_blur2d(
+            y, (ks, ks), d.sigma[r].to(torch.float32)[:, None].expand(-1, 2).contiguous(), "reflect"))
+        out = _apply_where(out, d.solarize, lambda y, r: solarize(y, 0.5))
         return (out - self.mean.to(out.device)) / self.std.to(out.device)
+
+    def apply_view(self, x: torch.Tensor, p: AugmentationParams, d: ViewDraw) -> torch.Tensor:
+        """One view of ``x`` (float ``[B, 3, H, W]`` in [0, 1]) with the parameters ``d`` drawn for ``p``,
+        normalised. Ops whose probability in ``p`` is 0 are drawn as never applied."""
+        return self._apply_draws(x, d, _components(p).expand(x.shape[0], 4))
 
     def forward(self, images: torch.Tensor, seeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if images.ndim != 4 or images.shape[1] != 3:
@@ -349,6 +361,9 @@ class BatchViews(nn.Module):
         x = images.to(torch.float32)
         if images.dtype == torch.uint8:
             x = x.div_(255.0)
-        H, W = x.shape[-2:]
+        B, H, W = x.shape[0], *x.shape[-2:]
         draws = self.draw(seeds, H, W)
-        return tuple(self.apply_view(x, p, d) for p, d in zip(self.views, draws))
+        both = ViewDraw(*(torch.cat([getattr(d, f.name) for d in draws]) for f in dataclasses.fields(ViewDraw)))
+        on = torch.cat([_components(p).expand(B, 4) for p in self.views])
+        out = self._apply_draws(torch.cat([x, x]), both, on)
+        return out[:B], out[B:]

@@ -65,6 +65,11 @@ class DigitsDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.samples_count
 
+    def as_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every image as ``[N, 3, S, S]`` uint8 and every label as ``[N]`` int64: what ``uint8_transform`` makes
+        of the items one by one (the images are rendered at their final size), for whole-batch lookups."""
+        return torch.from_numpy(self.images).permute(0, 3, 1, 2).contiguous(), torch.tensor(self.targets)
+
     def __getitem__(self, index: int):
         img = Image.fromarray(self.images[index])
         if self.transform is not None:

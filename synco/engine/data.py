@@ -9,8 +9,9 @@ give the same views. Workers persist across epochs: the sampler hands them (epoc
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
@@ -107,6 +108,39 @@ class IndexSeeded(torch.utils.data.Dataset):
             return self.dataset[i]
 
 
+class InMemoryBatches(torch.utils.data.Dataset):
+    """The device path over images held in memory as one uint8 array (the digits): the DataLoader fetches a whole
+    batch in one lookup, ``((images [B, 3, S, S] uint8, indices [B]), labels [B])``, instead of B items and a
+    collate (the same values: nothing random happens before the device). Keys are ``(epoch, index)``."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor):
+        self.images, self.targets = images, targets
+
+    @staticmethod
+    def of(dataset) -> Optional[InMemoryBatches]:
+        """For a dataset with ``as_tensors()`` (through ``Subset``s), else None."""
+        if isinstance(dataset, torch.utils.data.Subset):
+            inner = InMemoryBatches.of(dataset.dataset)
+            keep = torch.as_tensor(dataset.indices, dtype=torch.int64)
+            return None if inner is None else InMemoryBatches(inner.images[keep], inner.targets[keep])
+        return InMemoryBatches(*dataset.as_tensors()) if hasattr(dataset, "as_tensors") else None
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitems__(self, keys: list):
+        index = torch.tensor([i for _, i in keys], dtype=torch.int64)
+        return (self.images[index], index), self.targets[index]
+
+    def __getitem__(self, key: tuple[int, int]):
+        (images, index), labels = self.__getitems__([key])
+        return (images[0], int(index[0])), int(labels[0])
+
+
+def _as_is(batch):
+    return batch
+
+
 class _Skip(torch.utils.data.Sampler):
     def __init__(self, sampler, n: int):
         self.sampler, self.n = sampler, n
@@ -160,7 +194,11 @@ class PretrainData:
         self.counts = (n_real, n_syn)
         self.epoch_size = n_real + n_syn
         common = dict(num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        if self.synthetic is None:
+        self.batched = InMemoryBatches.of(self.real) if self.on_device and self.synthetic is None else None
+        if self.batched is not None:
+            self.dataset = self.batched
+            self.sampler = GlobalBatchSampler(self.dataset, batch_size, **common)
+        elif self.synthetic is None:
             self.dataset = IndexSeeded(self.real, seed, with_index=self.on_device)
             self.sampler = GlobalBatchSampler(self.dataset, batch_size, **common)
         else:
@@ -175,6 +213,7 @@ class PretrainData:
         # stream of drop path and synthetic negatives differently in a resumed run.
         return DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True,
                           num_workers=workers, pin_memory=torch.cuda.is_available(),
+                          collate_fn=_as_is if self.batched is not None else None,
                           persistent_workers=persistent and workers > 0, prefetch_factor=4 if workers else None,
                           generator=torch.Generator().manual_seed(self.seed * 7919 + epoch),
                           worker_init_fn=signals.ignore_in_worker if workers else None)
@@ -202,6 +241,16 @@ class PretrainData:
             self.device_views = BatchViews(self.data_cfg.image_size, view_params(self.data_cfg.augment),
                                            IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD).to(device)
         return self.device_views(images.to(device, non_blocking=True), sample_seeds(self.seed, epoch, index))
+
+    def view_stream(self, first_epoch: int, skip_batches: int, epochs: int,
+                    device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The views of every remaining batch of the run, epoch after epoch: from batch ``skip_batches`` of
+        ``first_epoch`` to the end of epoch ``epochs - 1``, ``samples_per_rank // batch_size`` batches per epoch."""
+        n_batches = self.samples_per_rank // self.batch_size
+        for epoch in range(first_epoch, epochs):
+            skip = skip_batches if epoch == first_epoch else 0
+            for batch, _ in itertools.islice(self.loader(epoch, skip_batches=skip), n_batches - skip):
+                yield self.views(batch, epoch, device)
 
     def bad_images(self) -> int:
         return count_bad_images(self.bad_image_log) if self.bad_image_log else 0

@@ -7,6 +7,7 @@ passes over the whole dataset, whatever the number of processes.
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .. import schedules
 from ..config import Config, method_spec, save_config, synthetic_window
-from ..device import resolve_device, use_bf16
+from ..device import configure_cpu, resolve_device, use_bf16
 from ..errors import SyncoError
 from ..models.backbone import backbone_meta, export_safetensors, load_state_checked
 from ..models.method import create_model
@@ -85,8 +86,7 @@ class Trainer:
         self.dist = D.init_distributed(self.device.type)
         if self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
-        if cfg.threads > 0:
-            torch.set_num_threads(cfg.threads)
+        configure_cpu(cfg.threads)
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.progress = progress and self.dist.is_main
@@ -197,24 +197,36 @@ class Trainer:
         if self.dist.is_main:
             save_config(cfg, self.out / "config.yaml")
         logger = MetricsLogger(self.out, enabled=self.dist.is_main, resume_step=st.step if resumed else None)
-        accum = cfg.optim.accum_steps
         bar = tqdm(total=self.total_steps, initial=st.step, disable=not self.progress, unit="step",
                    dynamic_ncols=True, desc=f"{cfg.method} pretrain")
-        bad = torch.zeros((), dtype=torch.bool, device=self.device)
         window = _MetricsWindow(self.world)
         self.throughput.start(st.step)
         self.model.train()
+        stream = self.data.view_stream(st.epoch, st.batch_in_epoch, cfg.epochs, self.device)
+        try:
+            self._train_epochs(stream, logger, bar, window)
+        finally:
+            stream.close()
+        bar.close()
+        logger.close()
+        seconds = window.run_seconds()
+        return {"images_per_second": window.run_images / max(seconds, 1e-9), "train_seconds": seconds,
+                "steps": st.step, "resumed": resumed, "segments": self.throughput.segments(st.step)}
+
+    def _train_epochs(self, stream, logger: MetricsLogger, bar, window: _MetricsWindow) -> None:
+        """The epochs left, their pairs of views taken from ``stream`` in order (see ``PretrainData.view_stream``)."""
+        cfg, st, accum = self.cfg, self.state, self.cfg.optim.accum_steps
+        n_batches = self.steps_per_epoch * accum
+        bad = torch.zeros((), dtype=torch.bool, device=self.device)
         stop = False
         while st.epoch < cfg.epochs:
             epoch = st.epoch
             if st.batch_in_epoch == 0:
                 seed_all(epoch_seed(cfg, self.dist.rank, epoch))
             use_syn = schedules.synthetic_active(epoch, self.window)
-            loader = self.data.loader(epoch, skip_batches=st.batch_in_epoch)
-            n_batches = self.steps_per_epoch * accum
             micro: list = []
-            for batch, _ in _take(loader, n_batches - st.batch_in_epoch):
-                micro.append(self.data.views(batch, epoch, self.device))
+            for views in itertools.islice(stream, n_batches - st.batch_in_epoch):
+                micro.append(views)
                 if len(micro) < accum:
                     continue
                 sums, momentum = self.step(micro, use_syn)
@@ -256,11 +268,6 @@ class Trainer:
             self._run_epoch_hooks(epoch, logger, window)
             if stop:
                 break
-        bar.close()
-        logger.close()
-        seconds = window.run_seconds()
-        return {"images_per_second": window.run_images / max(seconds, 1e-9), "train_seconds": seconds,
-                "steps": st.step, "resumed": resumed, "segments": self.throughput.segments(st.step)}
 
     def _run_epoch_hooks(self, epoch: int, logger: MetricsLogger, window: _MetricsWindow) -> None:
         for hook in self.epoch_hooks:
@@ -331,11 +338,3 @@ class _MetricsWindow:
         self.images = 0
         return time.perf_counter() - self.t_run
 
-
-def _take(iterable, n: int):
-    if n <= 0:
-        return
-    for i, item in enumerate(iterable):
-        yield item
-        if i + 1 >= n:
-            return

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from ..config import METHODS, load_config, method_spec
-from ..device import use_bf16
+from ..device import configure_cpu, use_bf16
 from ..errors import SyncoError
 from .meters import PARTS, MemoryProbe, StepTimeline, count_flops, flops_by_part, matmul_peak, rss_mb
 from .results import markdown_table, save_result
@@ -245,8 +245,7 @@ def measure_method(cfg, opts: EfficiencyOptions, device: torch.device, probe: Me
 def _measure_child(cfg, opts: EfficiencyOptions, device: str, conn) -> None:
     """Entry point of an isolated measurement (a spawned process): one method, result sent through ``conn``."""
     try:
-        if opts.threads > 0:
-            torch.set_num_threads(opts.threads)
+        configure_cpu(opts.threads)
         dev = torch.device(device)
         conn.send(("ok", measure_method(cfg, opts, dev, MemoryProbe(dev))))
     except SyncoError as e:
@@ -299,8 +298,7 @@ def run_efficiency(out: Optional[Path], opts: EfficiencyOptions, overrides: Opti
     from .common import resolve_device
 
     device = resolve_device(opts.device)
-    if opts.threads > 0:
-        torch.set_num_threads(opts.threads)
+    configure_cpu(opts.threads)
     probe = MemoryProbe(device)
     isolate = device.type == "cpu" if opts.isolate is None else bool(opts.isolate)
     baseline = rss_mb()

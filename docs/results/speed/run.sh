@@ -1,10 +1,10 @@
 #!/bin/bash
 # Issue 11: whole-loop throughput of short cpu-demo runs, the variants alternating, 3 rounds.
-#   bash run.sh             idle machine: five variants, then the efficiency breakdowns (loop_img_per_s.txt)
+#   bash run.sh             idle machine: three variants, then the efficiency breakdowns (loop_img_per_s.txt)
 #   LOADED=1 bash run.sh    shared machine: another 1-thread training runs throughout; device vs workers
 #                           (loop_img_per_s_loaded.txt)
 S=${SYNCO:-synco}
-VARIANTS="device1 device2 device1w device2w workers"
+VARIANTS="device1 device2 workers"
 if [ -n "$LOADED" ]; then VARIANTS="device1 workers"; fi
 mkdir -p "${OUT:-runs/speed${LOADED:+-loaded}}" && cd "${OUT:-runs/speed${LOADED:+-loaded}}"
 if [ -n "$LOADED" ]; then
@@ -19,8 +19,6 @@ for rep in 1 2 3; do
     case $v in
       device1) O="threads=1";;
       device2) O="threads=2";;
-      device1w) O="threads=1 data.num_workers=1";;   # a worker fetches the uint8 images ahead of the step
-      device2w) O="threads=2 data.num_workers=1";;
       workers) O="threads=1 data.augment.on=workers data.num_workers=1";;
     esac
     rm -rf $v-$rep
@@ -29,8 +27,12 @@ for rep in 1 2 3; do
   done
 done
 [ -n "$LOADED" ] && exit 0
-for v in workers device; do
-  if [ $v = workers ]; then O="data.augment.on=workers data.num_workers=1"; else O=""; fi
-  $S eval efficiency --methods synco --steps 30 --out eff-$v inputs=loader threads=1 $O > eff-$v.log 2>&1
+for v in workers device device2; do
+  case $v in
+    workers) O="threads=1 data.augment.on=workers data.num_workers=1";;
+    device) O="threads=1";;
+    device2) O="threads=2";;
+  esac
+  $S eval efficiency --methods synco --steps 30 --out eff-$v inputs=loader $O > eff-$v.log 2>&1
   tail -12 eff-$v.log
 done
