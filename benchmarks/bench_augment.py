@@ -8,7 +8,8 @@ on a shared machine hit all alike, median img/s of each:
 
 - ``per-image``: DataLoader over DigitsDataset with ``TwoViews(byol_transforms(size))`` (today's path; the
   loader runs ``--workers`` worker processes, 0 = in this process, which is the per-core cost);
-- ``batch+loader``: DataLoader over the same images as uint8 tensors, then ``BatchViews`` on the batch;
+- ``batch+loader``: the training path: DataLoader batches of the same images as uint8 tensors (one lookup per
+  batch, ``InMemoryBatches``), then ``BatchViews`` on the batch;
 - ``batch only``: ``BatchViews`` on a batch already in memory (the augmentation itself).
 
 Both paths use the default ``data.augment`` (Table 11). The ratio column is per repeat (paired), then the median.
@@ -26,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 try:
     from synco.data.batch_augment import BatchViews, sample_seeds
@@ -37,19 +38,7 @@ except ImportError:  # run from a checkout without the package installed
 from synco.config import AugmentConfig
 from synco.data.digits import DigitsDataset
 from synco.data.transforms import TwoViews, byol_transforms, view_params
-
-
-class _Uint8(Dataset):
-    """The digits images as ``([3, S, S] uint8, index)``: what device-side augmentation wants from workers."""
-
-    def __init__(self, images):
-        self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int):
-        return self.images[i], i
+from synco.engine.data import InMemoryBatches
 
 
 def _sync(device):
@@ -66,12 +55,17 @@ def time_per_image(ds, n, batch, workers) -> float:
     return n / (time.perf_counter() - start), n / (time.process_time() - cpu)
 
 
-def time_batch_loader(ds, views, n, batch, workers, device, epoch) -> float:
-    sub = torch.utils.data.Subset(ds, range(n))
-    loader = DataLoader(sub, batch_size=batch, num_workers=workers, drop_last=False)
+def _as_is(batch):
+    return batch
+
+
+def time_batch_loader(raw, views, n, batch, workers, device, epoch) -> float:
+    """The training path: a batch of uint8 images per lookup (``InMemoryBatches``), then both views."""
+    loader = DataLoader(raw, batch_size=batch, sampler=[(epoch, i) for i in range(n)], num_workers=workers,
+                        drop_last=False, collate_fn=_as_is)
     _sync(device)
     start, cpu = time.perf_counter(), time.process_time()
-    for imgs, idx in loader:
+    for (imgs, idx), _ in loader:
         x1, x2 = views(imgs.to(device, non_blocking=True), sample_seeds(0, epoch, idx))
     _sync(device)
     return n / (time.perf_counter() - start), n / (time.process_time() - cpu)
@@ -90,7 +84,7 @@ def bench_size(size: int, args, device) -> dict:
     cfg = AugmentConfig()
     per_image = DigitsDataset("train", transform=TwoViews(*byol_transforms(size, views=view_params(cfg))),
                               image_size=size)
-    raw = _Uint8(per_image.images)
+    raw = InMemoryBatches(*per_image.as_tensors())
     views = BatchViews.from_config(cfg, size).to(device)
     n = min(args.images, len(raw))
     batch_in_memory = raw.images[: args.batch_size].to(device)

@@ -38,6 +38,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from synco.config import load_config  # noqa: E402
+from synco.device import configure_cpu  # noqa: E402
 from synco.engine.optim import build_optimizer  # noqa: E402
 from synco.engine.step import train_step  # noqa: E402
 from synco.models.backbone import backbone_kwargs, create_backbone  # noqa: E402
@@ -174,7 +175,7 @@ def main(argv=None) -> None:
     if args.batch < 2 or QUEUE % args.batch:
         sys.exit(f"bench_reference_step: --batch must be at least 2 (BatchNorm in the heads) and divide the queue "
                  f"({QUEUE}), as the authors' code asserts; got {args.batch}")
-    torch.set_num_threads(args.threads)
+    configure_cpu(args.threads)  # as the trainer does (freed memory kept): both steps run in this process
     device = torch.device(args.device)
 
     SynCo = load_reference(args.reference)
@@ -196,7 +197,8 @@ def main(argv=None) -> None:
                 times[name].append(ms)
     dist.destroy_process_group()
 
-    print(f"device={device} threads={torch.get_num_threads()} torch={torch.__version__} backbone={args.backbone} "
+    print(f"device={device} threads={torch.get_num_threads()} allocator=kept torch={torch.__version__} "
+          f"backbone={args.backbone} "
           f"batch={args.batch} queue={QUEUE} n_hard={N_HARD} synthetic=6x{COUNT} repeats={args.repeats} "
           "(one step each, alternating; medians)\n")
     print("| step | median ms | min–max ms | first loss | vs authors' |")

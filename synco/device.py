@@ -38,16 +38,17 @@ def keep_freed_memory() -> bool:
     """Tell glibc's malloc to keep freed memory for reuse instead of returning it to the kernel.
 
     By default a freed block of a few MB (every activation of a step) is unmapped or trimmed off the heap and
-    faulted in again, page by page, at the next step: about 11,000 page faults and 14 % of a 2-thread cpu-demo
-    step (``benchmarks/bench_allocator.py``). Blocks up to 32 MB (glibc's largest mmap threshold) then come from
-    the heap, which is not shrunk; the process keeps its peak memory. Returns False where the C library has no
-    ``mallopt`` (macOS) and nothing was changed; musl accepts and ignores it."""
+    faulted in again, page by page, at the next step: about 13,000 page faults and 18 % of a 2-thread cpu-demo
+    step (``benchmarks/bench_allocator.py``); blocks over 32 MB are always mapped afresh. With this, every block
+    comes from the heap (mmap only if the heap cannot grow) and the heap is not shrunk until 2 GB of it is free:
+    the process keeps its peak memory. Returns False where the C library has no ``mallopt`` (macOS) and nothing
+    was changed; musl accepts and ignores it."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    kept_blocks = mallopt(m_mmap_threshold, 32 << 20)
-    kept_heap = mallopt(m_trim_threshold, 1 << 30)
-    return bool(kept_blocks and kept_heap)
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    no_new_maps = mallopt(m_mmap_max, 0)
+    kept_heap = mallopt(m_trim_threshold, 2**31 - 1)
+    return bool(no_new_maps and kept_heap)

@@ -36,10 +36,11 @@ class Encoder(nn.Module):
         self.backbone = backbone
         self.projector = projector
         self.predictor = predictor
-        # Without BatchNorm in the backbone, one batched call over both views is the same maths. On CPU it is
-        # as fast as two calls for the cpu-demo ViT and about 8 % slower for DeiT-S at 224 px
-        # (benchmarks/bench_reference_step.py); on GPU it is unmeasured. The heads always see one view at a
-        # time, so their BatchNorm statistics are per view as in MoBY.
+        # Without BatchNorm in the backbone, one batched call over both views is the same maths (and the same
+        # drop-path draws as every committed result). On CPU it is as fast as two calls, for the cpu-demo ViT and
+        # for DeiT-S at 224 px once freed memory is kept (synco.device.keep_freed_memory; it was 8 % slower
+        # before); on GPU it is unmeasured. The heads always see one view at a time, so their BatchNorm
+        # statistics are per view as in MoBY.
         self.batch_views = not _has_batchnorm(backbone)
 
     def _head(self, f: torch.Tensor) -> torch.Tensor:
