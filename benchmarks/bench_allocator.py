@@ -40,7 +40,7 @@ def child(mode: str, threads: int, steps: int, warmup: int) -> dict:
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(cfg, Path(out), progress=False)
         trainer.model.train()
-        stream = trainer.data.view_stream(0, 0, cfg.epochs, trainer.device)
+        stream = trainer.data.view_stream(0, 0, cfg.epochs, trainer.batches_per_epoch, trainer.device)
         views = [next(stream) for _ in range(warmup + steps)]
         stream.close()
         for v in views[:warmup]:

@@ -373,3 +373,22 @@ def test_in_memory_batches_equal_the_per_item_path(max_images):
     workers = load_config("cpu-demo", ["data.augment.on=workers", "data.num_workers=0"])
     assert PretrainData(workers.data, batch_size=32, seed=4).batched is None  # per-image views in workers
 
+
+
+def test_view_stream_takes_the_first_n_batches_of_each_epoch_after_a_skip():
+    """The trainer reads one stream over the remaining epochs: each epoch must start at its own first batch, even
+    when the epoch has batches left over (short of a gradient-accumulation step) and after a resume's skip."""
+    import itertools
+
+    from synco.config import load_config
+    from synco.engine.data import PretrainData
+
+    cfg = load_config("cpu-demo", ["data.max_images=224"])  # 7 batches of 32 per epoch; the stream uses 6
+    data = PretrainData(cfg.data, batch_size=32, seed=1)
+    cpu = torch.device("cpu")
+    got = list(data.view_stream(0, 2, 3, 6, cpu))
+    expected = [data.views(b, e, cpu) for e in range(3)
+                for b, _ in itertools.islice(data.loader(e, skip_batches=2 if e == 0 else 0), 6 - (2 if e == 0 else 0))]
+    assert len(got) == len(expected) == 4 + 6 + 6
+    for (a1, a2), (b1, b2) in zip(got, expected):
+        assert torch.equal(a1, b1) and torch.equal(a2, b2)

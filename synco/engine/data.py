@@ -242,11 +242,11 @@ class PretrainData:
                                            IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD).to(device)
         return self.device_views(images.to(device, non_blocking=True), sample_seeds(self.seed, epoch, index))
 
-    def view_stream(self, first_epoch: int, skip_batches: int, epochs: int,
+    def view_stream(self, first_epoch: int, skip_batches: int, epochs: int, n_batches: int,
                     device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The views of every remaining batch of the run, epoch after epoch: from batch ``skip_batches`` of
-        ``first_epoch`` to the end of epoch ``epochs - 1``, ``samples_per_rank // batch_size`` batches per epoch."""
-        n_batches = self.samples_per_rank // self.batch_size
+        ``first_epoch`` to the end of epoch ``epochs - 1``, the first ``n_batches`` batches of each epoch (what its
+        optimizer steps use: a remainder short of a gradient-accumulation step is never fetched)."""
         for epoch in range(first_epoch, epochs):
             skip = skip_batches if epoch == first_epoch else 0
             for batch, _ in itertools.islice(self.loader(epoch, skip_batches=skip), n_batches - skip):

@@ -202,7 +202,8 @@ class Trainer:
         window = _MetricsWindow(self.world)
         self.throughput.start(st.step)
         self.model.train()
-        stream = self.data.view_stream(st.epoch, st.batch_in_epoch, cfg.epochs, self.device)
+        stream = self.data.view_stream(st.epoch, st.batch_in_epoch, cfg.epochs,
+                                       self.steps_per_epoch * cfg.optim.accum_steps, self.device)
         try:
             self._train_epochs(stream, logger, bar, window)
         finally:
