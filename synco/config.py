@@ -141,6 +141,7 @@ class Config:
     resume: bool = True  # continue automatically when the output dir holds a checkpoint
     log_every: int = 10
     ckpt_every_steps: int = 0  # also checkpoint every N optimizer steps (0 = only at epoch ends)
+    ckpt_every_minutes: float = 0.0  # also checkpoint every N minutes, checked at logged steps (0 = off)
     knn_at_end: bool = True
     knn_every: int = 0  # k-NN monitor every N epochs, logged to metrics.jsonl as learning curves (0 = off)
     threads: int = 0  # torch CPU threads (0 = torch default)
@@ -352,6 +353,8 @@ def validate(cfg: Config) -> None:
         bad("log_every", f"must be >= 1 (metrics are written every log_every steps), got {cfg.log_every}.")
     if cfg.ckpt_every_steps < 0:
         bad("ckpt_every_steps", "must be >= 0 (0 = checkpoint at epoch ends only).")
+    if cfg.ckpt_every_minutes < 0:
+        bad("ckpt_every_minutes", "must be >= 0 (0 = no timed checkpoints).")
     if cfg.threads < 0:
         bad("threads", "must be >= 0 (0 = torch's default).")
     if cfg.knn_every < 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import platform
 
 import torch
 
@@ -10,15 +11,53 @@ from .errors import SyncoError
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when visible; asking for CUDA without a GPU is a user error, not a traceback."""
+    """``auto`` picks CUDA when visible; asking for CUDA (as every GPU preset does) without a usable GPU stops the
+    run before any work, with the reason: never a silent CPU run of a GPU recipe."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SyncoError(f"device={name} was asked for but no CUDA GPU is visible; use device=cpu or device=auto.")
+        raise SyncoError(f"device={name} (set by every GPU preset) needs a usable CUDA GPU, but {no_cuda_reason()}. "
+                         "Nothing was started. Add device=cpu to run on the CPU anyway (a DeiT-S recipe there takes "
+                         "months), or install a torch build that matches your NVIDIA driver (README, 'Installing "
+                         "torch for your GPU'); `synco doctor` shows what this machine offers.")
     try:
         return torch.device(name)
     except RuntimeError:
         raise SyncoError(f"device={name!r} is not a torch device (use auto, cpu or cuda).") from None
+
+
+def no_cuda_reason() -> str:
+    """Why ``torch.cuda.is_available()`` is False, as far as torch can tell."""
+    if torch.version.cuda is None:
+        return f"this torch ({torch.__version__}) is a CPU-only build"
+    return (f"this torch ({torch.__version__}) is built for CUDA {torch.version.cuda} and finds no usable GPU: no "
+            "NVIDIA driver, no GPU visible (CUDA_VISIBLE_DEVICES), or a driver too old for CUDA "
+            f"{torch.version.cuda}")
+
+
+def environment(device: torch.device, world_size: int = 1) -> dict:
+    """What a run ran on, for ``summary.json``: the device and its name, torch and CUDA versions, processes."""
+    env = {"device": str(device), "device_name": cpu_name(),
+           "torch": torch.__version__, "cuda": torch.version.cuda, "world_size": int(world_size)}
+    if device.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(device)
+        env["cudnn"] = torch.backends.cudnn.version()
+        if torch.distributed.is_available() and torch.distributed.is_nccl_available():
+            version = torch.cuda.nccl.version()
+            env["nccl"] = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
+    return env
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:

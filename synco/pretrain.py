@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from .config import Config, method_spec, synthetic_window
+from .device import environment, resolve_device
 from .engine import dist as D, signals
 from .engine.checkpoint import throughput_totals
 from .engine.metrics import read_jsonl, training_summary
@@ -38,6 +39,7 @@ def pretrain(cfg: Config, out_dir: Path, progress: bool = True) -> dict:
     the PID; a killed run's lock does not block the resume). Temp files a killed run leaked are removed.
     SIGTERM/SIGINT during training write a checkpoint at the next step and stop with a message."""
     out_dir = Path(out_dir)
+    resolve_device(cfg.device)  # a GPU recipe without a usable GPU stops here, before the folder is touched
     lock = None
     if _launch_rank() == 0:
         check_output_dir(out_dir, "--out")
@@ -87,7 +89,7 @@ def _pretrain(cfg: Config, out_dir: Path, progress: bool) -> dict:
                # over every training segment of the run (resumes included), not only this process's
                "images_per_second": totals["images_per_second"], "train_seconds": totals["train_seconds"],
                "train_images": totals["train_images"], "train_segments": totals["train_segments"],
-               "bad_images": trainer.data.bad_images()}
+               "bad_images": trainer.data.bad_images(), "environment": environment(trainer.device, trainer.world)}
     if trainer.dist.is_main:
         summary.update(training_summary(read_jsonl(out_dir / "metrics.jsonl"), chance_loss_at_end(cfg)))
     if export_note:

@@ -10,6 +10,7 @@ a kill at any moment leaves the previous complete checkpoint or the new one) and
 from __future__ import annotations
 
 import random
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -25,7 +26,16 @@ VERSION = 1
 def save_training_state(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
                         epoch: int, batch_in_epoch: int, config: dict, world_size: int, global_batch: int,
                         segments: list[dict]) -> None:
-    atomic_save({
+    atomic_save(training_state(model=model, optimizer=optimizer, step=step, epoch=epoch,
+                               batch_in_epoch=batch_in_epoch, config=config, world_size=world_size,
+                               global_batch=global_batch, segments=segments), path)
+
+
+def training_state(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, epoch: int,
+                   batch_in_epoch: int, config: dict, world_size: int, global_batch: int,
+                   segments: list[dict]) -> dict:
+    """What a checkpoint holds (its tensors are the live ones: copy them before training goes on)."""
+    return {
         "version": VERSION,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -38,7 +48,50 @@ def save_training_state(path: Path, *, model: torch.nn.Module, optimizer: torch.
         "global_batch": global_batch,
         "rng": rng_state(),
         "segments": segments,
-    }, path)
+    }
+
+
+def host_copy(obj):
+    """``obj`` with every tensor copied to host memory (containers rebuilt, everything else shared)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return type(obj)((k, host_copy(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(host_copy(v) for v in obj)
+    return obj
+
+
+class CheckpointWriter:
+    """Writes checkpoints in a background thread: the loop (and the other ranks, which wait for rank 0 at the next
+    collective) stall only while the state is copied to host memory, not while it is serialised and fsynced (about
+    0.4 GB for DeiT-S). One write at a time: a save first waits for the previous one. :meth:`wait` returns once the
+    last one is on disk and re-raises its error (a full disk, ...), so a run never ends believing it was saved."""
+
+    def __init__(self) -> None:
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+
+    def save(self, state: dict, path: Path) -> None:
+        self.wait()
+        snapshot = host_copy(state)
+        self._thread = threading.Thread(target=self._write, args=(snapshot, Path(path)), name="synco-checkpoint",
+                                        daemon=True)
+        self._thread.start()
+
+    def _write(self, snapshot: dict, path: Path) -> None:
+        try:
+            atomic_save(snapshot, path)
+        except BaseException as e:  # handed to the training thread by wait()
+            self._error = e
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def load_training_state(path: Path) -> dict:

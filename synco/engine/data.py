@@ -9,25 +9,51 @@ give the same views. Workers persist across epochs: the sampler hands them (epoc
 
 from __future__ import annotations
 
+import bisect
 import itertools
+import logging
+import shutil
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
-from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
+from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler, Subset
 
+from ..data.batch_augment import BatchViews, normalize, sample_seeds
 from ..data.build import build_dataset
-from ..data.folder import SafeImageFolder, count_bad_images
-from ..data.transforms import (
-    IMAGENET_DEFAULT_MEAN,
-    IMAGENET_DEFAULT_STD,
-    TwoViews,
-    byol_transforms,
-    uint8_transform,
-    view_params,
-)
+from ..data.crops import PerImageViews, ViewCrops, image_size
+from ..data.folder import SafeImageFolder, UnreadableImage, count_bad_images
+from ..data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, view_params
 from ..errors import SyncoError
 from . import signals
+
+logger = logging.getLogger("synco.data")
+
+
+SHM = Path("/dev/shm")
+
+
+def prefetch_factor(workers: int, batch_bytes: int, shm: Path = SHM) -> Optional[int]:
+    """Batches each worker keeps ready: 2 (torch's default; the workers make views of a whole batch ahead), fewer
+    when the batches in flight would not fit the free shared memory they pass through (Docker gives a container
+    64 MB of /dev/shm unless told ``--shm-size``), and an error when one batch per worker does not fit."""
+    if workers == 0:
+        return None
+    try:
+        free = shutil.disk_usage(shm).free
+    except OSError:  # no /dev/shm (macOS, Windows): torch shares memory another way
+        return 2
+    for prefetch in (2, 1):  # half the free space at most: torch's own queues and other jobs share it
+        if workers * prefetch * batch_bytes <= free / 2:
+            if prefetch == 1:
+                logger.warning("data loading: each of %d workers keeps 1 batch ready, not 2: 2 batches of %.0f MB "
+                               "each would not fit the %.0f MB free in %s (give the container more shared memory, "
+                               "e.g. docker run --shm-size=8g)", workers, batch_bytes / 2**20, free / 2**20, shm)
+            return prefetch
+    raise SyncoError(f"data loading: {workers} DataLoader workers pass their batches ({batch_bytes / 2**20:.0f} MB "
+                     f"each) through shared memory, but {shm} has {free / 2**20:.0f} MB free. Give the container "
+                     "more (docker run --shm-size=8g, or a larger /dev/shm), or lower data.num_workers or "
+                     "optim.batch_size.")
 
 
 def mix_counts(n_real: int, ratio: float, mode: str) -> tuple[int, int]:
@@ -86,26 +112,56 @@ class GlobalBatchSampler(DistributedSampler):
         return self.num_samples
 
 
-class IndexSeeded(torch.utils.data.Dataset):
-    """Draw each sample's augmentation from a stream keyed by (seed, epoch, index), not by the process:
-    the same image gets the same views whichever rank or worker loads it, and after any resume.
-    Items are looked up by ``(epoch, index)``; ``with_index`` also returns the index (device augmentation
-    derives the views' seeds from it)."""
+def resolve_index(dataset, i: int):
+    """``(the dataset that holds sample i, its index there)``, through ``Subset`` and ``ConcatDataset``."""
+    while True:
+        if isinstance(dataset, Subset):
+            dataset, i = dataset.dataset, dataset.indices[i]
+        elif isinstance(dataset, ConcatDataset):
+            k = bisect.bisect_right(dataset.cumulative_sizes, i)
+            dataset, i = dataset.datasets[k], i - (dataset.cumulative_sizes[k - 1] if k else 0)
+        else:
+            return dataset, i
 
-    def __init__(self, dataset, seed: int, with_index: bool = False):
-        self.dataset, self.seed, self.with_index = dataset, seed, with_index
+
+class IndexSeeded(torch.utils.data.Dataset):
+    """Both views of sample ``(epoch, i)`` as ``((uint8 [2, 3, S, S], i), label)``, made by ``views(image, seed)``
+    (:class:`~synco.data.crops.ViewCrops` or :class:`~synco.data.crops.PerImageViews`) with the sample's seed
+    ``sample_seeds(seed, epoch, i)``: the same image gets the same views whichever rank or worker loads it, and
+    after any resume. The datasets under it (through ``Subset`` and ``ConcatDataset``) provide
+    ``sample(index, transform)``, which skips unreadable images."""
+
+    def __init__(self, dataset, seed: int, views: Callable):
+        self.dataset, self.seed, self.views = dataset, seed, views
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, i = key
-        if self.with_index:  # no random op in the workers: nothing to seed
-            image, label = self.dataset[i]
-            return (image, i), label
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + epoch * 1_000_033 + int(i)) % 2**63)
-            return self.dataset[i]
+        seed = int(sample_seeds(self.seed, epoch, [i])[0])
+        base, j = resolve_index(self.dataset, int(i))
+        pair, label = base.sample(j, lambda image: self.views(image, seed))
+        return (pair, int(i)), label
+
+    def __getitems__(self, keys: list) -> list:
+        """A batch of :meth:`__getitem__` (what the DataLoader asks of a worker), with the seeds and crop boxes of the
+        whole batch drawn in one vectorised pass: every image's header is read first, for its size."""
+        epochs = {e for e, _ in keys}
+        if len(epochs) != 1:
+            return [self[key] for key in keys]
+        index = [int(i) for _, i in keys]
+        seeds = sample_seeds(self.seed, epochs.pop(), index)
+        opened = [base.sample(j) for base, j in (resolve_index(self.dataset, i) for i in index)]
+        height, width = (torch.tensor(n) for n in zip(*(image_size(image) for image, _ in opened)))
+        boxes = self.views.boxes(seeds, height, width)
+        out = []
+        for key, i, seed, box, (image, label) in zip(keys, index, seeds.tolist(), boxes, opened):
+            try:
+                out.append(((self.views(image, seed, box), i), label))
+            except UnreadableImage:  # the pixels behind a good header: the per-item path skips it as a bad image
+                out.append(self[key])
+        return out
 
 
 class InMemoryBatches(torch.utils.data.Dataset):
@@ -171,13 +227,11 @@ class PretrainData:
         d = data
         self.data_cfg, self.batch_size, self.seed, self.bad_image_log = data, batch_size, seed, bad_image_log
         self.on_device = d.augment.on == "device"
-        self.device_views = None
-        if self.on_device:
-            views = uint8_transform(d.image_size)
-        else:
-            views = TwoViews(*byol_transforms(d.image_size, views=view_params(d.augment)))
-        self.real = build_dataset(d.dataset, root=d.root, split="train", transform=views, class_list=d.class_list,
-                                  image_size=d.image_size, bad_image_log=bad_image_log)
+        self.device_views: Optional[BatchViews] = None
+        self._mean_std: Optional[list] = None
+        views = (ViewCrops if self.on_device else PerImageViews)(d.image_size, view_params(d.augment))
+        self.real = build_dataset(d.dataset, root=d.root, split="train", class_list=d.class_list,
+                                  image_size=d.image_size, bad_image_log=bad_image_log, lazy=True)
         if d.max_images and d.max_images < len(self.real):
             keep = torch.randperm(len(self.real), generator=torch.Generator().manual_seed(seed))[: d.max_images]
             self.real = torch.utils.data.Subset(self.real, keep.sort().values.tolist())
@@ -189,7 +243,7 @@ class PretrainData:
                                  "first, e.g. `synco synth-data train --data digits --out runs/ddpm-digits` then "
                                  "`synco synth-data generate --model runs/ddpm-digits --classes all --per-class 150 "
                                  f"--out {d.synthetic_root}`.")
-            self.synthetic = SafeImageFolder(d.synthetic_root, transform=views, bad_image_log=bad_image_log)
+            self.synthetic = SafeImageFolder(d.synthetic_root, bad_image_log=bad_image_log, lazy=True)
             n_real, n_syn = mix_counts(len(self.real), d.synthetic_ratio, d.synthetic_mode)
         self.counts = (n_real, n_syn)
         self.epoch_size = n_real + n_syn
@@ -199,13 +253,18 @@ class PretrainData:
             self.dataset = self.batched
             self.sampler = GlobalBatchSampler(self.dataset, batch_size, **common)
         elif self.synthetic is None:
-            self.dataset = IndexSeeded(self.real, seed, with_index=self.on_device)
+            self.dataset = IndexSeeded(self.real, seed, views)
             self.sampler = GlobalBatchSampler(self.dataset, batch_size, **common)
         else:
-            self.dataset = IndexSeeded(ConcatDataset([self.real, self.synthetic]), seed, with_index=self.on_device)
+            self.dataset = IndexSeeded(ConcatDataset([self.real, self.synthetic]), seed, views)
             self.sampler = GlobalBatchSampler(self.dataset.dataset, batch_size, counts=self.counts, **common)
         self.samples_per_rank = len(self.sampler)
         self._loader: Optional[DataLoader] = None
+
+    def batch_bytes(self) -> int:
+        """Bytes of one batch out of the workers: uint8 whole images held in memory, else both views' crops."""
+        side = self.data_cfg.image_size
+        return self.batch_size * 3 * side * side * (1 if self.batched is not None else 2)
 
     def _make_loader(self, sampler, persistent: bool, epoch: int) -> DataLoader:
         workers = self.data_cfg.num_workers
@@ -214,7 +273,8 @@ class PretrainData:
         return DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True,
                           num_workers=workers, pin_memory=torch.cuda.is_available(),
                           collate_fn=_as_is if self.batched is not None else None,
-                          persistent_workers=persistent and workers > 0, prefetch_factor=4 if workers else None,
+                          persistent_workers=persistent and workers > 0,
+                          prefetch_factor=prefetch_factor(workers, self.batch_bytes()),
                           generator=torch.Generator().manual_seed(self.seed * 7919 + epoch),
                           worker_init_fn=signals.ignore_in_worker if workers else None)
 
@@ -230,17 +290,20 @@ class PretrainData:
         return self._loader
 
     def views(self, batch, epoch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two views of one loader batch, on ``device``."""
-        if not self.on_device:
-            x1, x2 = batch
-            return x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
-        from ..data.batch_augment import BatchViews, sample_seeds
-
+        """The two normalised float views ``[B, 3, S, S]`` of one loader batch ``(uint8 images, indices)``, on
+        ``device``: the workers' views normalised there, or the views made there (``on=device``) from the
+        workers' crops ``[B, 2, 3, S, S]`` or, for images held in memory, from the whole images ``[B, 3, S, S]``."""
         images, index = batch
+        images = images.to(device, non_blocking=True)
+        if not self.on_device:
+            if self._mean_std is None:  # copied to the device once, not every step
+                self._mean_std = [torch.tensor(v, device=device).view(1, 3, 1, 1)
+                                  for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
+            return normalize(images[:, 0], *self._mean_std), normalize(images[:, 1], *self._mean_std)
         if self.device_views is None:
             self.device_views = BatchViews(self.data_cfg.image_size, view_params(self.data_cfg.augment),
                                            IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD).to(device)
-        return self.device_views(images.to(device, non_blocking=True), sample_seeds(self.seed, epoch, index))
+        return self.device_views(images, sample_seeds(self.seed, epoch, index))
 
     def view_stream(self, first_epoch: int, skip_batches: int, epochs: int, n_batches: int,
                     device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -1,8 +1,17 @@
-"""Synchronised BatchNorm for every device.
+"""Synchronised BatchNorm for the [N, C] heads, the same code on every device and backend (NCCL, gloo).
 
-On CUDA this is torch's ``SyncBatchNorm``. torch's version refuses CPU tensors, so CPU (gloo) runs use
-``CPUSyncBatchNorm``: batch statistics all-reduced with the autograd-aware collective of
-``torch.distributed.nn``, so gradients flow through the global mean/variance just as in SyncBatchNorm.
+torch's ``nn.SyncBatchNorm`` refuses CPU tensors, and on CUDA it all-gathers every rank's count and reads it
+back, so each call waits for the GPU (6 per micro-batch here) and ``torch.compile`` breaks its graph there.
+Here every rank holds the same local batch (the samplers drop the last partial batch), so the global count
+``n = world * N`` is known on the host, and two autograd-aware all-reduces of ``[C]`` vectors give the global
+statistics with nothing read back::
+
+    mean = sum_i x_i / n                 (over all ranks)
+    var  = sum_i (x_i - mean)^2 / n      (biased, as BatchNorm normalises; centred first, as BatchNorm's own
+                                          two-pass maths: features with a large mean keep their precision)
+
+Gradients flow through both all-reduces (their backward all-reduces the gradient), so they are those of BatchNorm
+over the global batch, as with ``nn.SyncBatchNorm``.
 """
 
 from __future__ import annotations
@@ -13,38 +22,41 @@ import torch.nn as nn
 from torch.distributed.nn.functional import all_reduce
 
 
-class CPUSyncBatchNorm(nn.BatchNorm1d):
-    """BatchNorm1d over [N, C] with statistics over the batches of all processes."""
+class SyncBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d over [N, C] with statistics over the batches of all processes (equal N on every rank)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or not dist.is_initialized() or dist.get_world_size() == 1:
             return super().forward(x)
         dtype, x = x.dtype, x.float()  # statistics in float32, as BatchNorm computes them under autocast
-        n = all_reduce(torch.tensor([float(x.shape[0])]))
+        n = x.shape[0] * dist.get_world_size()
         mean = all_reduce(x.sum(0)) / n
-        var = all_reduce(((x - mean) ** 2).sum(0)) / n  # biased, as BatchNorm normalises
+        var = all_reduce(((x - mean) ** 2).sum(0)) / n
         if self.track_running_stats:
             with torch.no_grad():
                 m = self.momentum if self.momentum is not None else 0.1
                 self.running_mean.lerp_(mean.detach(), m)
-                self.running_var.lerp_(var.detach() * n / (n - 1), m)
+                self.running_var.lerp_(var.detach() * (n / (n - 1)), m)
                 self.num_batches_tracked.add_(1)
         y = (x - mean) * torch.rsqrt(var + self.eps)
         return (y * self.weight + self.bias if self.affine else y).to(dtype)
 
 
 def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    """Replace every ``nn.BatchNorm1d`` of ``module`` by :class:`SyncBatchNorm1d` with the very same parameters and
+    buffers (and so their ``requires_grad``), as torch's converter does. Other BatchNorms (2-D/3-D, in convolutional
+    backbones) become ``nn.SyncBatchNorm`` on CUDA and stay per-process elsewhere (torch has no CPU version)."""
     for name, child in module.named_children():
         if type(child) is nn.BatchNorm1d:
-            new = CPUSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
-                                   child.track_running_stats)
-            # keep the very same parameters and buffers (and so their requires_grad), as torch's converter does
+            new = SyncBatchNorm1d(child.num_features, child.eps, child.momentum, child.affine,
+                                  child.track_running_stats)
             for key, value in list(child._parameters.items()) + list(child._buffers.items()):
                 setattr(new, key, value)
             new.train(child.training)
             setattr(module, name, new)
+        elif isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, SyncBatchNorm1d):
+            if device.type == "cuda":
+                setattr(module, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
         else:
             convert_sync_batchnorm(child, device)
     return module

@@ -39,8 +39,8 @@ class NonFiniteLoss(SyncoError):
 
 
 # Config keys that may change when a run is resumed (they do not change the maths of training).
-RESUMABLE_CHANGES = {"resume", "log_every", "ckpt_every_steps", "knn_at_end", "knn_every", "threads", "device",
-                     "compile", "data.num_workers", "data.root", "optim.batch_size", "knn"}
+RESUMABLE_CHANGES = {"resume", "log_every", "ckpt_every_steps", "ckpt_every_minutes", "knn_at_end", "knn_every",
+                     "threads", "device", "compile", "data.num_workers", "data.root", "optim.batch_size", "knn"}
 
 
 def seed_all(seed: int) -> None:
@@ -123,28 +123,50 @@ class Trainer:
             self.model.target = convert_sync_batchnorm(self.model.target, self.device)
         self.online = self.model.online
         if self.world > 1:
-            self.online = DDP(self.model.online, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            # Every BatchNorm is synchronised, so its running statistics agree on all ranks without a broadcast.
+            self.online = DDP(self.model.online, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                              broadcast_buffers=False, gradient_as_bucket_view=True)
         self.peak_lr = schedules.scaled_lr(cfg.optim.base_lr, self.effective_batch)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.peak_lr, self.device)
         self.warmup_steps = int(round(cfg.optim.warmup_epochs * self.steps_per_epoch))
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, self.warmup_steps, cfg.optim.min_lr)
         if cfg.compile:
             self.online = torch.compile(self.online)
+            self.model.compile_target_and_loss()
         self.state = RunState()
         self.ckpt_path = self.out / "checkpoint.pt"
+        self.writer = ckpt.CheckpointWriter()
+        self.last_save = time.monotonic()
         self.last_good_epoch: Optional[int] = None
         self.throughput = ckpt.Throughput(self.effective_batch)  # per-segment images/seconds, in checkpoints
 
     # -- checkpoints ------------------------------------------------------------------------------
 
     def save(self) -> None:
+        """Checkpoint the current step (rank 0), written in the background: :meth:`wait_saved` waits for it."""
+        self.last_save = time.monotonic()
         if not self.dist.is_main:
             return
         st = self.state
-        ckpt.save_training_state(self.ckpt_path, model=self.model, optimizer=self.optimizer, step=st.step,
-                                 epoch=st.epoch, batch_in_epoch=st.batch_in_epoch, config=self.cfg.to_dict(),
-                                 world_size=self.world, global_batch=self.global_batch,
-                                 segments=self.throughput.segments(st.step))
+        state = ckpt.training_state(model=self.model, optimizer=self.optimizer, step=st.step, epoch=st.epoch,
+                                    batch_in_epoch=st.batch_in_epoch, config=self.cfg.to_dict(),
+                                    world_size=self.world, global_batch=self.global_batch,
+                                    segments=self.throughput.segments(st.step))
+        self.writer.save(state, self.ckpt_path)
+
+    def wait_saved(self) -> None:
+        """Return once the last checkpoint is on disk (re-raising its write error)."""
+        self.writer.wait()
+
+    def _checkpoint_due(self, logged: bool) -> bool:
+        """A mid-epoch checkpoint every ``ckpt_every_steps`` steps, and every ``ckpt_every_minutes`` checked at the
+        logged steps only: there every rank has just agreed that the loss is finite, so rank 0 may decide by its
+        own clock without another collective."""
+        cfg = self.cfg
+        if cfg.ckpt_every_steps and self.state.step % cfg.ckpt_every_steps == 0:
+            return True
+        return bool(logged and cfg.ckpt_every_minutes
+                    and time.monotonic() - self.last_save >= 60 * cfg.ckpt_every_minutes)
 
     def maybe_resume(self) -> bool:
         if not self.ckpt_path.exists():
@@ -208,6 +230,7 @@ class Trainer:
             self._train_epochs(stream, logger, bar, window)
         finally:
             stream.close()
+            self.wait_saved()  # the last checkpoint is on disk before train() returns or raises
         bar.close()
         logger.close()
         seconds = window.run_seconds()
@@ -237,15 +260,16 @@ class Trainer:
                 micro = []
                 bar.update(1)
                 stop = any([hook(self) for hook in self.step_hooks])  # every hook sees every step
-                if st.step % cfg.log_every == 0 or st.step == self.total_steps:
+                logged = st.step % cfg.log_every == 0 or st.step == self.total_steps
+                if logged:
                     self._check_finite(bad)
                     record = {"step": st.step, "epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"],
                               "momentum": momentum, "synthetic": int(use_syn), **window.flush()}
                     logger.log(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", ep=epoch, syn=int(use_syn))
-                if st.batch_in_epoch < n_batches and (
-                        (cfg.ckpt_every_steps and st.step % cfg.ckpt_every_steps == 0) or stop):
-                    self._check_finite(bad)
+                if st.batch_in_epoch < n_batches and (stop or self._checkpoint_due(logged)):
+                    if not logged:
+                        self._check_finite(bad)
                     self.save()
                 signum = sig.stop_requested(st.step, self.world, self.device, cfg.log_every)
                 if signum:  # SIGTERM/SIGINT: keep the progress since the last checkpoint, then stop

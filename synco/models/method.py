@@ -102,6 +102,14 @@ class SelfSupervisedModel(nn.Module):
         # Built last: its random initial keys come after the encoders' weights in the RNG stream.
         self.queue = KeyQueues(queue_size, proj_dim) if self.spec.uses_queue else None
         self.register_load_state_dict_pre_hook(_legacy_queue_keys)
+        self._info_nce, self._byol_loss = info_nce, byol_loss
+
+    def compile_target_and_loss(self) -> None:
+        """``torch.compile`` the target encoder (in place, so the EMA still pairs its parameters by name) and the loss
+        functions. The synthetic negatives stay eager: compiled, their random draws would come from inductor's own
+        generator, and a compiled run would no longer replay an eager one."""
+        self.target.compile()
+        self._info_nce, self._byol_loss = torch.compile(info_nce), torch.compile(byol_loss)
 
     @property
     def uses_queue(self) -> bool:
@@ -152,8 +160,8 @@ class SelfSupervisedModel(nn.Module):
             k1, k2 = self.target(x1, x2)
         k1, k2 = F.normalize(k1.float(), dim=1), F.normalize(k2.float(), dim=1)
         if not self.uses_queue:
-            l1, s1 = byol_loss(q1, k2)
-            l2, s2 = byol_loss(q2, k1)
+            l1, s1 = self._byol_loss(q1, k2)
+            l2, s2 = self._byol_loss(q2, k1)
         else:
             q1, q2 = F.normalize(q1.float(), dim=1), F.normalize(q2.float(), dim=1)
             syn1 = syn2 = None
@@ -162,8 +170,8 @@ class SelfSupervisedModel(nn.Module):
                 syn1 = self.negatives(q1.detach(), queue2, generator=generator)
                 syn2 = self.negatives(q2.detach(), queue1, generator=generator)
             slices = self.negatives.slices if self.negatives is not None else None
-            l1, s1 = info_nce(q1, k2, queue2, self.temperature, syn1, slices)
-            l2, s2 = info_nce(q2, k1, queue1, self.temperature, syn2, slices)
+            l1, s1 = self._info_nce(q1, k2, queue2, self.temperature, syn1, slices)
+            l2, s2 = self._info_nce(q2, k1, queue1, self.temperature, syn2, slices)
         stats = {key: (s1[key] + s2[key]) / 2 for key in s1}
         return l1 + l2, stats, (k1, k2)
 
