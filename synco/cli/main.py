@@ -14,7 +14,7 @@ from typing import Optional
 from .. import __version__
 from ..errors import Interrupted, SyncoError
 
-SUBCOMMANDS = ("pretrain", "evaluate", "report", "synth_data", "visualize", "sweep")
+SUBCOMMANDS = ("pretrain", "evaluate", "report", "synth_data", "visualize", "sweep", "views", "doctor")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -43,14 +43,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from kornia.color import rgb_to_grayscale
-from kornia.enhance import (
-    adjust_hue,
-    solarize,
-)
+from kornia.enhance import adjust_hue
 from kornia.filters import gaussian_blur2d
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from synco.data.transforms import BYOL_T, BYOL_T_PRIME, AugmentationParams, blur_kernel_size, view_params
+from synco.data.transforms import (
+    BYOL_T,
+    BYOL_T_PRIME,
+    AugmentationParams,
+    blur_kernel_size,
+    check_crop_p,
+    view_params,
+)
 from synco.errors import SyncoError
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -125,39 +129,56 @@ class ViewDraw:
     solarize: torch.Tensor  # [B] bool
 
 
-def _crop_boxes(u: torch.Tensor, height: int, width: int, scale, ratio) -> torch.Tensor:
+def _crop_boxes(u: torch.Tensor, height, width, scale, ratio) -> torch.Tensor:
     """torchvision's ``RandomResizedCrop`` box sampler (10 attempts, then the centre-crop fallback), vectorised.
 
-    ``u``: ``[B, 40]`` uniforms. Returns ``[B, 4]`` (top, left, height, width).
+    ``u``: ``[B, 40]`` uniforms; ``height``, ``width``: the image size, one for all (ints) or per sample (``[B]``).
+    Returns ``[B, 4]`` (top, left, height, width).
     """
     B = u.shape[0]
     u = u.reshape(B, _CROP_ATTEMPTS, 4)
-    area = float(height * width)
+    height = torch.as_tensor(height, dtype=torch.int64).expand(B)
+    width = torch.as_tensor(width, dtype=torch.int64).expand(B)
+    area = (height * width).to(torch.float64)[:, None]
     target = area * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
     lr0, lr1 = math.log(ratio[0]), math.log(ratio[1])
     aspect = torch.exp(lr0 + (lr1 - lr0) * u[..., 1])
     w = torch.round(torch.sqrt(target * aspect)).to(torch.int64)  # round half to even, as Python's round
     h = torch.round(torch.sqrt(target / aspect)).to(torch.int64)
-    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    ok = (w > 0) & (w <= width[:, None]) & (h > 0) & (h <= height[:, None])
     first = ok.to(torch.int8).argmax(1)  # the first valid attempt (0 when none is)
     rows = torch.arange(B)
     h, w, ui, uj = h[rows, first], w[rows, first], u[rows, first, 2], u[rows, first, 3]
-    top = torch.floor(ui * (height - h + 1)).to(torch.int64).clamp_(max=height - h)
-    left = torch.floor(uj * (width - w + 1)).to(torch.int64).clamp_(max=width - w)
+    top = torch.minimum(torch.floor(ui * (height - h + 1)).to(torch.int64), height - h)
+    left = torch.minimum(torch.floor(uj * (width - w + 1)).to(torch.int64), width - w)
     # Fallback: the central crop with the aspect ratio clamped to ``ratio``.
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        fw, fh = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        fw, fh = int(round(height * max(ratio))), height
-    else:
-        fw, fh = width, height
+    fheight, fwidth = height.to(torch.float64), width.to(torch.float64)  # Python's float arithmetic, not float32
+    in_ratio = fwidth / fheight
+    narrow, wide = in_ratio < min(ratio), in_ratio > max(ratio)
+    fw = torch.where(wide, torch.round(fheight * max(ratio)).to(torch.int64), width)
+    fh = torch.where(narrow, torch.round(fwidth / min(ratio)).to(torch.int64), height)
     any_ok = ok.any(1)
     top = torch.where(any_ok, top, (height - fh) // 2)
     left = torch.where(any_ok, left, (width - fw) // 2)
     h = torch.where(any_ok, h, fh)
     w = torch.where(any_ok, w, fw)
     return torch.stack([top, left, h, w], 1)
+
+
+def crop_boxes(views: tuple[AugmentationParams, ...], seeds: torch.Tensor, height, width) -> torch.Tensor:
+    """``[B, V, 4]`` (top, left, height, width): the crop boxes :func:`draw_view` draws for ``[B]`` seeds and each of
+    the ``V`` views, alone (what DataLoader workers need to cut the crops from the full images); ``height`` and
+    ``width`` are ints or per-sample ``[B]``. One pass when the views share their crop scale and ratio."""
+    counters = torch.cat([torch.arange(4 * _CROP_ATTEMPTS, dtype=torch.int64) + _SLOTS_PER_VIEW * v
+                          for v in range(len(views))])
+    u = uniforms(seeds.cpu(), counters).view(-1, 4 * _CROP_ATTEMPTS)  # row b * V + v
+    V = len(views)
+    if len({(tuple(p.crop_scale), tuple(p.crop_ratio)) for p in views}) == 1:
+        size = [torch.as_tensor(n, dtype=torch.int64).expand(len(seeds)).repeat_interleave(V) for n in (height, width)]
+        return _crop_boxes(u, *size, views[0].crop_scale, views[0].crop_ratio).view(-1, V, 4)
+    u = u.view(-1, V, 4 * _CROP_ATTEMPTS)
+    return torch.stack([_crop_boxes(u[:, v], height, width, p.crop_scale, p.crop_ratio)
+                        for v, p in enumerate(views)], 1)
 
 
 def draw_view(p: AugmentationParams, seeds: torch.Tensor, view: int, height: int, width: int) -> ViewDraw:
@@ -261,6 +282,13 @@ def _apply_where(x: torch.Tensor, mask: torch.Tensor, fn) -> torch.Tensor:
     return x.index_copy_(0, dev_rows, fn(x.index_select(0, dev_rows), rows))
 
 
+def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """``(x - mean) / std`` of float images in [0, 1]; uint8 images are scaled to [0, 1] first."""
+    if x.dtype == torch.uint8:
+        x = x.to(torch.float32).div_(255.0)
+    return (x - mean.to(x.device)) / std.to(x.device)
+
+
 def _tensor_factor(f: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return f.to(torch.float32).to(x.device, non_blocking=True)
 
@@ -285,9 +313,7 @@ class BatchViews(nn.Module):
         if len(views) != 2:
             raise SyncoError(f"BatchViews makes two views; got {len(views)} parameter sets.")
         for p in views:
-            if p.crop_p != 1.0:
-                raise SyncoError(f"BYOL views need crop_p == 1.0 (got {p.crop_p}): an uncropped view would not "
-                                 f"have the requested size and could not be batched. Set crop_p to 1.0.")
+            check_crop_p(p)
         self.size = int(size)
         self.views = tuple(views)
         self.kernel_size = blur_kernel_size(self.size)
@@ -333,18 +359,23 @@ class BatchViews(nn.Module):
                              lambda y, r: adjust_hue(y, _tensor_factor(d.factors[r, 3] * (2 * math.pi), y)))
         return x
 
-    def _apply_draws(self, x: torch.Tensor, d: ViewDraw, on: torch.Tensor) -> torch.Tensor:
+    def _apply_draws(self, x: torch.Tensor, d: ViewDraw, on: torch.Tensor, cropped: bool = False) -> torch.Tensor:
         """Views of ``x`` (float ``[B, 3, H, W]`` in [0, 1]) with the drawn parameters ``d``, normalised. A sample's
-        result depends on its own row only, so both views of a batch go through at once (half the small ops)."""
-        out = resized_crop(x, d.box, d.flip, self.size)
+        result depends on its own row only, so both views of a batch go through at once (half the small ops).
+        ``cropped``: ``x`` holds each view's crop already (cut by the workers), only the flip is left of that step."""
+        if cropped:
+            out = _apply_where(x, d.flip, lambda y, r: y.flip(-1))
+        else:
+            out = resized_crop(x, d.box, d.flip, self.size)
         out = self._jitter(out, d, on)
         w = self.gray_weights.to(out.device)
         out = _apply_where(out, d.gray, lambda y, r: rgb_to_grayscale(y, rgb_weights=w).expand_as(y))
         ks = self.kernel_size
         out = _apply_where(out, d.blur, lambda y, r: gaussian_blur2d(
             y, (ks, ks), d.sigma[r].to(torch.float32)[:, None].expand(-1, 2).contiguous(), "reflect"))
-        out = _apply_where(out, d.solarize, lambda y, r: solarize(y, 0.5))
-        return (out - self.mean.to(out.device)) / self.std.to(out.device)
+        # kornia's solarize(y, 0.5), without the copy of its threshold to the device at every call
+        out = _apply_where(out, d.solarize, lambda y, r: torch.where(y < 0.5, y, 1.0 - y))
+        return normalize(out, self.mean, self.std)
 
     def apply_view(self, x: torch.Tensor, p: AugmentationParams, d: ViewDraw) -> torch.Tensor:
         """One view of ``x`` (float ``[B, 3, H, W]`` in [0, 1]) with the parameters ``d`` drawn for ``p``,
@@ -352,8 +383,13 @@ class BatchViews(nn.Module):
         return self._apply_draws(x, d, _components(p).expand(x.shape[0], 4))
 
     def forward(self, images: torch.Tensor, seeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise SyncoError(f"BatchViews expects [B, 3, H, W] images, got shape {tuple(images.shape)}.")
+        """Both views of ``images``: whole images ``[B, 3, H, W]`` (cropped here), or each view's crop made by the
+        workers, ``[B, 2, 3, size, size]`` (:class:`synco.data.crops.ViewCrops` with the same seeds)."""
+        cropped = images.ndim == 5
+        if not (images.ndim == 4 and images.shape[1] == 3
+                or cropped and images.shape[1:] == (2, 3, self.size, self.size)):
+            raise SyncoError(f"BatchViews expects [B, 3, H, W] images or [B, 2, 3, {self.size}, {self.size}] crops, "
+                             f"got shape {tuple(images.shape)}.")
         seeds = torch.as_tensor(seeds, dtype=torch.int64)
         if seeds.numel() != images.shape[0]:
             raise SyncoError(f"BatchViews needs one seed per image: {seeds.numel()} seeds for {images.shape[0]} "
@@ -365,5 +401,6 @@ class BatchViews(nn.Module):
         draws = self.draw(seeds, H, W)
         both = ViewDraw(*(torch.cat([getattr(d, f.name) for d in draws]) for f in dataclasses.fields(ViewDraw)))
         on = torch.cat([_components(p).expand(B, 4) for p in self.views])
-        out = self._apply_draws(torch.cat([x, x]), both, on)
+        x = torch.cat([x[:, 0], x[:, 1]]) if cropped else torch.cat([x, x])
+        out = self._apply_draws(x, both, on, cropped)
         return out[:B], out[B:]

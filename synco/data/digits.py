@@ -66,15 +66,17 @@ class DigitsDataset(torch.utils.data.Dataset):
         return self.samples_count
 
     def as_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every image as ``[N, 3, S, S]`` uint8 and every label as ``[N]`` int64: what ``uint8_transform`` makes
-        of the items one by one (the images are rendered at their final size), for whole-batch lookups."""
+        """Every image as ``[N, 3, S, S]`` uint8 and every label as ``[N]`` int64 (the images are rendered at their
+        final size), for whole-batch lookups."""
         return torch.from_numpy(self.images).permute(0, 3, 1, 2).contiguous(), torch.tensor(self.targets)
 
     def __getitem__(self, index: int):
+        return self.sample(index, self.transform)
+
+    def sample(self, index: int, transform=None):
+        """``(transform(image), target)`` of sample ``index`` (the image as PIL RGB)."""
         img = Image.fromarray(self.images[index])
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, self.targets[index]
+        return (transform(img) if transform is not None else img), self.targets[index]
 
 
 def export_digits_imagefolder(root, split: str = "train", image_size: int = 32,

@@ -77,6 +77,28 @@ def load_rgb(path) -> Image.Image:
     return to_rgb(img)
 
 
+class UnreadableImage(Exception):
+    """An image whose pixels could not be decoded (raised by :func:`decode_rgb`; the folder skips the image)."""
+
+
+def open_image(path) -> Image.Image:
+    """The image's header only: size and format are known, the pixels are decoded later by :func:`decode_rgb`
+    (after a transform has chosen a reduced JPEG scale with ``draft``)."""
+    return Image.open(path)
+
+
+def decode_rgb(img: Image.Image) -> Image.Image:
+    """Decode an image :func:`open_image` opened (a no-op for one already decoded) as :func:`to_rgb` RGB."""
+    try:
+        img.load()
+    except Exception as exc:  # decoders raise many types (OSError, SyntaxError, ValueError, ...)
+        raise UnreadableImage(f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        if getattr(img, "_exclusive_fp", False) and getattr(img, "fp", None) is not None:
+            img.fp.close()
+    return to_rgb(img)
+
+
 def count_bad_images(bad_image_log) -> int:
     """Number of distinct image paths recorded in ``bad_image_log`` (0 if there is no log)."""
     if bad_image_log is None or not Path(bad_image_log).is_file():
@@ -93,10 +115,12 @@ class SafeImageFolder(ImageFolder):
 
     An image that cannot be loaded is logged (``synco.data`` logger, and one line appended
     to ``bad_image_log`` when given) and the next readable sample is returned instead, so a
-    few bad files cannot kill a long run.
+    few bad files cannot kill a long run. With ``lazy=True`` the loader reads only the header and the transform
+    decodes (:func:`decode_rgb`), so it can choose a reduced JPEG scale first; pixels that fail to decode then are
+    skipped the same way.
     """
 
-    def __init__(self, root, transform=None, class_list=None, bad_image_log=None):
+    def __init__(self, root, transform=None, class_list=None, bad_image_log=None, lazy: bool = False):
         root = Path(root)
         if not root.exists():
             raise SyncoError(f"Image folder {str(root)!r} does not exist. Check the path; it must contain "
@@ -107,7 +131,7 @@ class SafeImageFolder(ImageFolder):
         self.class_list = None if class_list is None else list(dict.fromkeys(class_list))
         self.bad_image_log = None if bad_image_log is None else Path(bad_image_log)
         # allow_empty so that we, not torchvision, report which class folder is empty.
-        super().__init__(str(root), transform=transform, loader=load_rgb, allow_empty=True)
+        super().__init__(str(root), transform=transform, loader=open_image if lazy else load_rgb, allow_empty=True)
         counts = dict.fromkeys(range(len(self.classes)), 0)
         for t in self.targets:
             counts[t] += 1
@@ -135,6 +159,11 @@ class SafeImageFolder(ImageFolder):
         return classes, {c: i for i, c in enumerate(classes)}
 
     def __getitem__(self, index: int):
+        return self.sample(index, self.transform)
+
+    def sample(self, index: int, transform=None):
+        """``(transform(image), target)`` of sample ``index``; an image that cannot be opened or decoded (the loader
+        or the transform raises :class:`UnreadableImage`) is recorded and the next one is taken instead."""
         for attempt in range(MAX_SKIPS):
             path, target = self.samples[(index + attempt) % len(self.samples)]
             try:
@@ -142,8 +171,11 @@ class SafeImageFolder(ImageFolder):
             except Exception as exc:  # decoders raise many types (OSError, SyntaxError, ValueError, ...)
                 self._record_bad(path, exc)
                 continue
-            if self.transform is not None:
-                sample = self.transform(sample)
+            try:
+                sample = transform(sample) if transform is not None else sample
+            except UnreadableImage as exc:  # pixels that fail to decode behind a valid header (lazy loading)
+                self._record_bad(path, exc.__cause__ or exc)
+                continue
             if self.target_transform is not None:
                 target = self.target_transform(target)
             return sample, target

@@ -1,12 +1,15 @@
 """Image transforms (torchvision.transforms.v2): BYOL pretraining views and evaluation pipelines.
 
-All pipelines accept a PIL image or a uint8 tensor image and return a normalised float32 tensor.
+All pipelines accept a PIL image or a uint8 tensor image and return a normalised float32 tensor, but for the
+training views' pieces (:func:`view_ops`, :class:`GaussianBlur`), which work on uint8 images.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import PIL.Image
 import torch
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.transforms import v2
@@ -63,31 +66,83 @@ def _to_normalized_tensor(mean, std) -> list:
             v2.ToPureTensor()]
 
 
+class GaussianBlur(v2.GaussianBlur):
+    """torchvision's ``GaussianBlur`` (the same sigma draw, kernel, reflect borders and rounding) computed as two
+    matrix products: each axis's reflect-padded Gaussian folded into a banded ``[n, n]`` matrix, as the device path
+    resamples its crops. torchvision convolves with the dense 23 x 23 kernel (529 taps per pixel at 224 px, about
+    two thirds of a view's time); this is 2 x 224 multiply-adds per pixel, on any kernel size, to float rounding."""
+
+    def transform(self, inpt, params: dict):
+        if isinstance(inpt, PIL.Image.Image):
+            return v2.functional.to_pil_image(gaussian_blur(v2.functional.pil_to_tensor(inpt), self.kernel_size,
+                                                            params["sigma"]), mode=inpt.mode)
+        return gaussian_blur(inpt, self.kernel_size, params["sigma"])
+
+
+def _blur_matrix(n: int, kernel_size: int, sigma: float) -> torch.Tensor:
+    """``[n, n]``: row i holds the 1-D Gaussian of torchvision's kernel centred on pixel i, its taps outside the
+    image folded back in by reflection (``torch.nn.functional.pad(mode='reflect')``)."""
+    lim = (kernel_size - 1) / (2.0 * math.sqrt(2.0))
+    taps = torch.softmax(torch.linspace(-lim, lim, kernel_size).div(sigma).pow(2).neg(), 0)
+    # Denormal taps (small sigma: exp(-100) and beyond) add nothing a float32 sum can hold, and would make the
+    # matrix products several times slower on x86.
+    taps = torch.where(taps < torch.finfo(taps.dtype).tiny, 0.0, taps)
+    idx = (torch.arange(n)[:, None] + torch.arange(kernel_size)[None, :] - kernel_size // 2).abs()
+    idx = torch.where(idx > n - 1, 2 * (n - 1) - idx, idx).clamp_(0, n - 1)
+    return torch.zeros(n, n).scatter_add_(1, idx, taps.expand(n, -1).contiguous())
+
+
+def gaussian_blur(image: torch.Tensor, kernel_size, sigma) -> torch.Tensor:
+    """``v2.functional.gaussian_blur`` of a ``[..., C, H, W]`` image (uint8 rounded back to uint8, as torchvision)."""
+    kx, ky = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+    sx, sy = (sigma, sigma) if isinstance(sigma, (int, float)) else sigma
+    h, w = image.shape[-2:]
+    fp = image.is_floating_point()
+    x = image if fp else image.to(torch.float32)
+    out = _blur_matrix(h, ky, sy).to(x) @ x @ _blur_matrix(w, kx, sx).to(x).t()
+    return out if fp else out.round_().clamp_(0, 255).to(image.dtype)
+
+
+def view_ops(params: AugmentationParams, size: int) -> list:
+    """One BYOL view's operations after its random resized crop to ``size`` (one column of Table 11): uint8 in,
+    uint8 out.
+    Ops with probability 0 are left out (same distribution, less work). Colour jitter and grayscale run on a PIL
+    image (torchvision's PIL kernels, as BYOL's and MoCo's loaders: about half the time of its uint8 tensor
+    kernels, hue most of all); the blur is :class:`GaussianBlur`."""
+    p, ops = params, []
+    if p.flip_p > 0:
+        ops.append(v2.RandomHorizontalFlip(p=p.flip_p))
+    colour = []
+    if p.color_jitter_p > 0:
+        colour.append(v2.RandomApply([v2.ColorJitter(p.brightness, p.contrast, p.saturation, p.hue)],
+                                     p=p.color_jitter_p))
+    if p.grayscale_p > 0:
+        colour.append(v2.RandomGrayscale(p=p.grayscale_p))
+    if colour:
+        ops += [v2.ToPILImage(), *colour, v2.PILToTensor()]
+    if p.blur_p > 0:
+        ops.append(v2.RandomApply([GaussianBlur(blur_kernel_size(size), sigma=p.blur_sigma)], p=p.blur_p))
+    if p.solarize_p > 0:
+        ops.append(v2.RandomSolarize(threshold=128, p=p.solarize_p))
+    return ops
+
+
 def byol_view(size, params: AugmentationParams, crop_scale=None,
               mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> v2.Compose:
-    """One BYOL augmentation pipeline built from one column of Table 11 (``crop_scale`` overrides the params')."""
+    """One BYOL augmentation pipeline built from one column of Table 11 (``crop_scale`` overrides the params'):
+    the random resized crop, :func:`view_ops`, then float conversion and normalisation."""
     p = params
     crop_scale = tuple(crop_scale) if crop_scale is not None else p.crop_scale
+    check_crop_p(p)
+    crop = v2.RandomResizedCrop(size, scale=crop_scale, ratio=p.crop_ratio, interpolation=BICUBIC, antialias=True)
+    # uint8 from the crop on: the solarise threshold 128 is BYOL's 0.5
+    return v2.Compose([v2.ToImage(), crop, *view_ops(p, _side(size)), *_to_normalized_tensor(mean, std)])
+
+
+def check_crop_p(p: AugmentationParams) -> None:
     if p.crop_p != 1.0:
         raise SyncoError(f"BYOL views need crop_p == 1.0 (got {p.crop_p}): an uncropped view would not "
                          f"have the requested size and could not be batched. Set crop_p to 1.0.")
-    ops = [
-        v2.ToImage(),  # uint8 tensor from here on: solarise threshold 128 is BYOL's 0.5
-        v2.RandomResizedCrop(size, scale=crop_scale, ratio=p.crop_ratio, interpolation=BICUBIC, antialias=True),
-    ]
-    # Operations with probability 0 are left out: same distribution, less work per image.
-    if p.flip_p > 0:
-        ops.append(v2.RandomHorizontalFlip(p=p.flip_p))
-    if p.color_jitter_p > 0:
-        ops.append(v2.RandomApply([v2.ColorJitter(p.brightness, p.contrast, p.saturation, p.hue)],
-                                  p=p.color_jitter_p))
-    if p.grayscale_p > 0:
-        ops.append(v2.RandomGrayscale(p=p.grayscale_p))
-    if p.blur_p > 0:
-        ops.append(v2.RandomApply([v2.GaussianBlur(blur_kernel_size(_side(size)), sigma=p.blur_sigma)], p=p.blur_p))
-    if p.solarize_p > 0:
-        ops.append(v2.RandomSolarize(threshold=128, p=p.solarize_p))
-    return v2.Compose(ops + _to_normalized_tensor(mean, std))
 
 
 def byol_transforms(size, crop_scale=None, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
@@ -107,28 +162,6 @@ class TwoViews:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(\n  t1={self.t1!r},\n  t2={self.t2!r})"
-
-
-class _FitSquare(torch.nn.Module):
-    """Resize the shorter side to ``side`` and centre-crop ``side`` x ``side``, unless already square and small."""
-
-    def __init__(self, side: int):
-        super().__init__()
-        self.side = side
-
-    def forward(self, img):
-        h, w = img.shape[-2:]
-        if h == w and h <= self.side:
-            return img
-        img = v2.functional.resize(img, self.side, interpolation=BICUBIC, antialias=True)
-        return v2.functional.center_crop(img, self.side)
-
-
-def uint8_transform(size, crop_ratio: float = 224 / 256) -> v2.Compose:
-    """What DataLoader workers do when the views are made on the device: decode, resize the shorter side to
-    ``size / crop_ratio`` and centre-crop a square of that side, as uint8. Images already square and no larger
-    (the built-in digits) pass through untouched. The device's random crops then sample that square."""
-    return v2.Compose([v2.ToImage(), _FitSquare(round(_side(size) / crop_ratio)), v2.ToPureTensor()])
 
 
 def eval_transform(size, crop_ratio: float = 224 / 256, interpolation=BICUBIC,
