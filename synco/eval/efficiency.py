@@ -14,24 +14,28 @@ methods, not the input pipeline; ``inputs=loader`` times the trainer's data pipe
   subtracts what was in use just before the method's model was built (model, optimizer state, activations).
   On CPU each method runs in a fresh (spawned) process by default (``isolate``), so no method inherits
   another's allocator state;
-* time: CUDA events around each step on CUDA, ``time.perf_counter`` on CPU; time per epoch = steps per epoch
-  (``epoch_images // batch_size``) x mean step time, projected to 100 and 300 epochs, for one process;
+* time: the measured steps run back to back, as in training: the device is waited for once before the window
+  and once after it, never between steps. Each step is timed from marks at its part boundaries (CUDA events on
+  CUDA, read after the window; ``time.perf_counter`` on CPU), and its time is the sum of its parts. Time per
+  epoch = steps per epoch (``epoch_images // batch_size``) x mean step time, projected to 100 and 300 epochs,
+  for one process. ``compile=true`` in the preset compiles what the trainer compiles (at least 2 warm-up
+  steps then). DDP is not measured: under torchrun with several processes this refuses to run;
 * cost against the limit: the FLOPs of one step (forward and backward; ``torch.utils.flop_counter``, which
-  counts matrix products, convolutions and attention), the FLOP/s achieved over the mean step time, and that
-  as a fraction of the rate of a square matmul (``peak_size``) timed on the spot, in the step's compute dtype
-  and with the same threads (MFU). It reads the same on any device: on a GPU it is the usual MFU;
-* where a step goes: wall time of each part (waiting for data, moving it to the device and augmenting there,
+  counts matrix products, convolutions and attention), the FLOP/s achieved over the mean step time, and MFU:
+  that rate over the GPU's dense datasheet peak in the step's compute dtype (``meters.GPU_PEAKS``; none on a
+  CPU or an unknown GPU). Secondary, and labelled so: the fraction of a square matmul (``peak_size``) timed on
+  the spot in the same dtype and threads (``matmul_utilization``), the only yardstick on a CPU;
+* where a step goes: the time of each part (waiting for data, moving it to the device and augmenting there,
   online forward, target forward, synthetic negatives, the rest of the loss, backward, optimizer + EMA +
-  enqueue), from marks at the part boundaries (``time.perf_counter`` on CPU, CUDA events on CUDA). With
-  ``inputs=random`` the step takes the same random batch every time, so waiting for data is zero; with
-  ``inputs=loader`` batches come from the preset's training pipeline (its DataLoader workers and augmentation).
+  enqueue); the parts add up to the step by construction. With ``inputs=random`` the step takes the same random
+  batch every time, so waiting for data is zero; with ``inputs=loader`` batches come from the preset's training
+  pipeline (its DataLoader workers and augmentation).
 """
 
 from __future__ import annotations
 
 import gc
 import os
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -40,9 +44,20 @@ import numpy as np
 import torch
 
 from ..config import METHODS, load_config, method_spec
-from ..device import configure_cpu, use_bf16
+from ..device import configure_cpu, cpu_name, use_bf16
 from ..errors import SyncoError
-from .meters import PARTS, MemoryProbe, StepTimeline, count_flops, flops_by_part, matmul_peak, rss_mb
+from .meters import (
+    PARTS,
+    MemoryProbe,
+    StepTimeline,
+    compute_dtype,
+    count_flops,
+    datasheet_peak,
+    flops_by_part,
+    matmul_peak,
+    rss_mb,
+    timed_window,
+)
 from .results import markdown_table, save_result
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -64,8 +79,9 @@ class EfficiencyOptions:
     isolate: Optional[bool] = None  # each method in a fresh process (default: on CPU, where RSS is per process)
     seed: int = 0
     inputs: str = "random"  # random: one random batch on the device (compares the methods); loader: the preset's data
-    flops: bool = True  # count one step's FLOPs and report FLOP/s against a matmul peak measured on the spot
-    peak_size: int = 0  # side of the square matmul timed for the peak; 0: 1024 on CPU, 8192 on CUDA
+    flops: bool = True  # count one step's FLOPs; report MFU (datasheet peak) and the fraction of a matmul timed here
+    flops_by_part: bool = True  # split the FLOPs into online / target / loss (two more passes of the encoders)
+    peak_size: int = 0  # side of the square matmul timed on the spot; 0: 1024 on CPU, 8192 on CUDA
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,12 +99,18 @@ def _config(opts: EfficiencyOptions, method: str, overrides: list[str]):
     ovr = list(overrides) + [f"method={method}", f"device={opts.device}", f"precision={opts.precision}"]
     if opts.batch_size is not None:
         ovr.append(f"optim.batch_size={int(opts.batch_size)}")
+    return load_bench_config(opts.preset, ovr)
+
+
+def load_bench_config(preset: str, overrides: list[str]):
+    """The preset's config with ``overrides``; a preset that needs ``data.root`` gets a placeholder, because
+    steps on random inputs read no data."""
     try:
-        return load_config(opts.preset, ovr)
+        return load_config(preset, overrides)
     except SyncoError as e:
         if "data.root" not in str(e):
             raise
-        return load_config(opts.preset, ovr + ["data.root=unused"])  # no data is read
+        return load_config(preset, list(overrides) + ["data.root=unused"])
 
 
 def _epoch_images(opts: EfficiencyOptions, cfg) -> tuple[int, str]:
@@ -156,90 +178,149 @@ class _LoaderInputs:
         self._it = self.data = None  # shuts the workers down
 
 
-def measure_method(cfg, opts: EfficiencyOptions, device: torch.device, probe: MemoryProbe) -> dict:
-    """Time, memory, FLOPs and breakdown of ``opts.steps`` training steps of ``cfg.method`` (after
-    ``opts.warmup_steps``, and one more step whose FLOPs are counted)."""
-    from ..engine.optim import build_optimizer
-    from ..engine.step import train_step
-    from ..models.method import create_model
-    from ..schedules import scaled_lr
+def refuse_distributed(what: str = "synco eval efficiency") -> None:
+    """Stop under torchrun with several processes: the measurement is of one process (no DDP all-reduce, no
+    SyncBatchNorm), and N processes each timing their own copy would report a speed no DDP run has."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        world = 1
+    if world > 1:
+        raise SyncoError(f"{what} measures one process and does not time DDP: under torchrun (WORLD_SIZE={world}) "
+                         "every process would time its own step without the gradient all-reduce and synchronised "
+                         "BatchNorm of a multi-GPU run. Run it as one process (without torchrun); a real "
+                         "multi-GPU run reports its images_per_second in summary.json.")
 
+
+class _Bench:
+    """One method's model, optimizer and inputs, built as the trainer builds them, and its timed step: the
+    trainer's own ``train_step`` at a fixed momentum."""
+
+    def __init__(self, cfg, opts: EfficiencyOptions, device: torch.device):
+        from ..engine.optim import build_optimizer
+        from ..models.method import create_model
+        from ..schedules import scaled_lr
+
+        self.cfg = cfg
+        self.model = create_model(cfg).to(device)
+        self.params = count_parameters(self.model)
+        self.optimizer = build_optimizer(self.model, cfg.optim, scaled_lr(cfg.optim.base_lr, cfg.optim.batch_size),
+                                         device)
+        self.online = self.model.online  # compiled by compile(), after the FLOPs are counted
+        self.inputs = _LoaderInputs(cfg, device) if opts.inputs == "loader" else _RandomInputs(cfg, device, opts.seed)
+        self.bf16 = use_bf16(cfg.precision, device)
+        self.use_syn = bool(opts.synthetic and method_spec(cfg).uses_synthetic)
+        self.timeline = StepTimeline(self.model, device, encoder_hooks=not cfg.compile)
+        self.model.train()
+
+    def compile(self) -> None:
+        """What engine/train.py compiles with compile=true: the online encoder the gradients go through, and the
+        target and the loss where the model offers that. Called after the FLOPs are counted: a compiled graph
+        hides its operations from the counter."""
+        self.online = torch.compile(self.model.online)
+        compile_rest = getattr(self.model, "compile_target_and_loss", None)
+        if compile_rest is not None:
+            compile_rest()
+
+    def _compute(self, online, x1: torch.Tensor, x2: torch.Tensor) -> None:
+        from ..engine.step import train_step
+
+        cfg = self.cfg
+        train_step(self.model, online, self.optimizer, [(x1, x2)], use_synthetic=self.use_syn,
+                   momentum=cfg.contrast.momentum_start, clip_grad=cfg.optim.clip_grad, bf16=self.bf16,
+                   mark=self.timeline.mark)
+
+    def step(self) -> None:
+        self.timeline.start()
+        x1, x2 = self.inputs.next(self.timeline)
+        self._compute(self.online, x1, x2)
+
+    def count(self, by_part: bool = True) -> tuple[int, Optional[dict]]:
+        """FLOPs of one step of the model (not of the data pipeline), in total and (``by_part``) by part, counted
+        eagerly (FLOPs depend on shapes only). The counted step trains like any other, so it comes before the
+        warm-up, never between measured steps."""
+        self.timeline.start()
+        x1, x2 = self.inputs.next(self.timeline)
+        total, _ = count_flops(lambda: self._compute(self.online, x1, x2))
+        return total, flops_by_part(self.model, x1, x2, total, self.bf16) if by_part else None
+
+    def close(self) -> None:
+        self.timeline.remove()
+        self.inputs.close()
+        self.model = self.online = self.optimizer = self.inputs = self.timeline = None
+
+
+def measure_method(cfg, opts: EfficiencyOptions, device: torch.device, probe: MemoryProbe) -> dict:
+    """Time, memory, FLOPs and breakdown of ``opts.steps`` training steps of ``cfg.method`` (after one step
+    whose FLOPs are counted and ``opts.warmup_steps``; at least 2 with ``compile=true``, whose first calls
+    compile). The measured steps run back to back: the device is waited for before and after the window only."""
+    refuse_distributed()
     torch.manual_seed(opts.seed)
-    batch = cfg.optim.batch_size
     check_batch(cfg)
     gc.collect()
     before = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else rss_mb()
-    model = create_model(cfg).to(device)
-    params = count_parameters(model)
-    optimizer = build_optimizer(model, cfg.optim, scaled_lr(cfg.optim.base_lr, batch), device)
-    size = cfg.data.image_size
-    inputs = _LoaderInputs(cfg, device) if opts.inputs == "loader" else _RandomInputs(cfg, device, opts.seed)
-    bf16 = use_bf16(cfg.precision, device)
-    use_syn = bool(opts.synthetic and method_spec(cfg).uses_synthetic)
-    cuda = device.type == "cuda"
-    timeline = StepTimeline(model, device)
-    model.train()
-
-    def step(count: bool = False) -> Optional[tuple[int, dict]]:
-        timeline.start()
-        x1, x2 = inputs.next(timeline)
-        if count:  # the FLOPs of the model's step only, not of the data pipeline
-            total, _ = count_flops(lambda: compute(x1, x2))
-            return total, flops_by_part(model, x1, x2, total, bf16)
-        compute(x1, x2)
-        return None
-
-    def compute(x1: torch.Tensor, x2: torch.Tensor) -> None:  # the trainer's own step, at a fixed momentum
-        train_step(model, model.online, optimizer, [(x1, x2)], use_synthetic=use_syn,
-                   momentum=cfg.contrast.momentum_start, clip_grad=cfg.optim.clip_grad, bf16=bf16,
-                   mark=timeline.mark)
-
-    flops = part_flops = None
-    if opts.flops:
-        flops, part_flops = step(count=True)
-    for _ in range(max(opts.warmup_steps, 0)):
-        step()
-    if cuda:
-        torch.cuda.synchronize(device)
-    times, mems, parts = [], [], []
-    for _ in range(opts.steps):
-        probe.start()
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end) / 1000.0)
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-        mems.append(probe.stop())
-        parts.append(timeline.parts_ms())
-    timeline.remove()
-    inputs.close()
-    model = optimizer = inputs = timeline = None  # free them before the next method is measured
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-    step_s = float(np.mean(times))
-    breakdown = {part: float(np.mean([p[part] for p in parts])) for part in PARTS}
-    row = {**params, "batch_size": batch, "image_size": size, "synthetic": use_syn, "inputs": opts.inputs,
-           "step_ms": 1000.0 * step_s, "step_ms_std": 1000.0 * float(np.std(times)),
-           "images_per_s": batch / step_s, "avg_mem_mb": float(np.mean(mems)), "peak_mem_mb": float(np.max(mems)),
-           "before_model_mb": before, "peak_over_before_mb": float(np.max(mems)) - before,
-           "breakdown_ms": breakdown,
-           "breakdown_share": {part: ms / (1000.0 * step_s) for part, ms in breakdown.items()}}
-    if flops is not None:
-        peak = matmul_peak(device, torch.bfloat16 if bf16 else torch.float32, opts.peak_size)
-        model_s = max(step_s - (breakdown["data wait"] + breakdown["views to device"]) / 1000.0, 1e-12)
-        row.update({"flops_per_step": flops, "flops_per_image": flops / batch,
-                    "flops_by_part": part_flops,
-                    "achieved_flops_per_s": flops / step_s, **peak,
-                    "mfu": flops / step_s / peak["peak_flops_per_s"],
-                    "mfu_model": flops / model_s / peak["peak_flops_per_s"]})
+    warmup = max(opts.warmup_steps, 2 if cfg.compile else 0)
+    bench = _Bench(cfg, opts, device)
+    bf16, params, use_syn = bench.bf16, bench.params, bench.use_syn
+    try:
+        counted = bench.count(opts.flops_by_part) if opts.flops else None
+        if cfg.compile:
+            bench.compile()
+        for _ in range(warmup):
+            bench.step()
+        window = timed_window(bench.step, opts.steps, device, bench.timeline, probe)
+    finally:
+        bench.close()
+        bench = None  # free the model before the next method is measured
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    row = {**params, **_timing_row(cfg, window, before), "synthetic": use_syn, "inputs": opts.inputs,
+           "compile": bool(cfg.compile), "precision": "bf16" if bf16 else "fp32", "warmup_steps": warmup,
+           "steps": opts.steps}
+    if cfg.compile:
+        row["breakdown_note"] = "compile=true: the encoders' forwards are counted in 'loss (rest of forward)'"
+    if counted is not None:
+        row.update(flop_rates(counted[0], counted[1], row, device, bf16, opts.peak_size))
     return row
+
+
+def _timing_row(cfg, window: dict, before_mb: float) -> dict:
+    """Step time, throughput and memory from a :func:`~synco.eval.meters.timed_window`. The mean step is the
+    total over the window divided by the steps (what an epoch takes); the median is robust to one slow step."""
+    batch = cfg.optim.batch_size
+    times = np.asarray(window["step_ms"]) / 1000.0
+    step_s = float(np.mean(times))
+    breakdown = {part: float(np.mean([p[part] for p in window["parts_ms"]])) for part in PARTS}
+    mems = window["mem_mb"]
+    return {"batch_size": batch, "image_size": cfg.data.image_size,
+            "step_ms": 1000.0 * step_s, "step_ms_median": 1000.0 * float(np.median(times)),
+            "step_ms_std": 1000.0 * float(np.std(times)), "window_s": window["window_s"],
+            "images_per_s": batch / step_s, "avg_mem_mb": float(np.mean(mems)), "peak_mem_mb": float(np.max(mems)),
+            "before_model_mb": before_mb, "peak_over_before_mb": float(np.max(mems)) - before_mb,
+            "breakdown_ms": breakdown,
+            # the parts tile each step, so the mean parts sum to the mean step and the shares to 1
+            "breakdown_share": {part: ms / (1000.0 * step_s) for part, ms in breakdown.items()}}
+
+
+def flop_rates(flops: int, part_flops: Optional[dict], row: dict, device: torch.device, bf16: bool,
+               peak_size: int = 0) -> dict:
+    """FLOPs of a step and the rate achieved: MFU against the datasheet's dense peak of the GPU in the step's
+    compute dtype (None on a CPU or an unknown GPU), and, as a secondary yardstick, the fraction of a matmul
+    timed here and now (``matmul_utilization``). "model": over the step less waiting for and moving data."""
+    step_s = row["step_ms"] / 1000.0
+    model_s = max(step_s - (row["breakdown_ms"]["data wait"] + row["breakdown_ms"]["views to device"]) / 1000.0,
+                  1e-12)
+    dtype = compute_dtype(bf16)
+    sheet = datasheet_peak(torch.cuda.get_device_name(device), dtype) if device.type == "cuda" else None
+    matmul = matmul_peak(device, torch.bfloat16 if bf16 else torch.float32, peak_size)
+    achieved = flops / step_s
+    return {"flops_per_step": flops, "flops_per_image": flops / row["batch_size"], "flops_by_part": part_flops,
+            "achieved_flops_per_s": achieved, "compute_dtype": dtype, "datasheet": sheet,
+            "mfu": achieved / sheet["peak_flops_per_s"] if sheet else None,
+            "mfu_model": flops / model_s / sheet["peak_flops_per_s"] if sheet else None,
+            **matmul, "matmul_utilization": achieved / matmul["matmul_flops_per_s"],
+            "matmul_utilization_model": flops / model_s / matmul["matmul_flops_per_s"]}
 
 
 def _measure_child(cfg, opts: EfficiencyOptions, device: str, conn) -> None:
@@ -287,6 +368,7 @@ def measure_isolated(cfg, opts: EfficiencyOptions, device: torch.device) -> dict
 
 def run_efficiency(out: Optional[Path], opts: EfficiencyOptions, overrides: Optional[list[str]] = None,
                    log: Callable[[str], None] = print) -> dict:
+    refuse_distributed()
     methods = [str(m) for m in opts.methods]
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
@@ -319,7 +401,7 @@ def run_efficiency(out: Optional[Path], opts: EfficiencyOptions, overrides: Opti
             r[f"hours_{int(e)}"] = r["epoch_min"] * int(e) / 60.0
     result = {"protocol": "efficiency", "preset": opts.preset, "overrides": list(overrides or []),
               "backbone": cfg0.model.backbone, "backbone_kwargs": cfg0.model.backbone_kwargs,
-              "device": _device_name(device), "threads": torch.get_num_threads(), "memory": probe.kind,
+              "device": device_name(device), "threads": torch.get_num_threads(), "memory": probe.kind,
               "process_baseline_mb": baseline if device.type == "cpu" else None, "isolated": isolate,
               "epoch_images": epoch_images, "epoch_images_source": source, "methods": rows,
               "options": asdict(opts)}
@@ -329,16 +411,10 @@ def run_efficiency(out: Optional[Path], opts: EfficiencyOptions, overrides: Opti
     return result
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    name = None
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
-    except OSError:
-        pass
-    return f"cpu ({name or 'unknown'}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    return f"cpu ({cpu_name() or 'unknown'}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
 def _millions(n: int) -> str:
@@ -366,6 +442,10 @@ def efficiency_table(result: dict) -> str:
     return text + "\n\n" + cost_table(result)
 
 
+def _percent(x: Optional[float]) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
 def cost_table(result: dict) -> str:
     """FLOPs and MFU of one step, and the share of the step each part takes."""
     methods = result["methods"]
@@ -373,19 +453,44 @@ def cost_table(result: dict) -> str:
     parts = [p for p in PARTS if any(r["breakdown_ms"].get(p, 0.0) > 0 for r in methods.values())] or list(PARTS)
     cols = ["Method", "Step (ms)"]
     if "flops_per_step" in first:
-        cols += ["GFLOP/step", "GFLOP/s", "MFU", "MFU (model only)"]
+        cols += ["GFLOP/step", "GFLOP/s", "MFU", "MFU (model only)", "of matmul here"]
     cols += [f"{p} (%)" for p in parts]
     rows = []
     for method, r in methods.items():
         row = {"Method": method, "Step (ms)": r["step_ms"]}
         if "flops_per_step" in r:
+            r = _current_keys(r)
             row.update({"GFLOP/step": r["flops_per_step"] / 1e9, "GFLOP/s": r["achieved_flops_per_s"] / 1e9,
-                        "MFU": f"{100 * r['mfu']:.1f}%", "MFU (model only)": f"{100 * r['mfu_model']:.1f}%"})
+                        "MFU": _percent(r.get("mfu")), "MFU (model only)": _percent(r.get("mfu_model")),
+                        "of matmul here": _percent(r.get("matmul_utilization"))})
         row.update({f"{p} (%)": 100.0 * r["breakdown_share"][p] for p in parts})
         rows.append(row)
-    peak = (f"; peak: {first['peak_flops_per_s'] / 1e9:.1f} GFLOP/s ({first['peak_matmul']} matmul, timed here"
-            f"{'' if first.get('peak_threads') is None else ', ' + str(first['peak_threads']) + ' threads'})"
-            if "peak_flops_per_s" in first else "")
-    head = (f"Cost against the limit (FLOPs: torch.utils.flop_counter, forward + backward{peak}; "
-            f"inputs: {first.get('inputs', 'random')}; parts as % of the step's wall time)")
+    head = (f"Cost against the limit (FLOPs: torch.utils.flop_counter, forward + backward; {cost_yardsticks(first)}; "
+            f"inputs: {first.get('inputs', 'random')}; parts as % of the step, which they add up to)")
     return head + "\n" + markdown_table(rows, cols)
+
+
+def _current_keys(row: dict) -> dict:
+    """A row of an efficiency.json written before MFU was stated against the datasheet: its "mfu" was the fraction
+    of the matmul timed on the spot, so it is shown as that, and its MFU as unknown."""
+    if "datasheet" in row or "peak_flops_per_s" not in row:
+        return row
+    return {**row, "datasheet": None, "mfu": None, "mfu_model": None, "matmul_utilization": row.get("mfu"),
+            "matmul_flops_per_s": row["peak_flops_per_s"], "matmul_shape": row.get("peak_matmul"),
+            "matmul_threads": row.get("peak_threads")}
+
+
+def cost_yardsticks(row: dict) -> str:
+    """What MFU and the secondary matmul fraction of a row are measured against, in words."""
+    if "flops_per_step" not in row:
+        return "FLOPs not counted"
+    row = _current_keys(row)
+    sheet = row.get("datasheet")
+    mfu = (f"MFU against the {sheet['gpu']} datasheet's dense {sheet['dtype']} peak, {sheet['tflops']:g} TFLOPS"
+           if sheet else "MFU n/a: no datasheet peak for this device (a CPU, or a GPU not in meters.GPU_PEAKS)")
+    if "matmul_flops_per_s" not in row:
+        return mfu
+    threads = row.get("matmul_threads")
+    return (f"{mfu}; 'of matmul here': against a {row['matmul_shape']} matmul timed on the spot, "
+            f"{row['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s"
+            f"{'' if threads is None else f', {threads} thread' + ('' if threads == 1 else 's')}")

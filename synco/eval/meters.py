@@ -1,9 +1,12 @@
-"""Meters for one training step: peak memory, FLOPs, the matmul rate the hardware reaches on the spot, and
-where the step's wall time goes. ``synco eval efficiency`` reads them around the trainer's own step."""
+"""Meters for one training step: peak memory, FLOPs, the datasheet peak of known GPUs (for MFU), the matmul rate
+the hardware reaches on the spot, and where the step's wall time goes. ``synco eval efficiency`` and
+``synco doctor --bench`` read them around the trainer's own step."""
 
 from __future__ import annotations
 
+import re
 import time
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
@@ -128,7 +131,8 @@ def _sync(device: torch.device) -> None:
 
 def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 0, repeats: int = 5) -> dict:
     """FLOP/s of a ``size`` x ``size`` matmul in ``dtype`` on ``device`` with the current threads (median of
-    ``repeats`` after one warm-up): the rate a step's matrix products could reach at best."""
+    ``repeats`` after one warm-up), timed here and now. MFU is stated against the datasheet peak
+    (:func:`datasheet_peak`); this rate is the secondary yardstick, and the only one on a CPU or an unknown GPU."""
     size = size or (8192 if device.type == "cuda" else 1024)
     g = torch.Generator().manual_seed(0)
     a = torch.randn(size, size, generator=g).to(device=device, dtype=dtype)
@@ -144,8 +148,88 @@ def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, size: 
             times.append(time.perf_counter() - t0)
     seconds = float(np.median(times))
     name = str(dtype).replace("torch.", "")
-    return {"peak_flops_per_s": 2.0 * size**3 / seconds, "peak_matmul": f"{size}^3 {name}",
-            "peak_threads": torch.get_num_threads() if device.type == "cpu" else None}
+    return {"matmul_flops_per_s": 2.0 * size**3 / seconds, "matmul_shape": f"{size}^3 {name}",
+            "matmul_threads": torch.get_num_threads() if device.type == "cpu" else None}
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasheet peaks of known GPUs: the denominator of MFU
+
+
+@dataclass(frozen=True)
+class GpuPeak:
+    """Dense (no 2:4 sparsity) tensor-core peaks in TFLOPS, as NVIDIA publishes them: ``bf16`` with FP32
+    accumulate (what torch's bf16 matmuls use), ``tf32`` (fp32 matmuls when TF32 is allowed), ``fp32`` without
+    tensor cores (torch's default for fp32 matmuls). None: the GPU has no such unit (V100 and T4 have no bf16)."""
+
+    name: str
+    pattern: str  # a regular expression on the upper-cased device name, as torch.cuda.get_device_name gives it
+    bf16: Optional[float]
+    tf32: Optional[float]
+    fp32: float
+    source: str
+
+
+_H100_WP = "NVIDIA H100 Tensor Core GPU Architecture whitepaper (H100 SXM5 dense peaks)"
+_H100_DS = "NVIDIA H100 datasheet (its sparse tensor figures halved)"
+_SAME_AS_H100 = "datasheet (its sparse tensor figures halved), the same GH100 as H100 SXM: the whitepaper's figures"
+_H200_NVL = "NVIDIA H200 datasheet, H200 NVL (its sparse tensor figures halved)"
+_A100_DS = "NVIDIA A100 datasheet (same peaks for 40/80 GB, SXM and PCIe)"
+_ADA_WP = "NVIDIA Ada Lovelace architecture whitepaper, appendix A (FP32 accumulate)"
+_GA102_WP = "NVIDIA Ampere GA102 whitepaper, appendix A (FP32 accumulate)"
+
+# Order matters: the first match wins, so variants (NVL, PCIe, S) come before their base names. A laptop part
+# shares its desktop name but not its clocks: names with LAPTOP match nothing (see datasheet_gpu).
+GPU_PEAKS: tuple[GpuPeak, ...] = (
+    GpuPeak("H100 NVL", r"\bH100\b.*\bNVL\b", 835.5, 417.5, 60.0, _H100_DS),
+    GpuPeak("H100 PCIe", r"\bH100\b.*\bPCIE\b", 756.5, 378.0, 51.0, _H100_DS),
+    GpuPeak("H100 SXM", r"\bH100\b", 989.4, 494.7, 66.9, _H100_WP),
+    GpuPeak("GH200", r"\bGH200\b", 989.4, 494.7, 66.9, f"NVIDIA GH200 {_SAME_AS_H100}"),
+    GpuPeak("H200 NVL", r"\bH200\b.*\bNVL\b", 835.5, 417.5, 60.0, _H200_NVL),
+    GpuPeak("H200 SXM", r"\bH200\b", 989.4, 494.7, 66.9, f"NVIDIA H200 {_SAME_AS_H100}"),
+    GpuPeak("A100 PCIe", r"\bA100\b.*\bPCIE\b", 312.0, 156.0, 19.5, _A100_DS),
+    GpuPeak("A100 SXM", r"\bA100\b", 312.0, 156.0, 19.5, _A100_DS),
+    GpuPeak("A30", r"\bA30\b", 165.0, 82.0, 10.3, "NVIDIA A30 datasheet"),
+    GpuPeak("A10", r"\bA10\b", 125.0, 62.5, 31.2, "NVIDIA A10 datasheet"),
+    GpuPeak("L40S", r"\bL40S\b", 362.05, 183.0, 91.6, "NVIDIA L40S datasheet"),
+    GpuPeak("L40", r"\bL40\b", 181.05, 90.5, 90.5, "NVIDIA L40 datasheet"),
+    GpuPeak("L4", r"\bL4\b", 121.0, 60.0, 30.3, "NVIDIA L4 datasheet (its sparse tensor figures halved)"),
+    GpuPeak("RTX A6000", r"\bRTX A6000\b", 154.8, 77.4, 38.7,
+            f"NVIDIA RTX A6000 datasheet (tensor 309.7 TFLOPS with sparsity, halved); {_GA102_WP}"),
+    GpuPeak("RTX 4090", r"\bRTX 4090\b(?! D\b)", 165.2, 82.6, 82.6, _ADA_WP),
+    GpuPeak("RTX 3090", r"\bRTX 3090\b(?! TI\b)", 71.0, 35.6, 35.6, _GA102_WP),
+    GpuPeak("V100S PCIe", r"\bV100S\b", None, None, 16.4, "NVIDIA V100 datasheet"),
+    GpuPeak("V100 PCIe", r"\bV100\b.*\bPCIE\b", None, None, 14.0, "NVIDIA V100 datasheet"),
+    GpuPeak("V100 SXM2", r"\bV100\b.*\bSXM2\b", None, None, 15.7, "NVIDIA V100 datasheet"),
+    GpuPeak("T4", r"\bT4\b", None, None, 8.1, "NVIDIA T4 datasheet"),
+)
+
+
+def datasheet_gpu(device_name: str) -> Optional[GpuPeak]:
+    """The table's entry for a device name (``torch.cuda.get_device_name``), or None for an unknown GPU or a CPU."""
+    name = device_name.upper()
+    if "LAPTOP" in name or "MOBILE" in name:
+        return None
+    return next((g for g in GPU_PEAKS if re.search(g.pattern, name)), None)
+
+
+def compute_dtype(bf16: bool) -> str:
+    """The dtype of a step's matmuls: bf16 under autocast, else tf32 where torch allows it for fp32, else fp32."""
+    if bf16:
+        return "bf16"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
+
+
+def datasheet_peak(device_name: str, dtype: str) -> Optional[dict]:
+    """The datasheet's dense peak of ``device_name`` for ``dtype`` (bf16, tf32 or fp32): ``{"gpu", "dtype",
+    "tflops", "peak_flops_per_s", "source"}``; None for an unknown GPU, a CPU, or a dtype the GPU has no peak for.
+    There is no such number for a CPU: its rate depends on the cores, vector units and clocks actually given."""
+    gpu = datasheet_gpu(device_name)
+    tflops = getattr(gpu, dtype, None) if gpu is not None else None
+    if tflops is None:
+        return None
+    return {"gpu": gpu.name, "dtype": dtype, "tflops": tflops, "peak_flops_per_s": tflops * 1e12,
+            "source": gpu.source}
 
 
 # Parts of a step, in the order they happen; each is the time from the previous mark to its own.
@@ -158,16 +242,23 @@ class StepTimeline:
 
     Hooks on the model's online and target encoders and a wrapper around its synthetic-negative generator take
     the forward passes' marks; the step itself marks the rest (``train_step(mark=timeline.mark)``), so neither
-    the model nor the step changes. Marks are ``time.perf_counter`` on
-    CPU and CUDA events on CUDA (read once the step has finished), so nothing waits for the GPU mid-step.
+    the model nor the step changes. Marks are ``time.perf_counter`` on CPU and CUDA events on CUDA, read only
+    after the timed window (:func:`timed_window`), so nothing waits for the GPU mid-window.
+
+    A step's time is *defined* as the sum of its parts: the parts tile the step from its start mark to its last,
+    so they add up to it by construction, never by the agreement of two clocks.
+
+    ``encoder_hooks=False`` leaves the encoders alone: under ``torch.compile`` a hook that records a timer would
+    break their graphs and time another program. Their forwards are then part of "loss (rest of forward)".
     """
 
-    def __init__(self, model: torch.nn.Module, device: torch.device):
+    def __init__(self, model: torch.nn.Module, device: torch.device, encoder_hooks: bool = True):
         self.cuda = device.type == "cuda"
-        self.marks: list = []  # (part, time or event) closing each part
+        self.steps: list[list] = []  # per step: (part, time or event) closing each part, after a (None, start)
         self._handles = []
         self._negatives = None
-        for enc, part in ((model.online, "online forward"), (model.target, "target forward")):
+        encoders = ((model.online, "online forward"), (model.target, "target forward")) if encoder_hooks else ()
+        for enc, part in encoders:
             self._handles.append(enc.register_forward_pre_hook(self._closer("loss (rest of forward)")))
             self._handles.append(enc.register_forward_hook(self._closer(part)))
         if getattr(model, "negatives", None) is not None:
@@ -187,19 +278,28 @@ class StepTimeline:
         return close
 
     def start(self) -> None:
-        self.marks = [(None, self._now())]
+        """A new step begins now."""
+        self.steps.append([(None, self._now())])
 
     def mark(self, part: str) -> None:
         """The part ``part`` ends now (and the next one starts)."""
-        self.marks.append((part, self._now()))
+        if self.steps:
+            self.steps[-1].append((part, self._now()))
 
-    def parts_ms(self) -> dict:
-        """Milliseconds per part of the last step (parts that occur more than once are summed)."""
-        if self.cuda:
-            self.marks[-1][1].synchronize()
-        out = dict.fromkeys(PARTS, 0.0)
-        for (_, t0), (part, t1) in zip(self.marks, self.marks[1:]):
-            out[part] = out.get(part, 0.0) + (t0.elapsed_time(t1) if self.cuda else 1000.0 * (t1 - t0))
+    def clear(self) -> None:
+        self.steps = []
+
+    def parts_ms(self) -> list[dict]:
+        """Milliseconds per part of each step recorded since :meth:`clear` (a part that occurs more than once in
+        a step is summed). On CUDA this waits for the last mark's event: call it after the timed window."""
+        if self.cuda and self.steps:
+            self.steps[-1][-1][1].synchronize()
+        out = []
+        for marks in self.steps:
+            parts = dict.fromkeys(PARTS, 0.0)
+            for (_, t0), (part, t1) in zip(marks, marks[1:]):
+                parts[part] = parts.get(part, 0.0) + (t0.elapsed_time(t1) if self.cuda else 1000.0 * (t1 - t0))
+            out.append(parts)
         return out
 
     def remove(self) -> None:
@@ -207,6 +307,28 @@ class StepTimeline:
             h.remove()
         if self._negatives is not None:
             self._model.negatives = self._negatives
+
+
+def timed_window(step: Callable[[], None], steps: int, device: torch.device, timeline: StepTimeline,
+                 probe: MemoryProbe) -> dict:
+    """Run ``step()`` (which starts and marks ``timeline``) ``steps`` times and time it, waiting for the device
+    only before the window (so no warm-up work spills into it) and once after it.
+
+    Returns ``step_ms`` (per step: the sum of its parts), ``parts_ms`` (per step, per part), ``mem_mb`` (per step,
+    ``probe``'s peak; on CUDA the allocator's host-side counters, which need no sync) and ``window_s`` (host wall
+    time from the first step's start to the device finishing the last, including what runs between steps)."""
+    timeline.clear()
+    _sync(device)
+    mems = []
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        probe.start()
+        step()
+        mems.append(probe.stop())
+    _sync(device)
+    window_s = time.perf_counter() - t0
+    parts = timeline.parts_ms()
+    return {"step_ms": [sum(p.values()) for p in parts], "parts_ms": parts, "mem_mb": mems, "window_s": window_s}
 
 
 class _TimedNegatives:
