@@ -1,10 +1,17 @@
 """Our SynCo training step against the authors' released one, same shapes, same run.
 
-    git clone https://github.com/giakoumoglou/synco-v2 /path/to/synco-v2   # tested at 118b0c5
+    git clone https://github.com/giakoumoglou/synco-v2 /path/to/synco-v2   # tested at 61528c5 and 118b0c5
     python benchmarks/bench_reference_step.py --reference /path/to/synco-v2 [--threads 1] [--repeats 15]
 
-The authors' code is not vendored: the script imports ``models/synco.py`` from a checkout you give it and runs it
-unmodified. Three shims let it run on one process without a GPU, none of which touches its maths:
+The authors' code is not vendored: the script imports their ``SynCo`` module from a checkout you give it and runs it
+unmodified. Two layouts of their repository are recognised by the files present, the first one found winning:
+  - ``src/models/synco.py``: the layout published since cf9e0d4 (2025-10-29), e.g. 61528c5;
+  - ``models/synco.py``: the earlier layout, e.g. 118b0c5.
+Their ``forward`` returned the loss up to 118b0c5 and ``(loss, logits, labels)`` since ac32ae5 (the logits and
+labels are for their accuracy meter); the step takes the loss from either, as their own training loop does. The
+output records the checkout's commit (``git rev-parse HEAD``, ``+dirty`` if tracked files differ from it), the
+layout and the form ``forward`` returned.
+Shims let it run on one process without a GPU, none of which touches its maths:
   - a one-process gloo group, for its ``dist.get_world_size()`` and its key gathering;
   - ``diffdist.functional.all_gather`` (an old gradient-carrying all-gather) mapped to ``dist.all_gather`` when
     diffdist is not installed (with one process the gather is the identity either way);
@@ -15,9 +22,11 @@ unmodified. Three shims let it run on one process without a GPU, none of which t
 Both steps: the same timm backbone (the cpu-demo ViT by default, ``--backbone deit-s`` for DeiT-S/16 at 224 px),
 the papers' heads (4096 hidden, 256 out), queue 4096, n_hard 256 and 6 x 128 synthetic negatives per query and
 view (the ImageNet presets), both views, a backward pass, gradient clipping at 5, AdamW and the EMA of the target.
-The authors' step is what their training loop runs (``loss = model(im_1, im_2)``, backward, clip, their AdamW:
-``torch.optim.AdamW`` with decay / no-decay groups); ours is :func:`synco.engine.step.train_step` with our
-optimizer (fused AdamW where torch supports it). The two alternate, one step each, and the medians are compared.
+The authors' step is what their training loop runs (``model(im_1, im_2)`` and its loss, backward, clip, their
+AdamW: ``torch.optim.AdamW`` with decay / no-decay groups), without the logging their newer loop adds around it
+(top-1/top-5 of the returned logits, per-component gradient norms); ours is :func:`synco.engine.step.train_step`
+with our optimizer (fused AdamW where torch supports it). The two alternate, one step each, and the medians are
+compared.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import argparse
 import importlib.util
 import socket
 import statistics
+import subprocess
 import sys
 import time
 import types
@@ -89,16 +99,49 @@ def _cuda_calls_on(device: torch.device):
         torch.Tensor.cuda = original
 
 
+# (layout, module path in the checkout), in the order tried: their current layout first.
+LAYOUTS = (("src", "src/models/synco.py"), ("models", "models/synco.py"))
+
+
+def _git(checkout: Path, *args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", "-C", str(checkout), *args], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def reference_commit(checkout: Path) -> str:
+    """The checkout's commit, ``+dirty`` if its tracked files differ from it; "unknown" when it is no git checkout."""
+    top = _git(checkout, "rev-parse", "--show-toplevel")
+    if top is None or Path(top).resolve() != checkout.resolve():  # not a checkout, or a folder inside another repo
+        return "unknown (not the root of a git checkout)"
+    commit = _git(checkout, "rev-parse", "HEAD") or "unknown"
+    dirty = _git(checkout, "status", "--porcelain", "--untracked-files=no")
+    return commit + ("+dirty" if dirty else "")
+
+
 def load_reference(checkout: Path):
-    path = checkout / "models" / "synco.py"
-    if not path.is_file():
-        sys.exit(f"bench_reference_step: {path} not found; give --reference a checkout of "
-                 "https://github.com/giakoumoglou/synco-v2")
+    """Their ``SynCo`` class, the layout detected and the module's path relative to the checkout."""
+    found = next(((layout, rel) for layout, rel in LAYOUTS if (checkout / rel).is_file()), None)
+    if found is None:
+        sys.exit(f"bench_reference_step: neither {' nor '.join(rel for _, rel in LAYOUTS)} found under {checkout}; "
+                 "give --reference a checkout of https://github.com/giakoumoglou/synco-v2")
+    layout, rel = found
     _diffdist_shim()
-    spec = importlib.util.spec_from_file_location("authors_synco", path)
+    spec = importlib.util.spec_from_file_location("authors_synco", checkout / rel)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.SynCo
+    return module.SynCo, layout, rel
+
+
+def _loss_of(output) -> torch.Tensor:
+    """Their ``forward`` returns the loss (up to 118b0c5) or ``(loss, logits, labels)`` (since ac32ae5)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _returned(output) -> str:
+    return f"tuple of {len(output)} (loss first)" if isinstance(output, (tuple, list)) else "loss"
 
 
 def _config(backbone: str, batch: int):
@@ -124,8 +167,10 @@ def build_ours(cfg, device):
 def build_reference(SynCo, cfg, batch, device):
     torch.manual_seed(0)
     encoders = [create_backbone(**backbone_kwargs(cfg.model)) for _ in range(2)]
+    # Both keys their versions read to decide whether to convert the encoders' BatchNorms: SWIN.NORM_BEFORE_MLP (up
+    # to 118b0c5) and ENCODER (since ac32ae5; their name for ViT-S/16, whose encoders have no BatchNorm either way).
     their_cfg = SimpleNamespace(
-        MODEL=SimpleNamespace(SWIN=SimpleNamespace(NORM_BEFORE_MLP="ln")),
+        MODEL=SimpleNamespace(SWIN=SimpleNamespace(NORM_BEFORE_MLP="ln"), ENCODER="vit_small"),
         DATA=SimpleNamespace(TRAINING_IMAGES=1_281_167, BATCH_SIZE=batch),
         TRAIN=SimpleNamespace(EPOCHS=300, START_EPOCH=0))
     convert = torch.nn.SyncBatchNorm.convert_sync_batchnorm
@@ -142,16 +187,20 @@ def build_reference(SynCo, cfg, batch, device):
     optimizer = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=LR,
                                   weight_decay=cfg.optim.weight_decay)
     params = [p for _, p in trainable]
+    returned = []  # the form of their forward's output, recorded at the first step
 
     def step(x1, x2):
         with _cuda_calls_on(device):
-            loss = model(x1, x2)
+            output = model(x1, x2)
+        if not returned:
+            returned.append(_returned(output))
+        loss = _loss_of(output)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, CLIP)
         optimizer.step()
         return loss.detach()
-    return step
+    return step, returned
 
 
 def _timed(step, x1, x2, device) -> tuple[float, float]:
@@ -178,11 +227,14 @@ def main(argv=None) -> None:
     configure_cpu(args.threads)  # as the trainer does (freed memory kept): both steps run in this process
     device = torch.device(args.device)
 
-    SynCo = load_reference(args.reference)
+    SynCo, layout, rel = load_reference(args.reference)
+    commit = reference_commit(args.reference)
     _one_process_group()
     cfg = _config(args.backbone, args.batch)
-    steps = {"ours (synco.engine.step.train_step)": build_ours(cfg, device),
-             "authors' (synco-v2 models/synco.py)": build_reference(SynCo, cfg, args.batch, device)}
+    ours = "ours (synco.engine.step.train_step)"
+    theirs = f"authors' (synco-v2 {rel} @ {commit[:7] if not commit.startswith('unknown') else 'unknown'})"
+    steps = {ours: build_ours(cfg, device)}
+    steps[theirs], returned = build_reference(SynCo, cfg, args.batch, device)
     size = cfg.model.backbone_kwargs.get("img_size", 224)
     gen = torch.Generator().manual_seed(0)
     x1, x2 = (torch.randn(args.batch, 3, size, size, generator=gen).to(device) for _ in range(2))
@@ -197,13 +249,15 @@ def main(argv=None) -> None:
                 times[name].append(ms)
     dist.destroy_process_group()
 
+    print(f"reference={args.reference.resolve()} commit={commit} layout={layout} ({rel}) "
+          f"forward returned={returned[0] if returned else 'n/a'}")
     print(f"device={device} threads={torch.get_num_threads()} allocator=kept torch={torch.__version__} "
           f"backbone={args.backbone} "
           f"batch={args.batch} queue={QUEUE} n_hard={N_HARD} synthetic=6x{COUNT} repeats={args.repeats} "
           "(one step each, alternating; medians)\n")
     print("| step | median ms | min–max ms | first loss | vs authors' |")
     print("|---|---:|---:|---:|---:|")
-    ref = statistics.median(times["authors' (synco-v2 models/synco.py)"])
+    ref = statistics.median(times[theirs])
     for name, ts in times.items():
         med = statistics.median(ts)
         print(f"| {name} | {med:.1f} | {min(ts):.1f}–{max(ts):.1f} | {first_loss[name]:.3f} | {med / ref:.2f}x |")
