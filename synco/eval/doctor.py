@@ -16,7 +16,8 @@ What it reports, each part guarded so that one failing probe never hides the oth
   any work, and ``device=cpu`` forces the CPU.
 
 ``--bench`` runs the trainer's own step (``synco.engine.step.train_step``, through the measurement code of
-``synco eval efficiency``) on random inputs of the preset's shapes: images/s, step time (median of the timed
+``synco eval efficiency``) on random inputs of the preset's shapes (with ``data.augment.on=device``, random uint8
+crops made into the views on the device each step): images/s, step time (median of the timed
 steps), peak memory, FLOPs per step and MFU against the datasheet peak. A GPU preset on a CPU is measured at a
 small batch instead, and the output says so.
 """
@@ -324,8 +325,9 @@ def bench(preset: str, overrides: list[str], steps: Optional[int] = None, warmup
     check_bench_options(steps, warmup_steps, batch_size)
     steps = steps if steps is not None else (CPU_FALLBACK_STEPS if fallback else 10)
     warmup_steps = warmup_steps if warmup_steps is not None else (CPU_FALLBACK_WARMUP if fallback else 3)
+    inputs = "views" if cfg.data.augment.on == "device" else "random"  # the device's share of the views, timed
     opts = EfficiencyOptions(preset=preset, methods=[cfg.method], steps=steps, warmup_steps=warmup_steps,
-                             seed=cfg.seed, inputs="random", flops=True, flops_by_part=False)
+                             seed=cfg.seed, inputs=inputs, flops=True, flops_by_part=False)
     probe = meters.MemoryProbe(device)
     threads = torch.get_num_threads()
     try:
@@ -341,7 +343,7 @@ def bench(preset: str, overrides: list[str], steps: Optional[int] = None, warmup
     return {"preset": preset, "method": cfg.method, "backbone": cfg.model.backbone, "device": label,
             "cpu_fallback": fallback, "note": note, "preset_batch_size": preset_batch,
             "batch_size": cfg.optim.batch_size, "image_size": cfg.data.image_size, "precision": row["precision"],
-            "compile": row["compile"], "synthetic_negatives": row["synthetic"],
+            "compile": row["compile"], "synthetic_negatives": row["synthetic"], "inputs": inputs,
             "threads": bench_threads if device.type == "cpu" else None, "steps": steps,
             "warmup_steps": row["warmup_steps"], "step_ms_median": row["step_ms_median"],
             "step_ms_mean": row["step_ms"],
@@ -493,8 +495,10 @@ def _threads(n: Optional[int]) -> str:
 def _bench_lines(b: dict) -> list[str]:
     threads = _threads(b["threads"])
     lines = [f"{b['method']} / {b['backbone']} at {b['image_size']} px, batch {b['batch_size']}, {b['precision']}, "
-             f"{'compiled' if b['compile'] else 'eager'}{threads} on {b['device']}; random inputs through the "
-             "trainer's step (synco.engine.step.train_step)"]
+             f"{'compiled' if b['compile'] else 'eager'}{threads} on {b['device']}; "
+             + ("random uint8 crops made into both views on the device (data.augment.on=device), then"
+                if b.get("inputs") == "views" else "random inputs through")
+             + " the trainer's step (synco.engine.step.train_step)"]
     if b["note"]:
         lines.append(b["note"])
     lines.append(f"{b['steps']} timed step{'' if b['steps'] == 1 else 's'} after {b['warmup_steps']} warm-up "

@@ -78,7 +78,9 @@ class EfficiencyOptions:
     threads: int = 0  # torch CPU threads (0 = torch default)
     isolate: Optional[bool] = None  # each method in a fresh process (default: on CPU, where RSS is per process)
     seed: int = 0
-    inputs: str = "random"  # random: one random batch on the device (compares the methods); loader: the preset's data
+    # random: one random batch on the device (compares the methods); views: random uint8 crops made into views on the
+    # device each step (the device side of data.augment.on=device); loader: the preset's data pipeline
+    inputs: str = "random"
     flops: bool = True  # count one step's FLOPs; report MFU (datasheet peak) and the fraction of a matmul timed here
     flops_by_part: bool = True  # split the FLOPs into online / target / loss (two more passes of the encoders)
     peak_size: int = 0  # side of the square matmul timed on the spot; 0: 1024 on CPU, 8192 on CUDA
@@ -151,6 +153,33 @@ class _RandomInputs:
         self.x1 = self.x2 = None
 
 
+class _DeviceViewInputs:
+    """``data.augment.on=device`` without the workers: the same random uint8 crops ``[B, 2, 3, S, S]`` on the device
+    every step, made into both views there with the step's own seeds (flip, jitter, grayscale, blur, solarise)."""
+
+    def __init__(self, cfg, device: torch.device, seed: int):
+        from ..data.batch_augment import BatchViews
+        from ..data.transforms import view_params
+
+        batch, size = cfg.optim.batch_size, cfg.data.image_size
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        self.crops = torch.randint(0, 256, (batch, 2, 3, size, size), dtype=torch.uint8, generator=gen).to(device)
+        self.views = BatchViews(size, view_params(cfg.data.augment)).to(device)
+        self.seed, self.step = seed, 0
+
+    def next(self, timeline: StepTimeline):
+        from ..data.batch_augment import sample_seeds
+
+        timeline.mark("data wait")
+        self.step += 1
+        x1, x2 = self.views(self.crops, sample_seeds(self.seed, self.step, torch.arange(self.crops.shape[0])))
+        timeline.mark("views to device")
+        return x1, x2
+
+    def close(self) -> None:
+        self.crops = self.views = None
+
+
 class _LoaderInputs:
     """Batches from the preset's training pipeline (``build_pretrain_data``, as the trainer builds it, with its
     DataLoader workers), epoch after epoch."""
@@ -207,7 +236,10 @@ class _Bench:
         self.optimizer = build_optimizer(self.model, cfg.optim, scaled_lr(cfg.optim.base_lr, cfg.optim.batch_size),
                                          device)
         self.online = self.model.online  # compiled by compile(), after the FLOPs are counted
-        self.inputs = _LoaderInputs(cfg, device) if opts.inputs == "loader" else _RandomInputs(cfg, device, opts.seed)
+        inputs = {"loader": lambda: _LoaderInputs(cfg, device),
+                  "views": lambda: _DeviceViewInputs(cfg, device, opts.seed),
+                  "random": lambda: _RandomInputs(cfg, device, opts.seed)}
+        self.inputs = inputs[opts.inputs]()
         self.bf16 = use_bf16(cfg.precision, device)
         self.use_syn = bool(opts.synthetic and method_spec(cfg).uses_synthetic)
         self.timeline = StepTimeline(self.model, device, encoder_hooks=not cfg.compile)
@@ -375,8 +407,8 @@ def run_efficiency(out: Optional[Path], opts: EfficiencyOptions, overrides: Opti
         raise SyncoError(f"methods must be a non-empty list of {', '.join(METHODS)}, got {opts.methods}.")
     if opts.steps < 1:
         raise SyncoError(f"steps must be >= 1, got {opts.steps}.")
-    if opts.inputs not in ("random", "loader"):
-        raise SyncoError(f"inputs must be random or loader, got {opts.inputs!r}.")
+    if opts.inputs not in ("random", "views", "loader"):
+        raise SyncoError(f"inputs must be random, views or loader, got {opts.inputs!r}.")
     from .common import resolve_device
 
     device = resolve_device(opts.device)
