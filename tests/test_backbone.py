@@ -10,6 +10,7 @@ from synco.models.backbone import create_backbone, export_safetensors, load_back
 TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2)
 
 
+@pytest.mark.slow  # DeiT-S twice (ours, and timm's from the export): ~5 s on 2 busy cores
 def test_deit_small_export_loads_in_timm_with_pretrained_overlay(tmp_path):
     torch.manual_seed(0)
     model = create_backbone("deit_small_patch16_224").eval()

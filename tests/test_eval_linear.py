@@ -241,6 +241,6 @@ def test_cli_linear_on_folder_with_random_backbone(tmp_path, digits_folder, caps
 
 
 def test_cli_linear_reports_bad_options(tmp_path, capsys):
-    rc = main(["eval", "linear", "--checkpoint", "random", "backbone=cpu-demo", "--out", str(tmp_path),
+    rc = main(["eval", "linear", "device=cpu", "--checkpoint", "random", "backbone=cpu-demo", "--out", str(tmp_path),
                "val_fraction=1.5"])
     assert rc == 2 and "val_fraction" in capsys.readouterr().err

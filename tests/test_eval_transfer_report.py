@@ -162,11 +162,11 @@ def test_missing_and_unknown_datasets(tmp_path, cifar_root, capsys):
     assert str(tmp_path / "empty" / "SUN397") in msg and "torchvision.datasets.SUN397" in msg
     assert not (tmp_path / "empty").exists()  # nothing created while checking
     # via the CLI: --datasets picks the subset, the message is one paragraph, exit code 2
-    rc = main(["eval", "transfer", "--checkpoint", "random", "backbone=cpu-demo", f"root={cifar_root}",
+    rc = main(["eval", "transfer", "device=cpu", "--checkpoint", "random", "backbone=cpu-demo", f"root={cifar_root}",
                "--datasets", "cifar10,caltech101", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and "Caltech-101" in err and "torchvision.datasets.Caltech101" in err and "CIFAR-10 " not in err
-    rc = main(["eval", "transfer", "--checkpoint", "random", "backbone=cpu-demo", f"root={cifar_root}",
+    rc = main(["eval", "transfer", "device=cpu", "--checkpoint", "random", "backbone=cpu-demo", f"root={cifar_root}",
                "--datasets", "cifar11", "--out", str(tmp_path / "o")])
     assert rc == 2 and "unknown transfer dataset(s) cifar11" in capsys.readouterr().err
 

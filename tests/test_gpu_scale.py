@@ -238,6 +238,7 @@ def test_a_run_stopped_by_a_hook_has_its_checkpoint_on_disk(tmp_path, tiny_overr
 # ---------------------------------------------------------------------------------- no silent CPU, records
 
 
+@pytest.mark.slow  # a fresh interpreter without CUDA: about 5 s
 def test_gpu_presets_stop_at_once_without_a_gpu(tmp_path):
     """CUDA hidden (the same on every machine): the DeiT-S preset stops before touching --out, in one paragraph
     that names device=cpu; with device=cpu the device check passes."""

@@ -102,7 +102,7 @@ def test_cli_knn_on_random_and_on_a_run(tmp_path, digits_folder):
 
     model, _ = load_backbone(str(run), device="cpu")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), bb.state_dict().values()))
-    opts = EvalOptions(dataset="folder", root=str(digits_folder), num_workers=0)
+    opts = EvalOptions(dataset="folder", root=str(digits_folder), num_workers=0, device="cpu")
     train, test = eval_datasets(opts, 16)
     ftr, ytr = extract_features(model, feature_loader(train, 64), "cpu", progress=False)
     fte, yte = extract_features(model, feature_loader(test, 64), "cpu", progress=False)

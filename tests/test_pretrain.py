@@ -5,7 +5,6 @@ import math
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -104,22 +103,28 @@ def test_resume_gives_the_same_weights_as_one_run(tmp_path, tiny_overrides, stop
     assert key(full) == key(split_log)  # schedules continued from the true step, no duplicate records
 
 
+@pytest.mark.slow  # two `synco pretrain` processes, 80 steps: ~13 s on 2 busy cores
 def test_sigkill_then_same_command_resumes(tmp_path, tiny_overrides):
+    """SIGKILL in the middle of a run (during step 5, after the checkpoint of epoch 2 at step 4), then the very same
+    command resumes from that checkpoint and finishes with every step logged once. The kill waits for a handshake
+    (the run paused inside step 5 and the step-4 checkpoint on disk), not for a clock."""
+    from conftest import paused_synco, wait_for
+
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "synco", "pretrain", "--no-progress", "--out", str(out), *tiny_overrides,
-           "epochs=40", "data.max_images=64"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = out / "checkpoint.pt"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if ckpt.exists() and load(ckpt)["epoch"] >= 2:
-            break
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = load(ckpt)["step"]
-    assert 0 < killed_at < 80
-    done = subprocess.run(cmd[:-2] + ["epochs=40", "data.max_images=64"], capture_output=True, text=True)
+    args = ["pretrain", "--no-progress", "--out", str(out), *tiny_overrides, "epochs=40", "data.max_images=64"]
+    ckpt, ready = out / "checkpoint.pt", tmp_path / "paused"
+    proc = paused_synco(args, step=5, until="kill", ready=ready, stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL)
+    try:
+        wait_for(ready.exists, "pause at step 5", proc)
+        wait_for(lambda: ckpt.exists() and load(ckpt)["step"] == 4, "checkpoint of step 4", proc)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    state = load(ckpt)
+    assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (4, 2, 0)
+    done = subprocess.run([sys.executable, "-m", "synco", *args], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     final = load(ckpt)
     assert final["step"] == 80 and final["epoch"] == 40
@@ -249,3 +254,85 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path, tiny_overrides):
     assert all(math.isfinite(r["loss"]) for r in recs)
     # the queue received every micro-batch's keys: 16 micro-batches x 16 keys, modulo its 128 slots
     assert int(trainer.model.queue.ptr) == (16 * 16) % 128
+
+
+class RecordingSGD(torch.optim.SGD):
+    """Plain SGD (its step scales with the gradient, unlike Adam's), keeping the gradients it was handed."""
+
+    def step(self, closure=None):
+        self.grads = [p.grad.detach().clone() for group in self.param_groups for p in group["params"]]
+        return super().step(closure)
+
+
+def _accumulation_case(tiny_overrides, method):
+    import copy
+
+    from synco.models.method import create_model
+
+    cfg = load_config("cpu-demo", tiny_overrides + [f"method={method}", "model.drop_path_online=0.0",
+                                                    "contrast.queue_size=32"])
+    torch.manual_seed(0)
+    model = create_model(cfg).train()
+    g = torch.Generator().manual_seed(1)
+    micro = [tuple(torch.randn(8, 3, 16, 16, generator=g) for _ in range(2)) for _ in range(2)]
+    return model, copy.deepcopy(model), micro
+
+
+@pytest.mark.parametrize("method", ["moby", "byol"])
+def test_accumulated_step_is_the_mean_of_its_micro_batches(tiny_overrides, method):
+    """``train_step`` over 2 micro-batches against a hand-written reference (synco/engine/step.py's contract): each
+    micro-batch has its own forward (its own BatchNorm statistics) and loss, meets the queue with the previous
+    micro-batch's keys already enqueued, and the optimizer receives the *mean* of the micro-batch gradients; then the
+    target takes its EMA step. Gradients agree to 1e-6 (the same operations: seen 0); a step that summed the micro-batch
+    gradients (no division by their number) is 2x off, one that enqueued after the last micro-batch only meets
+    another queue."""
+    from synco.engine.step import train_step
+
+    model, ref, micro = _accumulation_case(tiny_overrides, method)
+    params = [p for p in ref.online.parameters() if p.requires_grad]
+    opt = RecordingSGD([p for p in model.online.parameters() if p.requires_grad], lr=0.1)
+    sums = train_step(model, model.online, opt, micro, use_synthetic=False, momentum=0.9, clip_grad=None, bf16=False)
+
+    grads, losses = [], []
+    for x1, x2 in micro:
+        q1, q2 = ref.online(x1, x2)
+        loss, _, (k1, k2) = ref.loss(q1, q2, x1, x2)
+        grads.append(torch.autograd.grad(loss, params))
+        ref.enqueue(k1, k2)  # before the next micro-batch's forward
+        losses.append(loss.detach())
+    mean = [(a + b) / 2 for a, b in zip(*grads)]
+    assert len(opt.grads) == len(mean)
+    for got, want in zip(opt.grads, mean):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert max(g.abs().max() for g in mean) > 1e-2  # real gradients, not two zeros agreeing
+    torch.testing.assert_close(sums["loss"], losses[0] + losses[1])  # summed; the trainer averages when logging
+    with torch.no_grad():
+        for p, g in zip(params, mean):
+            p.sub_(0.1 * g)
+        ref.momentum_update(0.9)
+    for (name, got), want in zip(model.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=name)  # weights, EMA, BN statistics, queues
+
+
+def test_byol_accumulating_k_copies_of_a_batch_is_one_batch_of_the_copies(tiny_overrides):
+    """Where k x b must equal one batch of kb: BYOL (no queue) on k identical micro-batches. Their BatchNorm
+    statistics are those of the batch of their k copies (mean and biased variance alike), so the loss and the
+    gradient are too: the accumulated step hands the optimizer the gradient of the single batch (to 1e-4 of each
+    tensor's gradient; seen 4e-6). With the micro-batch losses summed instead of averaged it would be k x that.
+    (MoBY never: its second micro-batch meets the first one's keys in the queue, where one batch meets none.)"""
+    from synco.engine.step import train_step
+
+    one, acc, micro = _accumulation_case(tiny_overrides, "byol")
+    x1, x2 = micro[0]
+    opt_acc = RecordingSGD([p for p in acc.online.parameters() if p.requires_grad], lr=0.1)
+    opt_one = RecordingSGD([p for p in one.online.parameters() if p.requires_grad], lr=0.1)
+    k = 3
+    step = dict(use_synthetic=False, momentum=0.9, clip_grad=None, bf16=False)
+    sums_acc = train_step(acc, acc.online, opt_acc, [(x1, x2)] * k, **step)
+    sums_one = train_step(one, one.online, opt_one, [(x1.repeat(k, 1, 1, 1), x2.repeat(k, 1, 1, 1))], **step)
+    torch.testing.assert_close(sums_acc["loss"] / k, sums_one["loss"], rtol=0, atol=1e-6)
+    # per tensor, |g_acc - g_one| / |g_one| (the zero-gradient biases, |g| ~ 1e-7, aside)
+    gaps = [((a - b).norm() / b.norm()).item() for a, b in zip(opt_acc.grads, opt_one.grads) if b.norm() > 1e-3]
+    assert len(gaps) >= len(opt_one.grads) - 4 and max(gaps) < 1e-4, gaps
+    for name, p in one.online.named_parameters():
+        torch.testing.assert_close(dict(acc.online.named_parameters())[name], p, rtol=0, atol=1e-6, msg=name)

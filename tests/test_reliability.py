@@ -147,8 +147,9 @@ def test_unwritable_out_is_refused_up_front(tmp_path, capsys, monkeypatch, where
             raise OSError(errno.EROFS, "Read-only file system")
 
         monkeypatch.setattr(tempfile, "mkstemp", erofs)
-    for argv in (["pretrain", "--no-progress", "--out", str(out)],
-                 ["eval", "knn", "--checkpoint", "random", "backbone=cpu-demo", "--out", str(out), "--no-progress"]):
+    for argv in (["pretrain", "--no-progress", "--out", str(out), "device=cpu"],
+                 ["eval", "knn", "--checkpoint", "random", "backbone=cpu-demo", "--out", str(out), "--no-progress",
+                  "device=cpu"]):
         rc, err = cli(capsys, *argv)
         assert_clean_error(rc, err, "--out")
 
@@ -161,7 +162,8 @@ def test_eval_out_is_checked_before_features_are_extracted(tmp_path, capsys, mon
 
     monkeypatch.setattr(knn_protocol, "extract_features", boom)
     (tmp_path / "f").write_text("x")
-    rc, err = cli(capsys, "eval", "knn", "--checkpoint", "random", "backbone=cpu-demo", "--out", str(tmp_path / "f"))
+    rc, err = cli(capsys, "eval", "knn", "device=cpu", "--checkpoint", "random", "backbone=cpu-demo", "--out",
+                  str(tmp_path / "f"))
     assert_clean_error(rc, err, "existing file")
 
 
@@ -210,7 +212,8 @@ def test_leaked_temp_files_are_removed_at_start(tmp_path, capsys, tiny_overrides
     leaked = tmp_path / f".checkpoint.pt.tmp{dead.pid}"
     leaked.write_bytes(b"half a checkpoint")
     mine = tmp_path / f".other.tmp{os.getpid()}"  # a live writer's temp file is left alone... (ours: removed)
-    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # alive until this test closes its stdin or kills it (not for a time that a slow run could outlast)
+    live = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     try:
         theirs = tmp_path / f".metrics.jsonl.tmp{live.pid}"
         theirs.write_text("x")
@@ -230,7 +233,7 @@ def test_leaked_temp_files_are_removed_at_start(tmp_path, capsys, tiny_overrides
 def test_second_run_on_the_same_out_is_refused_naming_the_pid(tmp_path, capsys, tiny_overrides):
     from synco.io import DirLock, _start_time
 
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    other = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     try:
         (tmp_path / DirLock.NAME).write_text(json.dumps({"pid": other.pid, "host": os.uname().nodename,
                                                          "start": _start_time(other.pid)}))
@@ -325,22 +328,29 @@ def test_signal_during_training_writes_a_checkpoint_at_the_step_and_resumes_exac
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
+@pytest.mark.slow  # a `synco pretrain` process with a DataLoader worker: ~6 s each on 2 busy cores
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_real_signal_to_pretrain_says_so_and_keeps_the_step(tmp_path, tiny_overrides, sig):
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "synco", "pretrain", "--no-progress", "--out", str(out), *tiny_overrides,
-           "epochs=40", "data.max_images=64", "data.num_workers=1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (out / "checkpoint.pt").exists():
-        time.sleep(0.1)
-    time.sleep(0.5)
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
+    """A real signal to a training `synco pretrain` (with a DataLoader worker): it finishes the step in progress,
+    writes a checkpoint of it and stops (128 + signal). The signal is sent once the run is paused inside step 5
+    (a handshake file), and the run goes on only once the signal is recorded: the step is known, no clock."""
+    from conftest import paused_synco, wait_for
+
+    out, ready = tmp_path / "run", tmp_path / "paused"
+    args = ["pretrain", "--no-progress", "--out", str(out), *tiny_overrides, "epochs=40", "data.max_images=64",
+            "data.num_workers=1"]
+    proc = paused_synco(args, step=5, until="signal", ready=ready, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                        text=True)
+    try:
+        wait_for(ready.exists, "pause at step 5", proc)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     assert proc.returncode == 128 + sig, err
-    assert "Traceback" not in err and "received: stopped after step" in err
-    step = int(err.split("stopped after step ")[1].split()[0])
-    assert load(out / "checkpoint.pt")["step"] == step
+    assert "Traceback" not in err and "received: stopped after step 5 (epoch 2)" in err, err
+    assert load(out / "checkpoint.pt")["step"] == 5
     assert not (out / ".synco.lock").exists()
 
 
@@ -392,6 +402,22 @@ def test_all_images_corrupt_is_one_paragraph_not_a_worker_traceback(tmp_path, ca
     assert "worker process" not in err
 
 
+@pytest.mark.slow  # a subprocess with a DataLoader worker: about 8 s
+def test_a_failed_run_with_workers_exits(tmp_path, tiny_overrides):
+    """Workers ignore SIGTERM (a scheduler's signal is the main process's to handle), so workers left running by an
+    error could not be terminated at exit and the process hung after printing its error: training now stops them
+    on every way out."""
+    for cls in ("a", "b"):
+        (tmp_path / "data" / "train" / cls).mkdir(parents=True)
+        for i in range(8):
+            (tmp_path / "data" / "train" / cls / f"{i}.png").write_bytes(b"not a png")
+    cmd = [sys.executable, "-m", "synco", "pretrain", "--no-progress", "--out", str(tmp_path / "r"), *tiny_overrides,
+           "data.dataset=folder", f"data.root={tmp_path / 'data'}", "data.num_workers=1", "optim.batch_size=4",
+           "contrast.queue_size=16", "negatives.n_hard=4", "epochs=1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)  # hung forever before the fix
+    assert done.returncode == 2 and "could not be read" in done.stderr
+
+
 def test_corrupt_checkpoint_message_has_no_weights_only_advice(tmp_path, capsys):
     import argparse
 
@@ -403,7 +429,7 @@ def test_corrupt_checkpoint_message_has_no_weights_only_advice(tmp_path, capsys)
     buf = (evil / "checkpoint.pt").read_bytes()
     (trunc / "checkpoint.pt").write_bytes(buf[: len(buf) // 2])
     for run in (evil, trunc):
-        rc, err = cli(capsys, "eval", "knn", "--checkpoint", str(run), "--no-progress")
+        rc, err = cli(capsys, "eval", "knn", "device=cpu", "--checkpoint", str(run), "--no-progress")
         assert_clean_error(rc, err, "cannot read")
         assert "weights_only" not in err and "trust" not in err
 
@@ -419,7 +445,7 @@ def test_safetensors_metadata_without_backbone(tmp_path, capsys):
         save_file({"w": torch.zeros(2)}, str(path), metadata=meta)
         with pytest.raises(SyncoError, match="metadata"):
             load_backbone(str(path))
-        rc, err = cli(capsys, "eval", "knn", "--checkpoint", str(path), "--out", str(tmp_path / "e"))
+        rc, err = cli(capsys, "eval", "knn", "device=cpu", "--checkpoint", str(path), "--out", str(tmp_path / "e"))
         assert_clean_error(rc, err, "metadata")
 
 
@@ -528,14 +554,14 @@ def one_class_folder(tmp_path, tiny_imagefolder):
 
 @pytest.mark.parametrize("protocol", ["knn", "linear", "finetune"])
 def test_one_class_evaluations_are_refused(tmp_path, capsys, one_class_folder, protocol):
-    rc, err = cli(capsys, "eval", protocol, "--checkpoint", "random", "backbone=cpu-demo", "--out",
+    rc, err = cli(capsys, "eval", protocol, "device=cpu", "--checkpoint", "random", "backbone=cpu-demo", "--out",
                   str(tmp_path / "e"), "dataset=folder", f"root={one_class_folder}", "--no-progress")
     assert_clean_error(rc, err, "1 class")
 
 
 def test_eval_knn_k0_is_refused(tmp_path, capsys):
-    rc, err = cli(capsys, "eval", "knn", "--checkpoint", "random", "backbone=cpu-demo", "--out", str(tmp_path),
-                  "k=[0]", "--no-progress")
+    rc, err = cli(capsys, "eval", "knn", "device=cpu", "--checkpoint", "random", "backbone=cpu-demo", "--out",
+                  str(tmp_path), "k=[0]", "--no-progress")
     assert_clean_error(rc, err, "k must be an integer >= 1")
 
 
@@ -567,9 +593,9 @@ def test_eval_root_without_dataset_means_folder(tmp_path, capsys, tiny_imagefold
 def test_eval_backbone_other_than_the_checkpoint_is_refused(tmp_path, capsys):
     run = tmp_path / "run"
     _one_shot_run(run, seed=0)
-    rc, err = cli(capsys, "eval", "knn", "--checkpoint", str(run), "backbone=deit_small_patch16_224")
+    rc, err = cli(capsys, "eval", "knn", "device=cpu", "--checkpoint", str(run), "backbone=deit_small_patch16_224")
     assert_clean_error(rc, err, "deit_small_patch16_224", "vit_tiny_patch16_224")
-    rc, err = cli(capsys, "eval", "knn", "--checkpoint", str(run), "backbone_kwargs={depth: 3}")
+    rc, err = cli(capsys, "eval", "knn", "device=cpu", "--checkpoint", str(run), "backbone_kwargs={depth: 3}")
     assert_clean_error(rc, err, "backbone_kwargs")
     rc, err = cli(capsys, "eval", "knn", "--checkpoint", str(run), "backbone=vit_tiny_patch16_224", *KNN_OPTS)
     assert rc == 0, err  # the same backbone: harmless

@@ -4,6 +4,7 @@ failure reporting, the output files, and `synco report curves`."""
 
 import json
 import math
+import os
 import signal
 import sys
 
@@ -238,13 +239,30 @@ def test_failed_run_is_reported_and_the_others_still_finish(tmp_path, monkeypatc
     assert "| synco | 2/2 | 50.00 ± 0.00" in md and "## Failed runs" in md
 
 
+# A task that says it started, then waits until N tasks have (a handshake, no clock; it gives up with exit 99 after
+# 120 s, which only turns a hang into a failure): run one at a time, the first one would never see the others.
+WAIT_FOR_ALL = """
+import os, sys, time
+from pathlib import Path
+
+folder, me, n = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+(folder / f"started-{me}").touch()
+give_up = time.monotonic() + 120
+while len(list(folder.glob("started-*"))) < n:
+    if time.monotonic() > give_up:
+        sys.exit(99)
+    time.sleep(0.01)
+print("hi", me, os.environ["MARK"])
+sys.exit(int(me[1:]))
+"""
+
+
 def test_run_local_runs_jobs_concurrently_and_logs(tmp_path):
-    tasks = [Task(f"t{i}", [sys.executable, "-c", f"import time, os; time.sleep(0.3); print('hi', {i}, "
-                                                    f"os.environ['MARK']); raise SystemExit({i})"],
+    tasks = [Task(f"t{i}", [sys.executable, "-c", WAIT_FOR_ALL, str(tmp_path), f"t{i}", "3"],
                   str(tmp_path / f"t{i}" / "log.txt"), {"MARK": "m"}) for i in range(3)]
     rcs = run_local(tasks, jobs=3, progress=False)
     assert rcs == {"t0": 0, "t1": 1, "t2": 2}
-    assert "hi 2 m" in (tmp_path / "t2" / "log.txt").read_text()
+    assert "hi t2 m" in (tmp_path / "t2" / "log.txt").read_text()
     # A run folder locked by a live process (e.g. a run left going by a killed sweep) is not started twice.
     import fcntl
 
@@ -256,33 +274,57 @@ def test_run_local_runs_jobs_concurrently_and_logs(tmp_path):
     assert run_task(task) == 0 and "ran" in (tmp_path / "busy.txt").read_text()
 
 
+# A task that says it started (and its PID), writes "stopped" when it receives SIGTERM, and otherwise waits to be
+# stopped (up to 600 s, so that a launcher that never stops it fails instead of hanging).
+RUN_UNTIL_STOPPED = """
+import os, signal, sys, time
+from pathlib import Path
+
+folder, me = Path(sys.argv[1]), sys.argv[2]
+signal.signal(signal.SIGTERM, lambda *a: ((folder / f"stopped-{me}").touch(), sys.exit(0)))
+(folder / f"started-{me}").write_text(str(os.getpid()))
+time.sleep(600)
+"""
+
+
 def test_interrupting_the_local_launcher_stops_its_runs(tmp_path):
     import _thread
     import threading
-    import time
 
-    tasks = [Task(f"t{i}", [sys.executable, "-c", "import time; time.sleep(60)"], str(tmp_path / f"t{i}.txt"))
-             for i in range(3)]
+    from conftest import wait_for
+
+    tasks = [Task(f"t{i}", [sys.executable, "-c", RUN_UNTIL_STOPPED, str(tmp_path), f"t{i}"],
+                  str(tmp_path / f"t{i}.txt")) for i in range(3)]
+
+    def interrupt_once_two_run():  # Ctrl-C once both tasks the 2 jobs allow are running: a handshake, no clock
+        try:
+            wait_for(lambda: len(list(tmp_path.glob("started-*"))) >= 2, "two started tasks")
+        finally:
+            _thread.interrupt_main()
+
     # A shell starts background jobs (`make test &`) with SIGINT ignored, and then interrupt_main does nothing.
     old = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        threading.Timer(1.0, _thread.interrupt_main).start()
-        t0 = time.monotonic()
+        threading.Thread(target=interrupt_once_two_run, daemon=True).start()
         with pytest.raises(KeyboardInterrupt):
             run_local(tasks, jobs=2, progress=False)  # the third task never starts
     finally:
         signal.signal(signal.SIGINT, old)
-    assert time.monotonic() - t0 < 30
     from synco.sweep import launch
 
     assert not any(p.poll() is None for p in launch._running)
+    # the two running tasks were stopped by the launcher's SIGTERM (not left to finish), the third never started
+    assert sorted(p.name for p in tmp_path.glob("stopped-*")) == ["stopped-t0", "stopped-t1"]
+    assert sorted(p.name for p in tmp_path.glob("started-*")) == ["started-t0", "started-t1"]
     assert not (tmp_path / "t2.txt").exists()
 
 
 # ---------------------------------------------------------------------------------------------
 # A real tiny sweep: 2 points x 2 seeds, --jobs 2; then resumed through submitit's local executor
 
-TINY = ["epochs=1", "data.max_images=64", "optim.batch_size=32", "contrast.queue_size=64", "negatives.n_hard=16",
+# device=cpu, precision=fp32: the CPU path, GPU or not (auto would train on a visible GPU, in bf16).
+TINY = ["device=cpu", "precision=fp32",
+        "epochs=1", "data.max_images=64", "optim.batch_size=32", "contrast.queue_size=64", "negatives.n_hard=16",
         "negatives.counts=[4,4,4,4,4,4]", "negatives.warmup_epochs=0", "negatives.cooldown_epochs=0",
         "optim.warmup_epochs=0", "knn.k=[5]", "knn.max_train=64", "knn.max_test=64", "data.num_workers=0",
         "model.proj_hidden=64", "model.pred_hidden=64", "model.proj_dim=32", "log_every=1",
@@ -299,7 +341,7 @@ def tiny_sweep(tmp_path_factory):
         "compare": {"axis": "method", "baseline": "moby"},
         "slurm": {"cluster": "local", "time": 10},
         "linear": {"epochs": 1, "warmup_epochs": 0, "cache_features": True, "lrs": [0.1], "batch_size": 64,
-                   "num_workers": 0, "val_fraction": 0.0}}))
+                   "num_workers": 0, "val_fraction": 0.0, "device": "cpu"}}))
     out = root / "out"
     rc = main(["sweep", str(spec), "--out", str(out), "--jobs", "2", "--no-progress"])
     return spec, out, rc
@@ -333,15 +375,17 @@ def test_resume_reruns_only_missing_runs_with_submitit_local(tiny_sweep):
     spec, out, rc = tiny_sweep
     assert rc == 0
     runs = {f"{p}/seed{s}": out / p / f"seed{s}" for p in ("method-synco", "method-moby") for s in (0, 1)}
-    before = {k: (d / "summary.json").stat().st_mtime_ns for k, d in runs.items()}
+    # Stamp every summary with a time long past, explicitly: a rewritten one then differs whatever the clock and the
+    # filesystem's timestamp resolution (two writes within one tick would compare equal).
+    past = 1_000_000_000 * 10**9  # 2001-09-09, in ns
+    for d in runs.values():
+        os.utime(d / "summary.json", ns=(past, past))
     for k in ("method-synco/seed1", "method-moby/seed0"):  # as if killed before finishing
         (runs[k] / "summary.json").unlink()
     assert main(["sweep", str(spec), "--out", str(out), "--launcher", "slurm", "--no-progress"]) == 0
     after = {k: (d / "summary.json").stat().st_mtime_ns for k, d in runs.items()}
-    assert after["method-synco/seed0"] == before["method-synco/seed0"]
-    assert after["method-moby/seed1"] == before["method-moby/seed1"]
-    assert after["method-synco/seed1"] > before["method-synco/seed1"]
-    assert after["method-moby/seed0"] > before["method-moby/seed0"]
+    assert after["method-synco/seed0"] == after["method-moby/seed1"] == past  # kept, not rewritten
+    assert after["method-synco/seed1"] != past and after["method-moby/seed0"] != past  # run again
     assert (runs["method-moby/seed0"] / "log.txt").read_text().count("=== ") == 2
     assert (runs["method-synco/seed0"] / "log.txt").read_text().count("=== ") == 1
     assert list((out / ".submitit").glob("*_submitted.pkl"))  # the jobs went through submitit

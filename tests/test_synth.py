@@ -18,12 +18,17 @@ from synco.synth.generate import GenerateConfig, generate, imagenet_class_ids, i
 from synco.synth.model import MODEL_FILE, image_seed, load_model, write_preview
 
 # A UNet small enough to train a few steps in well under a second.
+# device=cpu: with a GPU visible, auto would train and sample there, and this file tests the CPU path.
 TINY = dict(block_out_channels=[8, 16], attention=[False, True], norm_num_groups=4, batch_size=8,
-            sample_steps=2, preview=False, threads=1, log_every=1, warmup_steps=1)
+            sample_steps=2, preview=False, threads=1, log_every=1, warmup_steps=1, device="cpu")
 
 
 def tiny_cfg(**kw) -> DiffusionTrainConfig:
     return DiffusionTrainConfig(**{**TINY, "steps": 3, **kw})
+
+
+def gen_config(**kw) -> GenerateConfig:
+    return GenerateConfig(device="cpu", **kw)  # the CPU path, GPU or not
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +124,7 @@ def test_image_depends_on_its_seed_only_not_on_the_batch(tiny_model):
 
 def test_generate_clone_then_pretrain_reads_it(tiny_model, tmp_path, tiny_overrides):
     syn = tmp_path / "synthetic"
-    figures = generate(str(tiny_model), "all", 3, syn, GenerateConfig(batch_size=7, seed=5), progress=False)
+    figures = generate(str(tiny_model), "all", 3, syn, gen_config(batch_size=7, seed=5), progress=False)
     assert figures["generated"] == 30 and figures["skipped"] == 0 and figures["images_per_second"] > 0
     assert files_in(syn) == sorted(f"{c}/{i:05d}.png" for c in "0123456789" for i in range(3))
     with Image.open(syn / "4" / "00002.png") as im:
@@ -144,7 +149,7 @@ def test_generate_clone_then_pretrain_reads_it(tiny_model, tmp_path, tiny_overri
 
 def test_resume_after_a_kill_neither_duplicates_nor_corrupts(tiny_model, tmp_path):
     out = tmp_path / "syn"
-    cfg = GenerateConfig(batch_size=4)
+    cfg = gen_config(batch_size=4)
     generate(str(tiny_model), "0,1,2", 4, out, cfg, progress=False)
     reference = {f: (out / f).read_bytes() for f in files_in(out)}
     # Simulate a kill: a half-written temporary file, two images lost, a manifest line cut short, and one
@@ -156,23 +161,24 @@ def test_resume_after_a_kill_neither_duplicates_nor_corrupts(tiny_model, tmp_pat
     dropped = next(line for line in lines if json.loads(line)["file"] == "1/00002.png")
     kept = [line for line in lines if line != dropped]
     (out / "manifest.jsonl").write_text("\n".join(kept) + "\n" + kept[0][:20])
-    figures = generate(str(tiny_model), "0,1,2", 4, out, GenerateConfig(batch_size=3), progress=False)
+    figures = generate(str(tiny_model), "0,1,2", 4, out, gen_config(batch_size=3), progress=False)
     assert (figures["generated"], figures["skipped"]) == (2, 10)
     assert files_in(out) == sorted(reference)  # no temp files, nothing extra
     assert {f: (out / f).read_bytes() for f in files_in(out)} == reference  # same seeds -> same images
     entries = manifest(out)
     assert sorted(e["file"] for e in entries) == sorted(reference)  # one entry per image, no duplicates
     # Extending per-class keeps what is there; other settings are refused.
-    figures = generate(str(tiny_model), "0,1,2", 5, out, GenerateConfig(batch_size=8), progress=False)
+    figures = generate(str(tiny_model), "0,1,2", 5, out, gen_config(batch_size=8), progress=False)
     assert (figures["generated"], figures["skipped"]) == (3, 12) and len(manifest(out)) == 15
     with pytest.raises(SyncoError, match="other settings"):
-        generate(str(tiny_model), "0,1,2", 5, out, GenerateConfig(steps=7), progress=False)
+        generate(str(tiny_model), "0,1,2", 5, out, gen_config(steps=7), progress=False)
 
 
 def test_cli_generate_and_fidelity(tiny_model, tmp_path, capsys):
     out = tmp_path / "syn"
     rc = main(["synth-data", "generate", "--model", str(tiny_model), "--classes", "1,7", "--per-class", "2",
-               "--out", str(out), "--no-progress", "sampler=ddim", "steps=2", "guidance=1.5", "seed=3"])
+               "--out", str(out), "--no-progress", "sampler=ddim", "steps=2", "guidance=1.5", "seed=3",
+               "device=cpu"])
     assert rc == 0 and files_in(out) == ["1/00000.png", "1/00001.png", "7/00000.png", "7/00001.png"]
     assert {(e["sampler"], e["guidance"], e["seed"]) for e in manifest(out) if e["file"] == "7/00001.png"} == \
         {("ddim", 1.5, image_seed(3, "7", 1))}
@@ -183,7 +189,7 @@ def test_cli_generate_and_fidelity(tiny_model, tmp_path, capsys):
     assert "| 7 | 2 |" in (out / "fidelity.md").read_text()
     capsys.readouterr()
     assert main(["synth-data", "generate", "--model", str(tiny_model), "--per-class", "1", "--out",
-                 str(tmp_path / "x"), "--classes", "1,x"]) == 2
+                 str(tmp_path / "x"), "--classes", "1,x", "device=cpu"]) == 2
     assert "not trained on class(es) x" in capsys.readouterr().err
 
 
@@ -239,7 +245,7 @@ def test_local_class_conditional_pipeline(tmp_path):
     DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler()).save_pretrained(tmp_path / "dit")
     out = tmp_path / "syn"
     figures = generate(str(tmp_path / "dit"), "n01440764,n02123045", 1, out,
-                       GenerateConfig(steps=2, guidance=2.0, resolution=8), progress=False)
+                       gen_config(steps=2, guidance=2.0, resolution=8), progress=False)
     assert figures["generated"] == 2 and files_in(out) == ["n01440764/00000.png", "n02123045/00000.png"]
     entries = {e["class"]: e for e in manifest(out)}
     assert entries["n02123045"]["class_id"] == 281 and entries["n01440764"]["class_id"] == 0

@@ -283,7 +283,7 @@ def test_cli_end_to_end_vit_vs_random(tiny_run, tmp_path, capsys):
     kw = json.dumps(VIT_KW)
     rc = main(["visualize", "--checkpoint", str(run), "--checkpoint", "random", "--images", str(images),
                "--out", str(out), f"backbone={VIT}", f"backbone_kwargs={kw}", "views=cls,threshold,gradcam",
-               "threshold=0.5"])
+               "threshold=0.5", "device=cpu"])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert [c["label"] for c in summary["checkpoints"]] == ["moby (run)", "random init"]
@@ -311,7 +311,7 @@ def test_cli_mixes_swin_and_vit_with_mask(tiny_run, tmp_path, capsys):
     kw = json.dumps({**SWIN_KW, "depths": list(SWIN_KW["depths"]), "num_heads": list(SWIN_KW["num_heads"])})
     rc = main(["visualize", "--checkpoint", "random", "--checkpoint", str(run), "--images", str(images),
                "--mask", str(mask), "--out", str(out), f"backbone={SWIN}", f"backbone_kwargs={kw}",
-               "views=patch,saliency", "--label", "swin", "--label", "vit"])
+               "views=patch,saliency", "--label", "swin", "--label", "vit", "device=cpu"])
     assert rc == 0
     report = json.loads((out / "metrics.json").read_text())
     swin, vit = report["checkpoints"]

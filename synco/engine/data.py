@@ -315,6 +315,15 @@ class PretrainData:
             for batch, _ in itertools.islice(self.loader(epoch, skip_batches=skip), n_batches - skip):
                 yield self.views(batch, epoch, device)
 
+    def close(self) -> None:
+        """Stop the persistent loader's worker processes now. They ignore SIGTERM (see
+        :func:`~synco.engine.signals.ignore_in_worker`), so at exit multiprocessing could not terminate workers left
+        running by an error, and the process would hang; told to finish through their queues, they exit."""
+        loader, self._loader = self._loader, None
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+
     def bad_images(self) -> int:
         return count_bad_images(self.bad_image_log) if self.bad_image_log else 0
 

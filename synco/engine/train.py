@@ -230,6 +230,7 @@ class Trainer:
             self._train_epochs(stream, logger, bar, window)
         finally:
             stream.close()
+            self.data.close()  # the workers stop here, also when training failed
             self.wait_saved()  # the last checkpoint is on disk before train() returns or raises
         bar.close()
         logger.close()
