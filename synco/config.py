@@ -12,11 +12,12 @@ import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import yaml
 
 from .errors import SyncoError, key_error
+from .hard_negatives import mochi_negatives
 
 
 @dataclass(frozen=True)
@@ -27,9 +28,13 @@ class MethodSpec:
     name: str
     uses_queue: bool  # contrastive: InfoNCE against two queues of past keys (so the queue/global-batch rules apply)
     uses_synthetic: bool  # synthetic hard negatives inside the [warm-up, epochs - cool-down) window
+    # The synthetic negatives' sizes from the queue size (a named configuration of SynCo's rules), instead of the
+    # negatives section's n_hard and counts.
+    synthetic_recipe: Optional[Callable[[int], dict]] = None
 
 
 METHOD_SPECS = {m.name: m for m in (MethodSpec("synco", True, True), MethodSpec("moby", True, False),
+                                    MethodSpec("mochi", True, True, mochi_negatives),
                                     MethodSpec("byol", False, False))}
 METHODS = tuple(METHOD_SPECS)
 
@@ -38,10 +43,20 @@ def method_spec(cfg) -> MethodSpec:
     return METHOD_SPECS[cfg.method]
 
 
-def negatives_kwargs(n: NegativesConfig) -> dict:
-    """``SyntheticNegatives``' arguments from the ``negatives`` section (the window is the trainer's, not theirs)."""
-    return dict(n_hard=n.n_hard, counts=tuple(n.counts), alpha_max=n.alpha_max, beta_max=n.beta_max, sigma=n.sigma,
-                delta=n.delta, eta=n.eta)
+def negatives_kwargs(cfg) -> dict:
+    """``SyntheticNegatives``' arguments of a config (the window is the trainer's, not theirs): the method's recipe
+    (MoCHi) or the ``negatives`` section, with the hard set's rank window."""
+    n, recipe = cfg.negatives, method_spec(cfg).synthetic_recipe
+    sizes = recipe(cfg.contrast.queue_size) if recipe else dict(n_hard=n.n_hard, counts=tuple(n.counts),
+                                                                alpha_max=n.alpha_max)
+    return dict(beta_max=n.beta_max, sigma=n.sigma, delta=n.delta, eta=n.eta, skip_top=n.skip_top, **sizes)
+
+
+def strategy_kwargs(cfg) -> dict:
+    """The loss's hard-negative strategy (:class:`synco.losses.Strategy`'s arguments) from a config."""
+    c, f = cfg.contrast, cfg.fnc
+    return dict(reweight=c.reweight, beta=0.0 if c.reweight == "debiased" else c.beta, tau_plus=c.tau_plus,
+                cancel=f.cancel, top_k=f.top_k, threshold=f.threshold, filter_hard_set=f.filter_hard_set)
 
 
 @dataclass
@@ -62,6 +77,22 @@ class ContrastConfig:
     temperature: float = 0.2
     queue_size: int = 4096
     momentum_start: float = 0.99
+    # Importance-reweighted denominator (synco.hard_negatives): hcl (Robinson et al.) or debiased (Chuang et al.,
+    # HCL with beta 0), for every negative of the queue methods (queue and synthetic).
+    reweight: str = "none"  # none | hcl | debiased
+    beta: float = 0.4  # HCL's concentration on hard negatives (their best 1.0 at temperature 0.5 = 0.4 at 0.2)
+    tau_plus: float = 0.1  # the class prior: the chance that a negative shares the query's class (~1 / classes)
+
+
+@dataclass
+class FalseNegativeConfig:
+    """False-negative cancellation (Huynh et al.): queue entries most similar to the query's image are taken for
+    false negatives (synco.hard_negatives.detect_false_negatives)."""
+
+    cancel: str = "none"  # none | eliminate (dropped from the denominator) | attract (counted as positives)
+    top_k: int = 10  # at most this many per query (0: no limit)
+    threshold: Optional[float] = 0.7  # ... and only those above this cosine with the image's keys (null: none)
+    filter_hard_set: bool = False  # synthetic negatives are made only from entries not taken for false negatives
 
 
 @dataclass
@@ -77,6 +108,7 @@ class NegativesConfig:
     eta: float = 0.01
     warmup_epochs: int = 30  # no synthetic negatives for epochs < warmup_epochs
     cooldown_epochs: int = 100  # ... nor for the last cooldown_epochs epochs
+    skip_top: int = 0  # the hard set is the queue ranks [skip_top, skip_top + n_hard): the top ones are left out
 
 
 @dataclass
@@ -148,6 +180,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     contrast: ContrastConfig = field(default_factory=ContrastConfig)
     negatives: NegativesConfig = field(default_factory=NegativesConfig)
+    fnc: FalseNegativeConfig = field(default_factory=FalseNegativeConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     knn: KnnConfig = field(default_factory=KnnConfig)
@@ -402,23 +435,8 @@ def validate(cfg: Config) -> None:
     for key in ("proj_hidden", "proj_dim", "pred_hidden"):
         if getattr(m, key) < 1:
             bad(f"model.{key}", "must be >= 1.")
-    n = cfg.negatives
-    if METHOD_SPECS[cfg.method].uses_synthetic:
-        if n.n_hard > c.queue_size:
-            bad("negatives.n_hard", f"{n.n_hard} is larger than the queue (contrast.queue_size={c.queue_size}).")
-        if n.warmup_epochs < 0 or n.cooldown_epochs < 0:
-            bad("negatives.warmup_epochs", "warm-up and cool-down must be >= 0.")
-        if n.warmup_epochs >= cfg.epochs - n.cooldown_epochs:
-            _note(f"no synthetic negatives in this run: the window [negatives.warmup_epochs={n.warmup_epochs}, "
-                  f"epochs - negatives.cooldown_epochs={cfg.epochs - n.cooldown_epochs}) is empty, so method=synco "
-                  "trains exactly as moby. Lower the warm-up/cool-down to use them.")
-        # The generator validates the rest (counts, alpha_max, ...) with the same key names.
-        from .negatives import SyntheticNegatives
-
-        try:
-            SyntheticNegatives(**negatives_kwargs(n))
-        except SyncoError as e:
-            raise SyncoError(f"config section 'negatives': {e}") from None
+    validate_negatives(cfg)
+    validate_strategy(cfg)
     d = cfg.data
     if d.dataset not in ("digits", "imagenet100", "folder"):
         bad("data.dataset", f"must be digits, imagenet100 or folder, got '{d.dataset}'.")
@@ -450,6 +468,64 @@ def validate(cfg: Config) -> None:
     for key in ("max_train", "max_test"):
         if getattr(k, key) is not None and getattr(k, key) < 1:
             bad(f"knn.{key}", "must be >= 1 (or null for all).")
+
+
+def validate_negatives(cfg: Config) -> None:
+    """The synthetic negatives of a method that uses them (the generator checks its own arguments)."""
+    spec, n, c = method_spec(cfg), cfg.negatives, cfg.contrast
+    if not spec.uses_synthetic:
+        return
+    if n.warmup_epochs < 0 or n.cooldown_epochs < 0:
+        _bad("negatives.warmup_epochs", "warm-up and cool-down must be >= 0.")
+    if n.skip_top < 0:
+        _bad("negatives.skip_top", f"must be >= 0, got {n.skip_top}.")
+    kwargs = negatives_kwargs(cfg)
+    if kwargs["n_hard"] + n.skip_top > c.queue_size:
+        key = "negatives.skip_top" if n.skip_top else "negatives.n_hard"
+        _bad(key, f"the hard set, queue ranks [{n.skip_top}, {n.skip_top + kwargs['n_hard']}), does not fit the "
+                  f"queue (contrast.queue_size={c.queue_size}).")
+    if spec.synthetic_recipe is not None:
+        _note(f"method={cfg.method}: the hard set and synthetic counts come from the queue size (n_hard="
+              f"{kwargs['n_hard']}, counts={list(kwargs['counts'])}); negatives.n_hard and negatives.counts are "
+              "not used.")
+    if n.warmup_epochs >= cfg.epochs - n.cooldown_epochs:
+        _note(f"no synthetic negatives in this run: the window [negatives.warmup_epochs={n.warmup_epochs}, "
+              f"epochs - negatives.cooldown_epochs={cfg.epochs - n.cooldown_epochs}) is empty, so "
+              f"method={cfg.method} trains exactly as moby. Lower the warm-up/cool-down to use them.")
+    from .negatives import SyntheticNegatives
+
+    try:
+        SyntheticNegatives(**kwargs)
+    except SyncoError as e:
+        raise SyncoError(f"config section 'negatives': {e}") from None
+
+
+def validate_strategy(cfg: Config) -> None:
+    """The hard-negative strategy of the loss: reweighting and false-negative cancellation (queue methods)."""
+    c, f, spec = cfg.contrast, cfg.fnc, method_spec(cfg)
+    if c.reweight not in ("none", "hcl", "debiased"):
+        _bad("contrast.reweight", f"must be none, hcl or debiased, got '{c.reweight}'.")
+    if c.beta < 0:
+        _bad("contrast.beta", f"must be >= 0, got {c.beta}.")
+    if not 0.0 <= c.tau_plus < 1.0:
+        _bad("contrast.tau_plus", f"must be in [0, 1) (a class prior), got {c.tau_plus}.")
+    if f.cancel not in ("none", "eliminate", "attract"):
+        _bad("fnc.cancel", f"must be none, eliminate or attract, got '{f.cancel}'.")
+    if f.top_k < 0:
+        _bad("fnc.top_k", f"must be >= 0 (0: no limit), got {f.top_k}.")
+    if f.threshold is not None and not -1.0 <= f.threshold <= 1.0:
+        _bad("fnc.threshold", f"must be a cosine in [-1, 1], or null for none, got {f.threshold}.")
+    if f.top_k == 0 and f.threshold is None and (f.cancel != "none" or f.filter_hard_set):
+        _bad("fnc.top_k", "with fnc.threshold null as well, every queue entry would be a false negative.")
+    used = c.reweight != "none" or f.cancel != "none" or f.filter_hard_set
+    if used and not spec.uses_queue:
+        _bad("method", f"method={cfg.method} has no negatives: contrast.reweight, fnc.cancel and "
+                       "fnc.filter_hard_set apply to moby, synco and mochi.")
+    if f.filter_hard_set and not spec.uses_synthetic:
+        _bad("fnc.filter_hard_set", f"method={cfg.method} makes no synthetic negatives.")
+    if c.reweight != "none" and f.cancel == "attract":
+        _bad("contrast.reweight", "HCL's reweighting has one positive; it combines with fnc.cancel=eliminate, not "
+                                  "attract.")
 
 
 def _note(message: str) -> None:

@@ -10,8 +10,13 @@ build ``counts[t]`` synthetic negatives with rule ``t`` (types 1..6 = ``RULES`` 
 5. gradient_step          n_i + delta * grad_n cos(q, n_i)                          (eq. 7)
 6. signed_gradient_step   n_i + eta * sign(grad_n cos(q, n_i))                      (eq. 8)
 
-``n_i`` and ``n_j`` are drawn uniformly and independently from the query's hard set, and every
+``n_i`` and ``n_j`` are drawn uniformly and independently from the query's hard set (with
+``distinct_mix``, ``n_j`` among the entries other than ``n_i``: MoCHi's pairs), and every
 coefficient is drawn per (query, slot). Each raw vector is then L2-normalised (eq. 2).
+
+The hard set is the query's ``n_hard`` most similar queue entries, or with ``skip_top = f`` its
+ranks ``[f, f + n_hard)``; ``exclude`` (a [B, K] mask, e.g. suspected false negatives from
+``synco.hard_negatives.detect_false_negatives``) leaves entries out of it.
 
 Differences from the authors' public code (giakoumoglou/synco-v2, ``models/synco.py``), where we
 follow the paper instead:
@@ -135,6 +140,7 @@ class _Draw:
         self._generator = generator
         self._shape = (hard_idx.shape[0], count)
         self._work = iter(work)
+        self.last_pick: torch.Tensor | None = None
 
     def _buffer(self) -> torch.Tensor:
         """The next unused work buffer, as a contiguous [B, count, C] view."""
@@ -144,13 +150,24 @@ class _Draw:
             raise RuntimeError(f"a rule drew more [B, count, C] arrays than the {_DRAW_BUFFERS} work buffers")
         return buf[: math.prod(shape)].view(shape)
 
-    def hard(self) -> torch.Tensor:
+    def hard(self, other_than: torch.Tensor | None = None) -> torch.Tensor:
+        """One entry of each query's hard set per slot, uniformly; with ``other_than`` (the picks of an earlier
+        ``hard()``), uniformly among the other entries of the set."""
         n_hard = self._hard_idx.shape[1]
-        pick = torch.randint(n_hard, self._shape, generator=self._generator, device=self._queue.device)
+        if other_than is None or n_hard == 1:
+            pick = torch.randint(n_hard, self._shape, generator=self._generator, device=self._queue.device)
+        else:  # a shift of 1..n_hard-1 positions: every other entry equally likely
+            shift = torch.randint(1, n_hard, self._shape, generator=self._generator, device=self._queue.device)
+            pick = (other_than + shift) % n_hard
+        self.last_pick = pick
         rows = self._hard_idx.gather(1, pick).reshape(-1)
         out = self._buffer()
         torch.index_select(self._queue, 0, rows, out=out.view(-1, self._queue.shape[1]))
         return out
+
+    def another_hard(self) -> torch.Tensor:
+        """:meth:`hard`, never the entry the previous call picked for the same slot."""
+        return self.hard(other_than=self.last_pick)
 
     def uniform(self, low: float, high: float) -> torch.Tensor:
         """[B, count, 1] coefficients from U(low, high)."""
@@ -187,7 +204,8 @@ class Rule(NamedTuple):
 RULES: tuple[Rule, ...] = (
     Rule("interpolate", lambda q, d, c, out: interpolate(q, d.hard(), d.uniform(0.0, c.alpha_max), out)),
     Rule("extrapolate", lambda q, d, c, out: extrapolate(q, d.hard(), d.uniform(1.0, c.beta_max), out)),
-    Rule("mix", lambda q, d, c, out: mix(d.hard(), d.hard(), d.uniform(0.0, 1.0), out)),
+    Rule("mix", lambda q, d, c, out: mix(d.hard(), d.another_hard() if c.distinct_mix else d.hard(),
+                                         d.uniform(0.0, 1.0), out)),
     Rule("add_noise", lambda q, d, c, out: add_noise(d.hard(), d.normal(c.sigma), out)),
     Rule("gradient_step", lambda q, d, c, out: gradient_step(q, d.hard(), c.delta, out)),
     Rule("signed_gradient_step", lambda q, d, c, out: signed_gradient_step(q, d.hard(), c.eta, out)),
@@ -285,6 +303,8 @@ class SyntheticNegatives:
         sigma: float = 0.01,
         delta: float = 0.01,
         eta: float = 0.01,
+        skip_top: int = 0,
+        distinct_mix: bool = False,
     ):
         if not isinstance(n_hard, numbers.Integral) or isinstance(n_hard, bool) or n_hard < 1:
             raise NegativesArgumentError(f"n_hard must be an integer >= 1, got {n_hard!r}")
@@ -306,6 +326,10 @@ class SyntheticNegatives:
         self.sigma = _real("sigma", sigma, low=0.0)
         self.delta = _real("delta", delta, low=0.0)
         self.eta = _real("eta", eta, low=0.0)
+        if not isinstance(skip_top, numbers.Integral) or isinstance(skip_top, bool) or skip_top < 0:
+            raise NegativesArgumentError(f"skip_top must be an integer >= 0, got {skip_top!r}")
+        self.skip_top = int(skip_top)
+        self.distinct_mix = bool(distinct_mix)
         self._workspace = _Workspace()
 
     @property
@@ -332,7 +356,8 @@ class SyntheticNegatives:
         return (
             f"{type(self).__name__}(n_hard={self.n_hard}, counts={self.counts}, "
             f"alpha_max={self.alpha_max:g}, beta_max={self.beta_max:g}, "
-            f"sigma={self.sigma:g}, delta={self.delta:g}, eta={self.eta:g})"
+            f"sigma={self.sigma:g}, delta={self.delta:g}, eta={self.eta:g}, skip_top={self.skip_top}, "
+            f"distinct_mix={self.distinct_mix})"
         )
 
     def _check_inputs(self, q, queue, generator) -> None:
@@ -348,14 +373,21 @@ class SyntheticNegatives:
             )
         if q.device != queue.device:
             raise NegativesArgumentError(f"q is on {q.device} but queue is on {queue.device}")
-        if self.n_hard > queue.shape[0]:
-            raise NegativesArgumentError(f"n_hard={self.n_hard} exceeds the queue size K={queue.shape[0]}")
+        if self.n_hard + self.skip_top > queue.shape[0]:
+            raise NegativesArgumentError(f"n_hard={self.n_hard} + skip_top={self.skip_top} exceeds the queue size "
+                                         f"K={queue.shape[0]}")
         if generator is not None and generator.device.type != q.device.type:
             raise NegativesArgumentError(f"generator is on {generator.device} but q is on {q.device}")
 
     @torch.no_grad()
-    def __call__(self, q: torch.Tensor, queue: torch.Tensor, generator: torch.Generator | None = None):
+    def __call__(self, q: torch.Tensor, queue: torch.Tensor, generator: torch.Generator | None = None,
+                 exclude: torch.Tensor | None = None):
+        """``exclude``: optional ``[B, K]`` bool, queue entries left out of each query's hard set (e.g. suspected
+        false negatives); they are taken only when fewer than ``n_hard + skip_top`` entries remain."""
         self._check_inputs(q, queue, generator)
+        if exclude is not None and exclude.shape != (q.shape[0], queue.shape[0]):
+            raise NegativesArgumentError(f"exclude must be [B, K] = {(q.shape[0], queue.shape[0])}, got "
+                                         f"{tuple(exclude.shape)}")
         batch, channels = q.shape
         if self.num_synthetic == 0:
             return q.new_zeros((batch, 0, channels))
@@ -366,7 +398,12 @@ class SyntheticNegatives:
             work, f32 = self._workspace, torch.float32
             # Inputs are unit vectors, so the dot product ranks by cosine similarity.
             sim = torch.mm(q32, queue32.T, out=work.work("sim", (batch, queue.shape[0]), f32, q.device))
-            hard_idx = sim.topk(self.n_hard, dim=1, sorted=False).indices
+            if exclude is not None:
+                sim.masked_fill_(exclude, -math.inf)
+            if self.skip_top:  # ranks [skip_top, skip_top + n_hard) of each query's row
+                hard_idx = sim.topk(self.n_hard + self.skip_top, dim=1, sorted=True).indices[:, self.skip_top:]
+            else:
+                hard_idx = sim.topk(self.n_hard, dim=1, sorted=False).indices
             q_row = q32.unsqueeze(1)
 
             size = (batch * max(self.counts) * channels,)

@@ -389,8 +389,8 @@ def test_view_stream_takes_the_first_n_batches_of_each_epoch_after_a_skip():
     data = PretrainData(cfg.data, batch_size=32, seed=1)
     cpu = torch.device("cpu")
     got = list(data.view_stream(0, 2, 3, 6, cpu))
-    expected = [data.views(b, e, cpu) for e in range(3)
-                for b, _ in itertools.islice(data.loader(e, skip_batches=2 if e == 0 else 0), 6 - (2 if e == 0 else 0))]
+    expected = [(*data.views(b, e, cpu), labels) for e in range(3)
+                for b, labels in itertools.islice(data.loader(e, skip_batches=2 if e == 0 else 0), 6 - (2 if e == 0 else 0))]
     assert len(got) == len(expected) == 4 + 6 + 6
-    for (a1, a2), (b1, b2) in zip(got, expected):
-        assert torch.equal(a1, b1) and torch.equal(a2, b2)
+    for (a1, a2, la), (b1, b2, lb) in zip(got, expected):
+        assert torch.equal(a1, b1) and torch.equal(a2, b2) and torch.equal(la, lb)

@@ -306,14 +306,22 @@ class PretrainData:
         return self.device_views(images, sample_seeds(self.seed, epoch, index))
 
     def view_stream(self, first_epoch: int, skip_batches: int, epochs: int, n_batches: int,
-                    device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The views of every remaining batch of the run, epoch after epoch: from batch ``skip_batches`` of
+                    device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``(x1, x2, labels)`` of every remaining batch of the run, epoch after epoch: from batch ``skip_batches`` of
         ``first_epoch`` to the end of epoch ``epochs - 1``, the first ``n_batches`` batches of each epoch (what its
         optimizer steps use: a remainder short of a gradient-accumulation step is never fetched)."""
         for epoch in range(first_epoch, epochs):
             skip = skip_batches if epoch == first_epoch else 0
-            for batch, _ in itertools.islice(self.loader(epoch, skip_batches=skip), n_batches - skip):
-                yield self.views(batch, epoch, device)
+            for batch, labels in itertools.islice(self.loader(epoch, skip_batches=skip), n_batches - skip):
+                labels = self.known_labels(batch, labels).to(device, non_blocking=True)
+                yield (*self.views(batch, epoch, device), labels)
+
+    def known_labels(self, batch, labels: torch.Tensor) -> torch.Tensor:
+        """The batch's classes for diagnostics, -1 for synthetic (Syn2Co) images: their folder's class order need
+        not be the real folder's."""
+        if self.synthetic is None:
+            return labels
+        return torch.where(batch[1] >= len(self.real), -1, labels)
 
     def close(self) -> None:
         """Stop the persistent loader's worker processes now. They ignore SIGTERM (see

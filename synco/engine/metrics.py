@@ -69,6 +69,11 @@ def read_jsonl(path: Path) -> list[dict]:
     return records
 
 
+# Hard-negative diagnostics summary.json keeps from the last training record (metrics.jsonl has them all along).
+DIAGNOSTICS = ("frac_queue_above_pos", "frac_negatives_above_pos", "negatives_above_pos", "same_class_above_pos",
+               "same_class_in_queue", "hcl_clamped", "hcl_top_weight", "fnc_flagged", "fnc_precision")
+
+
 def training_summary(records: list[dict], chance_loss: Optional[float]) -> dict:
     """What the logged training records say about learning: the loss first and last (next to the loss of a
     model that cannot tell the positive from the negatives), the last cosines, and the k-NN monitor's curve."""
@@ -78,8 +83,7 @@ def training_summary(records: list[dict], chance_loss: Optional[float]) -> dict:
         first, last = steps[0], steps[-1]
         out = {"initial_loss": first["loss"], "final_loss": last["loss"], "chance_loss": chance_loss}
         for key, name in (("sim_pos", "pos_cos"), ("sim_hardest_neg", "hardest_neg_cos"),
-                          ("frac_queue_above_pos", "frac_queue_above_pos"),
-                          ("frac_negatives_above_pos", "frac_negatives_above_pos")):
+                          *((k, k) for k in DIAGNOSTICS)):
             if key in last:
                 out[name] = last[key]
     curve = [[r["epoch"] + 1, r["knn_top1"]] for r in records if "knn_top1" in r]

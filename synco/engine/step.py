@@ -29,7 +29,8 @@ def train_step(model: nn.Module, online: nn.Module, optimizer: torch.optim.Optim
     Args:
         model: the :class:`~synco.models.method.SelfSupervisedModel`.
         online: ``model.online`` or its DDP / ``torch.compile`` wrapper (the module the gradients go through).
-        micro_batches: ``accum_steps`` pairs of views ``(x1, x2)``, each ``[B, 3, H, W]`` on the model's device.
+        micro_batches: ``accum_steps`` pairs of views ``(x1, x2)``, each ``[B, 3, H, W]`` on the model's device, or
+            triples ``(x1, x2, labels)`` with the images' classes (``[B]``, -1 unknown), which only diagnostics read.
         use_synthetic: whether synthetic hard negatives join the loss (inside the window of epochs).
         momentum: EMA momentum for the target after this step.
         clip_grad: max gradient norm of the online encoder (0 or None: no clipping).
@@ -42,17 +43,19 @@ def train_step(model: nn.Module, online: nn.Module, optimizer: torch.optim.Optim
         The micro-batches' summed statistics as float32 device scalars (no host sync), with a ``loss`` key.
     """
     sums: dict[str, torch.Tensor] = {}
-    for i, (x1, x2) in enumerate(micro_batches):
+    for i, (x1, x2, *labels) in enumerate(micro_batches):
+        labels = labels[0] if labels else None
         last = i == len(micro_batches) - 1
         ctx = online.no_sync() if (world > 1 and not last) else contextlib.nullcontext()
         with ctx:
             with torch.autocast(x1.device.type, dtype=torch.bfloat16, enabled=bf16):
                 q1, q2 = online(x1, x2)
-                loss, stats, (k1, k2) = model.loss(q1, q2, x1, x2, use_synthetic=use_synthetic)
+                loss, stats, (k1, k2) = model.loss(q1, q2, x1, x2, use_synthetic=use_synthetic, labels=labels)
             mark("loss (rest of forward)")
             (loss / len(micro_batches)).backward()
             mark("backward")
-        model.enqueue(D.all_gather_cat(k1), D.all_gather_cat(k2))
+        model.enqueue(D.all_gather_cat(k1), D.all_gather_cat(k2),
+                      None if labels is None else D.all_gather_cat(labels))
         stats["loss"] = loss.detach()
         for key, v in stats.items():
             sums[key] = sums.get(key, 0) + v.float()

@@ -16,8 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import METHOD_SPECS, method_spec, negatives_kwargs
-from ..losses import byol_loss, info_nce
+from ..config import METHOD_SPECS, method_spec, negatives_kwargs, strategy_kwargs
+from ..hard_negatives import detect_false_negatives
+from ..losses import Strategy, byol_loss, info_nce
 from ..negatives import SyntheticNegatives
 from .backbone import TokenBatchNorm, backbone_kwargs, create_backbone
 from .heads import MLPHead
@@ -61,7 +62,8 @@ def model_kwargs(cfg) -> dict:
     return dict(method=cfg.method, backbone=backbone_kwargs(m), drop_path_online=m.drop_path_online,
                 drop_path_target=m.drop_path_target, proj_hidden=m.proj_hidden, proj_dim=m.proj_dim,
                 pred_hidden=m.pred_hidden, temperature=cfg.contrast.temperature, queue_size=cfg.contrast.queue_size,
-                negatives=negatives_kwargs(cfg.negatives) if spec.uses_synthetic else None)
+                negatives=negatives_kwargs(cfg) if spec.uses_synthetic else None,
+                strategy=strategy_kwargs(cfg) if spec.uses_queue else None)
 
 
 def create_model(cfg) -> SelfSupervisedModel:
@@ -80,11 +82,13 @@ class SelfSupervisedModel(nn.Module):
         queue_size: keys per queue (methods with queues only).
         negatives: :class:`~synco.negatives.SyntheticNegatives` arguments (methods with synthetic negatives only;
             None takes its defaults).
+        strategy: :class:`~synco.losses.Strategy` arguments, how the loss treats its negatives (queue methods;
+            None: InfoNCE).
     """
 
     def __init__(self, *, method: str, backbone: dict, proj_hidden: int, proj_dim: int, pred_hidden: int,
                  drop_path_online: float = 0.0, drop_path_target: float = 0.0, temperature: float = 0.2,
-                 queue_size: int = 4096, negatives: Optional[dict] = None):
+                 queue_size: int = 4096, negatives: Optional[dict] = None, strategy: Optional[dict] = None):
         super().__init__()
         self.method = method
         self.spec = METHOD_SPECS[method]
@@ -99,6 +103,7 @@ class SelfSupervisedModel(nn.Module):
         self.target.requires_grad_(False)
         self._ema_pairs: Optional[tuple[list, list]] = None
         self.negatives = SyntheticNegatives(**(negatives or {})) if self.spec.uses_synthetic else None
+        self.strategy = Strategy(**(strategy or {}))
         # Built last: its random initial keys come after the encoders' weights in the RNG stream.
         self.queue = KeyQueues(queue_size, proj_dim) if self.spec.uses_queue else None
         self.register_load_state_dict_pre_hook(_legacy_queue_keys)
@@ -142,7 +147,8 @@ class SelfSupervisedModel(nn.Module):
         return self.loss(q1, q2, x1, x2, use_synthetic=use_synthetic, generator=generator)
 
     def loss(self, q1: torch.Tensor, q2: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor,
-             use_synthetic: bool = False, generator: Optional[torch.Generator] = None):
+             use_synthetic: bool = False, generator: Optional[torch.Generator] = None,
+             labels: Optional[torch.Tensor] = None):
         """The method's loss of the online predictions against the target's keys of the other view.
 
         Args:
@@ -150,6 +156,7 @@ class SelfSupervisedModel(nn.Module):
             x1, x2: the views ``[B, 3, H, W]``, which the target encoder embeds (without gradients).
             use_synthetic: add synthetic hard negatives (synco, inside its window of epochs).
             generator: the random stream of the synthetic negatives (default: torch's global one).
+            labels: optional ``[B]`` classes of the images, for diagnostics only (never used by the loss).
 
         Returns:
             ``(loss, stats, (k1, k2))``: the symmetric loss (a scalar), detached statistics (scalars), and the
@@ -164,16 +171,29 @@ class SelfSupervisedModel(nn.Module):
             l2, s2 = self._byol_loss(q2, k1)
         else:
             q1, q2 = F.normalize(q1.float(), dim=1), F.normalize(q2.float(), dim=1)
-            syn1 = syn2 = None
-            queue1, queue2 = self.queue.queue1, self.queue.queue2
-            if use_synthetic and self.negatives is not None:
-                syn1 = self.negatives(q1.detach(), queue2, generator=generator)
-                syn2 = self.negatives(q2.detach(), queue1, generator=generator)
-            slices = self.negatives.slices if self.negatives is not None else None
-            l1, s1 = self._info_nce(q1, k2, queue2, self.temperature, syn1, slices)
-            l2, s2 = self._info_nce(q2, k1, queue1, self.temperature, syn2, slices)
+            (l1, s1), (l2, s2) = self._contrastive(q1, q2, k1, k2, use_synthetic, generator, labels)
         stats = {key: (s1[key] + s2[key]) / 2 for key in s1}
         return l1 + l2, stats, (k1, k2)
+
+    def _contrastive(self, q1, q2, k1, k2, use_synthetic: bool, generator, labels):
+        """Each view's queries against the other view's key and queue: ``((l1, s1), (l2, s2))``. Suspected false
+        negatives are found per direction from both views' keys (the two queues hold the two views of the same
+        images in the same slots)."""
+        st, queues = self.strategy, (self.queue.queue2, self.queue.queue1)
+        keys = torch.stack([k1, k2])
+        false_neg = [detect_false_negatives(keys, q, st.top_k, st.threshold) if st.detects_false_negatives
+                     else None for q in queues]
+        queue_labels = self.queue.labels if labels is not None else None
+        out = []
+        for q, k, queue, fn in zip((q1, q2), (k2, k1), queues, false_neg):
+            syn = None
+            if use_synthetic and self.negatives is not None:
+                syn = self.negatives(q.detach(), queue, generator=generator,
+                                     exclude=fn if st.filter_hard_set else None)
+            slices = self.negatives.slices if self.negatives is not None else None
+            out.append(self._info_nce(q, k, queue, self.temperature, syn, slices, strategy=st, false_neg=fn,
+                                      labels=labels, queue_labels=queue_labels))
+        return out
 
     @torch.no_grad()
     def momentum_update(self, m: float) -> None:
@@ -186,10 +206,11 @@ class SelfSupervisedModel(nn.Module):
         torch._foreach_lerp_(tgt, src, 1.0 - m)
 
     @torch.no_grad()
-    def enqueue(self, k1: torch.Tensor, k2: torch.Tensor) -> None:
-        """Enqueue the (globally gathered) keys ``[n, proj_dim]`` of both views; nothing for methods without queues."""
+    def enqueue(self, k1: torch.Tensor, k2: torch.Tensor, labels: Optional[torch.Tensor] = None) -> None:
+        """Enqueue the (globally gathered) keys ``[n, proj_dim]`` of both views, with their images' classes when
+        known (diagnostics); nothing for methods without queues."""
         if self.queue is not None:
-            self.queue.enqueue(k1, k2)
+            self.queue.enqueue(k1, k2, labels)
 
     def _apply(self, fn, recurse=True):
         self._ema_pairs = None  # parameters may be replaced by .to()/.cuda()
