@@ -499,6 +499,399 @@ def run_knn_top5(env: Env) -> tuple[int, str]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Read back (issue 20): what comes back from disk, caches, data folders and the OS
+
+
+def _readback_run(env: Env, seed: int = 0, poison: bool = False) -> Path:
+    """A run folder holding only checkpoint.pt, with backbone weights drawn from ``seed`` (NaN with ``poison``)."""
+    from synco.config import load_config
+    from synco.models.backbone import backbone_from_config
+
+    cfg = load_config("cpu-demo", TINY)
+    torch.manual_seed(seed)
+    state = backbone_from_config(cfg.model).state_dict()
+    if poison:
+        state["cls_token"] = torch.full_like(state["cls_token"], float("nan"))
+    run = env.tmp / f"rb-run-{seed}-{int(poison)}"
+    run.mkdir(exist_ok=True)
+    torch.save({"config": cfg.to_dict(), "model": {f"online.backbone.{k}": v for k, v in state.items()}, "epoch": 1},
+               run / "checkpoint.pt")
+    return run
+
+
+def _readback_head(env: Env, **change) -> Path:
+    from synco.eval.head import LinearHead, save_head
+
+    path = env.out() / "linear_head.pt"
+    path.parent.mkdir(parents=True)
+    save_head(LinearHead(32, 10), path, [str(d) for d in range(10)], {"backbone": "vit_tiny_patch16_224"}, 16)
+    if change:
+        torch.save({**torch.load(path, weights_only=True), **change}, path)
+    return path
+
+
+def run_knn_small_temperature(env: Env) -> tuple[int, str]:
+    """k-NN at T=0.01 against a float64 log-sum-exp vote on the cached features."""
+    out = env.out()
+    rc, err = call(["eval", "knn", "--checkpoint", env.data["run"], "--out", out, *KNN, "temperature=0.01"])
+    if rc:
+        return rc, err
+    f = torch.load(out / "knn_features.pt", weights_only=True)
+    s, i = (f["test"].double() @ f["train"].double().t()).topk(20, dim=1)
+    labels, n = f["train_labels"][i], int(f["train_labels"].max()) + 1
+    votes = torch.stack([torch.where(labels == c, s / 0.01, -torch.inf).logsumexp(1) for c in range(n)], 1)
+    top1 = 100.0 * float((votes.argmax(1) == f["test_labels"]).double().mean())
+    if abs(result(out)["results"]["20"]["top1"] - top1) > 1e-6:
+        return -2, f"k-NN at T=0.01 reports {result(out)['results']['20']['top1']}, a stable vote {top1}"
+    return rc, err
+
+
+def run_nan_head(env: Env) -> tuple[int, str]:
+    head = _readback_head(env, bias=torch.full((10,), float("nan")))
+    out = env.out()
+    out.mkdir()
+    (out / "robustness.json").write_text('{"kept": true}')
+    rc, err = call(["eval", "robustness", "--checkpoint", env.data["run"], "--linear-head", head, "--out", out,
+                    *KNN[:3]])
+    if json.loads((out / "robustness.json").read_text()) != {"kept": True}:
+        return -2, "the earlier robustness.json was overwritten\n" + err
+    return rc, err
+
+
+def run_renamed_val_class(env: Env) -> tuple[int, str]:
+    root = env.tmp / "rb-renamed"
+    shutil.copytree(env.data["digits"], root)
+    (root / "val" / "0").rename(root / "val" / "z")
+    return call(["eval", "knn", "--checkpoint", env.data["run"], "--out", env.out(), "dataset=folder",
+                 f"root={root}", *KNN])
+
+
+def run_cache_contents(env: Env) -> tuple[int, str]:
+    """Overwrite val images under the same names: the same --out must give the numbers of the new images."""
+    root = env.tmp / "rb-overwritten"
+    shutil.copytree(env.data["digits"], root)
+    out, fresh = env.out(), env.out()
+    argv = ["eval", "knn", "--checkpoint", env.data["run"], "dataset=folder", f"root={root}", *KNN]
+    rc, err = call([*argv, "--out", out])
+    if rc:
+        return rc, err
+    for i, f in enumerate(sorted((root / "val" / "1").iterdir())):
+        f.write_bytes(sorted((root / "val" / "7").iterdir())[i].read_bytes())
+        os.utime(f, ns=(10**18 + i, 10**18 + i))
+    rc, err = call([*argv, "--out", out])
+    rc2, err2 = call([*argv, "--out", fresh, "cache=false"])
+    if rc or rc2:
+        return rc or rc2, err + err2
+    if result(out)["results"] != result(fresh)["results"]:
+        return -2, f"stale cache: {result(out)['results']} vs {result(fresh)['results']}"
+    return 0, err
+
+
+def run_linear_stale(env: Env) -> tuple[int, str]:
+    """A probe, then the run trains further (same path, new weights): the same --out must give the new number."""
+    run, out, fresh = _readback_run(env, 1), env.out(), env.out()
+    argv = ["eval", "linear", "--checkpoint", run, "epochs=1", "warmup_epochs=0", "val_fraction=0",
+            "cache_features=true", "dataset=folder", f"root={env.data['digits']}", *KNN[:3]]
+    rc, err = call([*argv, "--out", out])
+    if rc:
+        return rc, err
+    shutil.copy(_readback_run(env, 2) / "checkpoint.pt", run / "checkpoint.pt")
+    rc, err = call([*argv, "--out", out])
+    rc2, err2 = call([*argv, "--out", fresh])
+    if rc or rc2:
+        return rc or rc2, err + err2
+    if result(out, "linear")["history"] != result(fresh, "linear")["history"]:
+        return -2, "the probe returned the numbers of the old weights"
+    return 0, err
+
+
+def run_locked_eval(env: Env) -> tuple[int, str]:
+    out = env.out()
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (out / ".synco.lock").write_text(json.dumps({"pid": holder.pid, "host": os.uname().nodename}))
+        return call(["eval", "linear", "--checkpoint", env.data["run"], "--out", out, "epochs=1",
+                     "warmup_epochs=0", *KNN[:3]])
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def _result_file(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+def run_report_two_run1(env: Env) -> tuple[int, str]:
+    """Two folders whose runs are both run1 (synco and byol), evaluated from inside their parents."""
+    import yaml
+
+    base = env.out()
+    for folder, method in (("A", "synco"), ("B", "byol")):
+        (base / folder / "run1").mkdir(parents=True)
+        (base / folder / "run1" / "config.yaml").write_text(yaml.safe_dump({"method": method}))
+        _result_file(base / folder / "run1" / "eval" / "knn.json",
+                     {"protocol": "knn", "checkpoint": "run1", "backbone": "vit", "dataset": "digits",
+                      "results": {"20": {"top1": 60.0 if method == "synco" else 50.0, "top5": 90.0}}})
+    cwd = os.getcwd()
+    os.chdir(base / "A")
+    try:
+        rc, err = call(["report", ".", "../B", "--out", base / "rep"])
+    finally:
+        os.chdir(cwd)
+    if rc:
+        return rc, err
+    rows = (base / "rep" / "report.csv").read_text().splitlines()[1:]
+    if sorted(r.split(",")[0] for r in rows) != ["byol", "synco"]:
+        return -2, f"rows: {rows}"
+    return 0, err
+
+
+def run_report_string(env: Env) -> tuple[int, str]:
+    out = env.out()
+    _result_file(out / "eval" / "knn.json", {"protocol": "knn", "checkpoint": "random", "backbone": "vit",
+                                             "results": {"20": {"top1": "77.5", "top5": 90.0}}})
+    return call(["report", out, "--out", out / "rep"])
+
+
+def _sweep_spec(env: Env) -> Path:
+    import yaml
+
+    spec = env.tmp / "rb-spec.yaml"
+    spec.write_text(yaml.safe_dump({"name": "rb", "base": "cpu-demo", "seeds": 1, "overrides": TINY,
+                                    "axes": {"grid": {"contrast.temperature": [0.2]}}}))
+    return spec
+
+
+def _planned_run(env: Env, out: Path, root: Path):
+    from synco.sweep import runner
+    from synco.sweep.spec import load_spec
+
+    (run,) = runner.plan(load_spec(str(_sweep_spec(env))), out, [f"data.root={root}", "data.dataset=folder"])
+    run.dir.mkdir(parents=True)
+    (run.dir / "config.yaml").write_text(__import__("yaml").safe_dump(run.cfg.to_dict()))
+    return run
+
+
+def run_sweep_other_root(env: Env) -> tuple[int, str]:
+    out = env.out()
+    _planned_run(env, out, env.data["digits"])
+    (list(out.rglob("config.yaml"))[0].parent / "summary.json").write_text('{"knn_top1": 50.0}')
+    other = env.tmp / "rb-digits2"
+    if not other.exists():
+        shutil.copytree(env.data["digits"], other)
+    return call(["sweep", _sweep_spec(env), "--out", out, "--dry-run", f"data.root={other}", "data.dataset=folder"])
+
+
+def run_sweep_torn_summary(env: Env) -> tuple[int, str]:
+    from synco.sweep import runner
+    from synco.sweep.spec import load_spec
+
+    out = env.out()
+    run = _planned_run(env, out, env.data["digits"])
+    (run.dir / "summary.json").write_text('{"knn_top1": 5')
+    (again,) = runner.plan(load_spec(str(_sweep_spec(env))), out, [f"data.root={env.data['digits']}",
+                                                                    "data.dataset=folder"])
+    return (0, "") if again.status == "resume" else (-2, f"a torn summary.json counts as {again.status}")
+
+
+def _diffusion(env: Env) -> Path:
+    """A diffusion model trained for two steps (seconds), made once."""
+    from synco.synth.diffusion import DiffusionTrainConfig, train_diffusion
+
+    model = env.tmp / "rb-diffusion"
+    if not model.exists():
+        train_diffusion("digits", model, DiffusionTrainConfig(
+            block_out_channels=[8, 16], attention=[False, True], norm_num_groups=4, batch_size=8, sample_steps=2,
+            preview=False, threads=1, log_every=1, warmup_steps=1, device="cpu", steps=2), progress=False)
+    return model
+
+
+def run_generate_damaged(what: str):
+    def runner(env: Env) -> tuple[int, str]:
+        out = env.out()
+        gen = ["synth-data", "generate", "--model", _diffusion(env), "--classes", "0,1", "--out", out,
+               "--no-progress", "device=cpu"]
+        rc, err = call([*gen, "--per-class", "1"])
+        if rc:
+            return rc, err
+        if what == "settings":
+            (out / "generation.json").write_text((out / "generation.json").read_text()[:15])
+            return call([*gen, "--per-class", "2", "steps=7"])
+        lines = (out / "manifest.jsonl").read_text().splitlines()
+        (out / "manifest.jsonl").write_text(json.dumps([json.loads(line) for line in lines]) + "\n")
+        return call([*gen, "--per-class", "2"])
+    return runner
+
+
+def run_torn_metrics(env: Env) -> tuple[int, str]:
+    out = env.out()
+    shutil.copytree(env.data["run"], out)
+    (out / "summary.json").unlink()
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('[1, 2]\n{"step": "x"}\nnot json\n{"step": 999, "lo')
+    rc, err = call(["pretrain", "--no-progress", "--out", out, *TINY, "epochs=1"])
+    if rc == 0 and len(epoch_images(out)) != 1:
+        return -2, f"metrics.jsonl holds {len(epoch_images(out))} epoch ends after the resume"
+    return rc, err
+
+
+def run_string_step(env: Env) -> tuple[int, str]:
+    out = env.out()
+    shutil.copytree(env.data["run"], out)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    state["step"] = str(state["step"])
+    torch.save(state, out / "checkpoint.pt")
+    return call(["pretrain", "--no-progress", "--out", out, *TINY, "epochs=1"])
+
+
+def _voc(env: Env) -> Path:
+    root = env.out()
+    voc = root / "VOCdevkit" / "VOC2007"
+    for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
+        (voc / sub).mkdir(parents=True)
+    for split in ("trainval", "test"):
+        ids = [f"{split[:2]}{i}" for i in range(4)]
+        for i, ident in enumerate(ids):
+            Image.new("RGB", (16, 16), (60 * i, 0, 0)).save(voc / "JPEGImages" / f"{ident}.jpg")
+            (voc / "Annotations" / f"{ident}.xml").write_text(
+                f"<annotation><object><name>{['dog', 'cat'][i % 2]}</name></object></annotation>")
+        (voc / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    return root
+
+
+def run_transfer_voc(kind: str):
+    def runner(env: Env) -> tuple[int, str]:
+        root = _voc(env)
+        voc = root / "VOCdevkit" / "VOC2007"
+        if kind == "truncated xml":
+            (voc / "Annotations" / "tr1.xml").write_text("<annotation><object><name>cat</na")
+        elif kind == "object without name":
+            (voc / "Annotations" / "tr1.xml").write_text("<annotation><object><pose>x</pose></object></annotation>")
+        elif kind == "corrupt image":
+            (voc / "JPEGImages" / "tr1.jpg").write_bytes(b"garbage")
+            (voc / "JPEGImages" / "te2.jpg").unlink()
+        return call(["eval", "transfer", "--checkpoint", env.data["run"], "--out", env.out(), "--datasets", "voc2007",
+                     f"root={root}", "linear.epochs=1", "linear.warmup_epochs=0", "batch_size=4", *KNN[:3]])
+    return runner
+
+
+def run_transfer_cars(env: Env) -> tuple[int, str]:
+    root = env.out()
+    cars = root / "stanford_cars"
+    for sub in ("devkit", "cars_train", "cars_test"):
+        (cars / sub).mkdir(parents=True)
+    for name in ("devkit/cars_meta.mat", "devkit/cars_train_annos.mat", "cars_test_annos_withlabels.mat"):
+        (cars / name).write_bytes(b"MATLAB 5.0 MAT-file, truncated")
+    return call(["eval", "transfer", "--checkpoint", env.data["run"], "--out", env.out(), "--datasets", "cars",
+                 f"root={root}", "linear.epochs=1", "linear.warmup_epochs=0", *KNN[:3]])
+
+
+def run_sun397_order(env: Env) -> tuple[int, str]:
+    """The SUN397 fallback split of the same files listed in two orders must be the same split."""
+    import torchvision.datasets as tvd
+
+    from synco.eval.transfer import TransferOptions, _sun397
+
+    root = env.out()
+    (root / "SUN397").mkdir(parents=True)
+    (root / "SUN397" / "ClassName.txt").write_text("/a/abbey\n/b/bar\n")
+    for cls in ("a/abbey", "b/bar"):
+        (root / "SUN397" / cls).mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (8, 8)).save(root / "SUN397" / cls / f"sun_{cls[-1]}{i}.jpg")
+    splits = []
+    for reverse in (False, True):
+        ds = tvd.SUN397(str(root), download=False)
+        order = sorted(range(len(ds._image_files)), key=lambda i: str(ds._image_files[i]), reverse=reverse)
+        ds._image_files, ds._labels = [ds._image_files[i] for i in order], [ds._labels[i] for i in order]
+        train, _ = _sun397(ds, root, TransferOptions(sun397_train_per_class=2))
+        splits.append(sorted(str(b._image_files[j]) for b, j in train.items))
+    return (0, "") if splits[0] == splits[1] else (-2, f"listing order changes the split: {splits}")
+
+
+def run_v2_imagenet100(env: Env) -> tuple[int, str]:
+    from timm.data import ImageNetInfo
+
+    from synco.data.folder import load_class_list
+    from synco.eval.classes import class_index_map
+
+    head, wnids = load_class_list("imagenet100"), list(ImageNetInfo("imagenet-1k").label_names())
+    mapping = class_index_map([str(i) for i in range(1000)], head)
+    if len(mapping) != 100 or any(head[h] != wnids[int(f)] for f, h in mapping.items()):
+        return -2, f"ImageNet-v2 folders map to {len(mapping)} of the 100 head classes"
+    return 0, ""
+
+
+def run_symlink_loop_folder(env: Env) -> tuple[int, str]:
+    root = env.tmp / "rb-loop"
+    if not root.exists():
+        shutil.copytree(env.data["digits"], root)
+        (root / "train" / "3" / "up").symlink_to("..")
+        (root / "val" / "5" / "self").symlink_to(".")
+    out = env.out()
+    rc, err = call(["eval", "knn", "--checkpoint", env.data["run"], "--out", out, "dataset=folder", f"root={root}",
+                    *KNN])
+    if rc == 0 and (result(out)["n_train"], result(out)["n_test"]) != (60, 30):
+        return -2, f"a symlink loop listed {result(out)['n_train']} + {result(out)['n_test']} images, not 60 + 30"
+    return rc, err
+
+
+def run_pickled_head(env: Env) -> tuple[int, str]:
+    import argparse as ap
+
+    head = env.out() / "linear_head.pt"
+    head.parent.mkdir()
+    torch.save({"weight": torch.zeros(10, 32), "bias": torch.zeros(10), "x": ap.Namespace(a=1)}, head)
+    rc, err = call(["eval", "robustness", "--checkpoint", env.data["run"], "--linear-head", head, "--out", env.out(),
+                    *KNN[:3]])
+    return (-3, err) if "weights_only" in err else (rc, err)
+
+
+def run_robustness_asked(extra: list):
+    def runner(env: Env) -> tuple[int, str]:
+        head, out = _readback_head(env), env.out()
+        out.mkdir()
+        (out / "robustness.json").write_text('{"kept": true}')
+        rc, err = call(["eval", "robustness", "--checkpoint", env.data["run"], "--linear-head", head, "--out", out,
+                        *KNN[:3], *[a.format(tmp=env.tmp) for a in extra]])
+        if json.loads((out / "robustness.json").read_text()) != {"kept": True}:
+            return -2, "the earlier robustness.json was overwritten\n" + err
+        return rc, err
+    return runner
+
+
+def run_long_name(where: str):
+    def runner(env: Env) -> tuple[int, str]:
+        long = env.tmp / ("a" * 300)
+        if where == "checkpoint":
+            return call(["eval", "knn", "--checkpoint", long, *KNN])
+        return call(["eval", "knn", "--checkpoint", env.data["run"], "--out", long, *KNN])
+    return runner
+
+
+def run_out_loop(command: str):
+    def runner(env: Env) -> tuple[int, str]:
+        loop = env.tmp / "rb-symlink-loop"
+        if not loop.is_symlink():
+            loop.symlink_to(loop.name)
+        if command == "sweep":
+            return call(["sweep", _sweep_spec(env), "--out", loop / "x", "--dry-run"])
+        return call(["eval", "knn", "--checkpoint", env.data["run"], "--out", loop / "x", *KNN])
+    return runner
+
+
+def _bare_safetensors(env: Env) -> Path:
+    from safetensors.torch import save_file
+
+    path = env.tmp / "rb-bare.safetensors"
+    state = torch.load(_readback_run(env) / "checkpoint.pt", weights_only=True)["model"]
+    save_file({k[len("online.backbone."):]: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
 # The cases
 
 
@@ -694,7 +1087,7 @@ def cases() -> list[Case]:
                   "deit_small_patch16_224"))
     c.append(Case("eval: backbone_kwargs with a run", E("knn", "backbone_kwargs={depth: 3}"), "error",
                   "backbone_kwargs"))
-    c.append(Case("eval: k=[0] (item 6)", E("knn", "k=[0]"), "error", "k must be"))
+    c.append(Case("eval: k=[0] (item 6)", E("knn", "k=[0]"), "error", "option 'k'"))
     c.append(Case("eval: temperature=0", E("knn", "temperature=0"), "error", "temperature"))
     c.append(Case("eval: knn one class (item 6)", lambda env: E("knn", "dataset=folder", f"root={env.data['one']}")(env),
                   "error", "1 class"))
@@ -735,6 +1128,8 @@ def cases() -> list[Case]:
     c.append(Case("report: nothing to report", lambda env: ["report", env.tmp / "digits", "--out", env.out()],
                   "error", ""))
 
+    c += option_cases(P, E)
+
     # --- exports and the timm route
     c.append(Case("export: bn_before_mlp is not written for timm (item 8)", [], "ok", run=run_bn_export,
                   check=lambda env, err: True))
@@ -750,6 +1145,178 @@ def cases() -> list[Case]:
                   run=run_signal(signal.SIGTERM, workers=1, group=True), check=check_signal, subprocess=True))
     c.append(Case("signal: SIGTERM without workers", [], "signal", run=run_signal(signal.SIGTERM, workers=0),
                   check=check_signal, subprocess=True))
+    c += readback_cases()
+    return c
+
+
+def option_cases(P, E) -> list[Case]:
+    """Issue 20's one validation layer: every command's options checked before any work (finite floats, bounds,
+    list element types with scientific notation, output places), and the config files' own errors."""
+    c: list[Case] = []
+    R = ["device=cpu", "num_workers=0"]
+    quick_linear, quick_finetune = ["epochs=1", "warmup_epochs=0", "cache_features=true"], ["epochs=1",
+                                                                                           "warmup_epochs=0"]
+    errors = [
+        ("eval linear lrs=[.inf]", E("linear", *R, *quick_linear, "lrs=[.inf]"), "option 'lrs'"),
+        ("eval linear weight_decay=.nan", E("linear", *R, *quick_linear, "weight_decay=.nan"), "option 'weight_decay'"),
+        ("eval linear seed=-1", E("linear", *R, *quick_linear, "seed=-1"), "option 'seed'"),
+        ("eval finetune lr=.nan", E("finetune", *R, *quick_finetune, "lr=.nan"), "option 'lr'"),
+        ("eval finetune lr=.inf", E("finetune", *R, *quick_finetune, "lr=.inf"), "option 'lr'"),
+        ("eval finetune clip_grad=.nan", E("finetune", *R, *quick_finetune, "clip_grad=.nan"), "option 'clip_grad'"),
+        ("eval knn batch_size=0", E("knn", *R, "batch_size=0"), "option 'batch_size'"),
+        ("eval knn batch_size=-5", E("knn", *R, "batch_size=-5"), "option 'batch_size'"),
+        ("eval knn num_workers=-1", E("knn", "device=cpu", "num_workers=-1"), "option 'num_workers'"),
+        ("eval knn image_size=64 on a 16-px backbone", E("knn", *R, "image_size=64"), "built for 16 px"),
+        ("eval knn k=[1e1] is an integer, temperature=.nan", E("knn", *R, "k=[1e1]", "temperature=.nan"),
+         "option 'temperature'"),
+        ("eval efficiency warmup_steps=-1", lambda env: ["eval", "efficiency", "--out", env.out(), "--methods",
+                                                         "moby", "device=cpu", "warmup_steps=-1"],
+         "option 'warmup_steps'"),
+        ("eval efficiency threads=-1", lambda env: ["eval", "efficiency", "--out", env.out(), "threads=-1"],
+         "option 'threads'"),
+        ("eval efficiency peak_size=-1", lambda env: ["eval", "efficiency", "--out", env.out(), "peak_size=-1"],
+         "option 'peak_size'"),
+        ("visualize max_images=0", lambda env: ["visualize", "--checkpoint", env.data["run"], "--out", env.out(),
+                                                "device=cpu", "max_images=0"], "option 'max_images'"),
+        ("synth-data train norm_num_groups=0", lambda env: ["synth-data", "train", "--data", "digits", "--out",
+                                                            env.out(), "norm_num_groups=0"], "'norm_num_groups'"),
+        ("synth-data train beta_schedule=nope", lambda env: ["synth-data", "train", "--data", "digits", "--out",
+                                                             env.out(), "beta_schedule=nope"], "'beta_schedule'"),
+        ("synth-data generate guidance=.nan (item 12)",
+         lambda env: ["synth-data", "generate", "--model", env.tmp / "nomodel", "--per-class", "1", "--out",
+                      env.out(), "guidance=.nan"], "'guidance'"),
+    ]
+    for name, argv, needle in errors:
+        c.append(Case(f"options: {name}", argv, "error", needle))
+    for name, extra, needle in [
+        ("queue_size 10^12", ["contrast.queue_size=1000000000000"], "contrast.queue_size"),
+        ("proj_hidden 10^11", ["model.proj_hidden=100000000000"], "model.proj_hidden"),
+        ("image_size 100000", ["data.image_size=100000", "model.backbone_kwargs={img_size: 100000, patch_size: 8, "
+                                                         "embed_dim: 32, depth: 1, num_heads: 2}"], "data.image_size"),
+        ("threads 100000 (was a segfault)", ["threads=100000"], "threads"),
+    ]:
+        c.append(Case(f"options: pretrain {name}", P(*extra), "error", needle))
+    c.append(Case("options: pretrain seed 2^63-1 (was an overflow)", P("epochs=1", "seed=9223372036854775807"), "ok",
+                  check=lambda env, err: (env.tmp / f"out{env.n}" / "summary.json").exists()))
+    c.append(Case("options: eval linear lrs=[1e-1, 5e-1] (scientific notation in a list)",
+                  E("linear", *R, *quick_linear, "lr_batch_ref=0", "lrs=[1e-1, 5e-1]"), "ok",
+                  check=lambda env, err: [r["lr"] for r in result(env.tmp / f"out{env.n}", "linear")["grid"]]
+                  == [0.1, 0.5]))
+    c.append(Case("options: eval robustness benchmarks=[] keeps the earlier result", [], "error", "'benchmarks'",
+                  run=run_empty_benchmarks))
+    c += config_file_cases()
+    c += output_place_cases()
+    return c
+
+
+def run_empty_benchmarks(env: Env) -> tuple[int, str]:
+    out = env.out()
+    out.mkdir()
+    (out / "robustness.json").write_text("{}")
+    rc, err = call(["eval", "robustness", "--checkpoint", env.data["run"], "--linear-head", env.tmp / "nohead",
+                    "--out", out, "device=cpu", "benchmarks=[]"])
+    if (out / "robustness.json").read_text() != "{}":
+        return -2, "the earlier robustness.json was overwritten"
+    return rc, err
+
+
+def _spec_file(env: Env, name: str, **extra) -> Path:
+    path = env.tmp / f"{name}.yaml"  # JSON is YAML
+    path.write_text(json.dumps({"base": "cpu-demo", "seeds": 1, "overrides": TINY,
+                                "axes": {"grid": {"method": ["moby"]}}, **extra}))
+    return path
+
+
+def config_file_cases() -> list[Case]:
+    def config(content: bytes):
+        def argv(env):
+            path = env.tmp / f"config{env.n}.yaml"
+            path.write_bytes(content)
+            return ["pretrain", "--config", path, "--out", env.out()]
+        return argv
+
+    def binary_saved(env):
+        out = env.out()
+        (out / "method-moby" / "seed0").mkdir(parents=True)
+        (out / "method-moby" / "seed0" / "config.yaml").write_bytes(b"\xff\xfe\x00\x81")
+        return ["sweep", _spec_file(env, "spec-binary"), "--out", out, "--dry-run"]
+    return [Case("options: config base: 5", config(b"base: 5\n"), "error", "'base'"),
+            Case("options: config base: [cpu-demo]", config(b"base: [cpu-demo]\n"), "error", "'base'"),
+            Case("options: binary --config", config(b"\xff\xfe\x00\x81"), "error", "not a text YAML file"),
+            Case("options: --config naming a folder", lambda env: ["pretrain", "--config", env.tmp / "digits", "--out",
+                                                                   env.out()], "error", "is a folder"),
+            Case("options: binary config.yaml in a sweep run", binary_saved, "error", "cannot be read"),
+            Case("options: sweep linear: {foo: 1} fails the dry run",
+                 lambda env: ["sweep", _spec_file(env, "spec-linear", linear={"foo": 1}), "--out", env.out(),
+                              "--dry-run"], "error", "unknown option 'foo'")]
+
+
+def output_place_cases() -> list[Case]:
+    commands = {
+        "sweep": lambda env, out: ["sweep", _spec_file(env, "spec-out"), "--out", out],
+        "report": lambda env, out: ["report", env.data["run"], "--out", out],
+        "report curves": lambda env, out: ["report", "curves", env.data["run"], "--out", out / "c.png"],
+        "visualize": lambda env, out: ["visualize", "--checkpoint", env.data["run"], "device=cpu", "--out", out],
+        "eval efficiency": lambda env, out: ["eval", "efficiency", "--methods", "moby", "device=cpu", "--out", out],
+    }
+    c = []
+    for name, argv in commands.items():
+        c.append(Case(f"options: --out an existing file ({name})", lambda env, a=argv: a(env, env.data["afile"]),
+                      "error", "afile"))
+        c.append(Case(f"options: --out under /proc ({name})", lambda env, a=argv: a(env, Path("/proc/synco-x")),
+                      "error", "/proc"))
+    return c
+
+
+
+def readback_cases() -> list[Case]:
+    """Issue 20: what is read back from disk, caches and data folders, and the OS errors of paths."""
+    c: list[Case] = []
+
+    def R(name, expect, run, needle="", check=None):
+        c.append(Case(f"readback: {name}", [], expect, needle, run=run,
+                      check=check or (lambda env, err: True)))
+
+    def transfer_done(env, err):
+        return result(env.tmp / f"out{env.n}", "transfer")["results"]["voc2007"]["linear"]["n_train"] == 4
+
+    R("k-NN at temperature 0.01 is a stable vote (item 1)", "ok", run_knn_small_temperature)
+    R("NaN weights are not evaluated (item 2)", "error", lambda env: call(
+        ["eval", "knn", "--checkpoint", _readback_run(env, poison=True), "--out", env.out(), *KNN]), "non-finite")
+    R("NaN linear head in robustness, earlier result kept (item 6)", "error", run_nan_head, "not finite")
+    R("pickled linear_head.pt: no weights_only advice", "error", run_pickled_head, "cannot read")
+    R("val class folder renamed: matched by name (item 3)", "error", run_renamed_val_class, "different classes")
+    R("k-NN cache after val images overwritten under the same names (item 4)", "ok", run_cache_contents)
+    R("linear probe after the run trained further (item 7)", "ok", run_linear_stale)
+    R("eval linear on an --out in use (item 8)", "error", run_locked_eval, "in use")
+    R("report: two runs named run1, synco and byol (item 9)", "ok", run_report_two_run1)
+    R("report: a knn.json whose top1 is a string", "error", run_report_string, "not a number")
+    R("sweep: re-run with another data.root (item 10)", "error", run_sweep_other_root, "data.root")
+    R("sweep: a torn summary.json is not a finished run", "ok", run_sweep_torn_summary)
+    R("synth-data: damaged generation.json (item 11)", "error", run_generate_damaged("settings"), "generation.json")
+    R("synth-data: a manifest that is a JSON list", "error", run_generate_damaged("manifest"), "manifest.jsonl")
+    R("resume: torn and garbage lines in metrics.jsonl", "ok", run_torn_metrics)
+    R("resume: a checkpoint whose step is a string", "error", run_string_step, "step")
+    R("transfer: truncated VOC XML", "error", run_transfer_voc("truncated xml"), "tr1.xml")
+    R("transfer: VOC <object> without <name>", "error", run_transfer_voc("object without name"), "tr1.xml")
+    R("transfer: truncated Cars .mat", "error", run_transfer_cars, ".mat")
+    R("transfer: a garbage and a missing image are skipped", "ok", run_transfer_voc("corrupt image"),
+      check=transfer_done)
+    R("transfer: SUN397 fallback split ignores the listing order", "ok", run_sun397_order)
+    R("robustness: ImageNet-v2 folders on an ImageNet-100 head", "ok", run_v2_imagenet100)
+    R("robustness: benchmarks=[]", "error", run_robustness_asked(["benchmarks=[]"]), "benchmarks")
+    R("robustness: benchmarks=[a] without imagenet_a_root", "error", run_robustness_asked(["benchmarks=[a]"]),
+      "imagenet_a_root")
+    R("robustness: imagenet_a_root that does not exist", "error",
+      run_robustness_asked(["imagenet_a_root={tmp}/nowhere"]), "imagenet_a_root")
+    R("data: a symlink loop in an image folder is followed once", "ok", run_symlink_loop_folder)
+    R("os: 300-character --checkpoint", "error", run_long_name("checkpoint"), "too long")
+    R("os: 300-character --out", "error", run_long_name("out"), "too long")
+    R("os: --out through a symlink loop (eval)", "error", run_out_loop("eval"), "symbolic link")
+    R("os: --out through a symlink loop (sweep)", "error", run_out_loop("sweep"), "symbolic link")
+    R("eval: bare safetensors with backbone= given", "ok", lambda env: call(
+        ["eval", "knn", "--checkpoint", _bare_safetensors(env), "--out", env.out(), "backbone=cpu-demo",
+         "backbone_kwargs={img_size: 16, patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2}", *KNN]))
     return c
 
 

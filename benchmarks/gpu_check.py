@@ -12,9 +12,10 @@ on; the JSON is rewritten after each part, so an interrupted check keeps what it
 3. ``bench_fp32_eager``: the same with ``precision=fp32``;
 4. ``bench_compile``: the same with ``compile=true``, and ``graph_breaks``: torch._dynamo.explain of the three
    compiled parts (online and target encoders, the loss);
-5. ``sync_debug``: host syncs per steady-state step (views + step) counted with
-   ``torch.cuda.set_sync_debug_mode("warn")``; on the CPU, the step run on the meta device instead, where any
-   host read of a device value raises (0 or an error);
+5. ``sync_debug``: host syncs per steady-state step (the workers' uint8 crops to the GPU, both views made there,
+   the whole step) counted with ``torch.cuda.set_sync_debug_mode("warn")``, one process; on the CPU, the step run
+   on the meta device instead, where any host read of a device value raises (0 or an error). Under DDP (2 GPUs)
+   the CUDA tests run the trainer, not this count;
 6. ``nccl_2gpu``: 2 GPUs x batch b against 1 GPU x batch 2b (with 2 GPUs; part of the CUDA tests).
 """
 
@@ -140,16 +141,27 @@ def part_sync_debug(cpu: bool, steps: int = 5) -> dict:
         finally:
             torch.autocast, torch.nn.utils.clip_grad_norm_ = autocast, clip
         return {"device": "meta (CPU mode)", "steps": steps, "host_reads": 0}
+    from synco.data.batch_augment import BatchViews, sample_seeds
+    from synco.data.transforms import view_params
+
     optimizer = build_optimizer(model, cfg.optim, 1e-4, x.device)
     step = dict(use_synthetic=True, momentum=0.99, clip_grad=cfg.optim.clip_grad, bf16=True)
-    train_step(model, model.online, optimizer, [(x, x.flip(-1))], **step)  # warm-up
+    size, batch = cfg.data.image_size, x.shape[0]
+    views = BatchViews(size, view_params(cfg.data.augment)).to(x.device)
+    crops = torch.randint(0, 256, (batch, 2, 3, size, size), dtype=torch.uint8).pin_memory()  # as the loader's
+
+    def one_step(k: int) -> None:  # the workers' crops to the GPU, both views made there, the whole step
+        x1, x2 = views(crops.to(x.device, non_blocking=True), sample_seeds(0, k, torch.arange(batch)))
+        train_step(model, model.online, optimizer, [(x1, x2)], **step)
+
+    one_step(0)  # warm-up
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            for _ in range(steps):
-                train_step(model, model.online, optimizer, [(x, x.flip(-1))], **step)
+            for k in range(steps):
+                one_step(k + 1)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     syncs = [str(w.message)[:200] for w in caught if "synchroniz" in str(w.message).lower()]

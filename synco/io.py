@@ -195,7 +195,7 @@ def check_output_dir(path, what: str = "--out") -> Path:
     resolved = Path(os.path.abspath(path))
     try:
         resolved = path.resolve()
-    except OSError:
+    except (OSError, RuntimeError):  # RuntimeError: pathlib's "Symlink loop"; mkdir below reports it (ELOOP)
         pass
     for root in _FORBIDDEN_ROOTS:
         if resolved == Path(root) or Path(root) in resolved.parents:

@@ -349,10 +349,10 @@ def _synco_rank(env: dict, out: str, overrides: list) -> None:
         draws, original = [], trainer.model.negatives.__call__
 
         class Recording(type(trainer.model.negatives)):
-            def __call__(self, q, queue, generator=None):
+            def __call__(self, q, queue, generator=None, exclude=None):
                 assert generator is None
                 draws.append(hashlib.sha1(torch.get_rng_state().numpy().tobytes()).hexdigest())
-                return original(q, queue, generator)
+                return original(q, queue, generator, exclude)
 
         trainer.model.negatives.__class__ = Recording
         trainer.train()

@@ -289,3 +289,126 @@ def test_summary_records_the_environment(tmp_path, tiny_overrides):
     env = json.loads((tmp_path / "run" / "summary.json").read_text())["environment"]
     assert env["device"] == "cpu" and env["torch"] == torch.__version__ and env["world_size"] == 1
     assert env["cuda"] == torch.version.cuda and env["device_name"]
+
+
+# ------------------------------------------------------------------------------------------ review fixes
+
+
+def _compile_rank(rank: int, store: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 6), SyncBatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
+        x = torch.randn(8, 4).chunk(2)[rank].clone().requires_grad_(True)
+        eager = model(x)
+        eager.sum().backward()
+        grad, x.grad = x.grad.clone(), None
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(x)  # a graph break would raise
+        compiled.sum().backward()
+        torch.save({"same": torch.allclose(eager, compiled, atol=1e-6) and torch.allclose(grad, x.grad, atol=1e-6)},
+                   f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.dist
+def test_sync_batchnorm_compiles_without_a_graph_break(tmp_path):
+    """Under DDP, torch.compile traces through the synchronised BatchNorm (torch.distributed.nn's all-reduce ended
+    compilation of the rest of the frame at the first one): fullgraph=True holds, and results equal eager."""
+    import torch.multiprocessing as mp
+
+    start = "spawn" if torch.cuda.is_initialized() else "fork"
+    mp.start_processes(_compile_rank, args=(str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2,
+                       start_method=start)
+    assert all(load_torch_file(tmp_path / f"out.{r}")["same"] for r in range(2))
+
+
+def test_shared_memory_is_shared_by_the_processes_of_a_node(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from synco.engine.data import prefetch_factor
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(0, 0, 2 * 2**30))  # 2 GB /dev/shm
+    batch = 37 * 2**20  # a DeiT-S batch of 128 x 2 uint8 crops
+    assert prefetch_factor(8, batch, tmp_path) == 2  # one process: 600 MB of 1 GB
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four: 256 MB each
+    with pytest.raises(SyncoError, match="per process of this node"):
+        prefetch_factor(8, batch, tmp_path)
+
+
+def test_a_large_batch_opens_a_bounded_number_of_files(tmp_path):
+    """Headers are read ahead of their decode, each holding its file open: a batch of 150 keys must not hold 150
+    at once (a per-rank batch near the usual 1024 limit failed with EMFILE, its images recorded as bad)."""
+    import resource
+
+    from PIL import Image
+
+    from synco.engine.data import PretrainData
+
+    for k in range(150):
+        out = tmp_path / "train" / "ab"[k % 2]
+        out.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (24, 20), (k, 40, 90)).save(out / f"{k}.jpg")
+    cfg = load_config("cpu-demo", CPU + [f"data.root={tmp_path}", "data.augment.on=device", "data.num_workers=0"])
+    data = PretrainData(cfg.data, batch_size=150, seed=0, bad_image_log=tmp_path / "bad.txt")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (in_use + 100, hard))  # room for 100 open files, not 150
+    try:
+        items = data.dataset.__getitems__([(0, i) for i in range(150)])
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert len(items) == 150 and not (tmp_path / "bad.txt").exists()
+
+
+def test_an_image_that_fails_to_convert_is_skipped(tmp_path, monkeypatch):
+    """Lazy decoding converts inside the guarded decode: a mode PIL cannot convert is a bad image, not a crash."""
+    from PIL import Image
+
+    import synco.data.folder as folder
+    from synco.engine.data import PretrainData
+
+    for k in range(4):
+        (tmp_path / "train" / "a").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (20, 20), (60 * k, 0, 0)).save(tmp_path / "train" / "a" / f"{k}.png")
+    real = folder.to_rgb
+    monkeypatch.setattr(folder, "to_rgb", lambda img: (_ for _ in ()).throw(ValueError("conversion not supported"))
+                        if img.getpixel((0, 0))[0] == 0 else real(img))
+    cfg = load_config("cpu-demo", CPU + [f"data.root={tmp_path}", "data.num_workers=0"])
+    data = PretrainData(cfg.data, batch_size=4, seed=0, bad_image_log=tmp_path / "bad.txt")
+    items = data.dataset.__getitems__([(0, i) for i in range(4)])
+    assert len(items) == 4 and (tmp_path / "bad.txt").read_text().strip().endswith("0.png")
+
+
+def test_a_failed_checkpoint_write_does_not_hide_the_error_that_stopped_training(tmp_path, tiny_overrides, caplog):
+    cfg = load_config("cpu-demo", tiny_overrides + CPU + ["method=moby"])
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+
+    def failed_write():
+        raise SyncoError("disk full: 123 bytes needed")
+
+    trainer.writer.wait = failed_write
+    trainer._wind_down((x for x in ()), failing=True)  # logged, not raised: the original error goes on
+    assert "could not be written" in caplog.text
+    with pytest.raises(SyncoError, match="disk full"):
+        trainer._wind_down(x for x in ())
+
+
+def test_checkpoint_writer_writes_in_place_when_no_thread_can_start(tmp_path, monkeypatch):
+    """A process or thread limit ("can't start new thread", seen on a loaded machine) must not lose the
+    checkpoint or leave the writer unusable: the write happens in the calling thread."""
+    import threading
+
+    def refuse(self):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    writer = ckpt.CheckpointWriter()
+    writer.save({"step": 3, "w": torch.ones(2)}, tmp_path / "c.pt")
+    writer.wait()
+    assert load_torch_file(tmp_path / "c.pt")["step"] == 3
+    writer.save({"step": 4}, tmp_path / "c.pt")  # and again
+    writer.wait()
+    assert load_torch_file(tmp_path / "c.pt")["step"] == 4

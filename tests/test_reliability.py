@@ -562,7 +562,7 @@ def test_one_class_evaluations_are_refused(tmp_path, capsys, one_class_folder, p
 def test_eval_knn_k0_is_refused(tmp_path, capsys):
     rc, err = cli(capsys, "eval", "knn", "device=cpu", "--checkpoint", "random", "backbone=cpu-demo", "--out",
                   str(tmp_path), "k=[0]", "--no-progress")
-    assert_clean_error(rc, err, "k must be an integer >= 1")
+    assert_clean_error(rc, err, "option 'k': every value must be >= 1")
 
 
 def test_end_of_run_knn_on_one_class_is_skipped_with_a_note(tmp_path, one_class_folder):

@@ -149,8 +149,7 @@ def test_folders_v2_c_o_and_missing_benchmarks_are_skipped(subset_folders, tmp_p
     root = subset_folders
     opts = RobustnessOptions(dataset="folder", root=str(root / "clean"), imagenet_v2_root=str(root / "v2"),
                              imagenet_c_root=str(root / "inc"), corruptions=["gaussian_noise", "fog"],
-                             severities=[1, 3], imagenet_o_root=str(root / "ino"),
-                             imagenet_a_root=str(tmp_path / "nowhere"), imagenet_w_root=None,
+                             severities=[1, 3], imagenet_o_root=str(root / "ino"), imagenet_w_root=None,
                              watermark_on_the_fly=False, batch_size=64, num_workers=0)
     logs = []
     res = RobustnessEvaluator(CodeModel(distract=False), HEAD_CLASSES, opts, 8, CPU, progress=False,
@@ -165,10 +164,14 @@ def test_folders_v2_c_o_and_missing_benchmarks_are_skipped(subset_folders, tmp_p
     assert set(c["per_corruption"]["gaussian_noise"]) == {"1", "3"} and c["per_family"] == {"noise": 100.0}
     o = r["imagenet_o"]
     assert o["fpr95"] == 0.0 and o["auroc"] == 100.0 and o["n_ood"] == 12 and o["n_id"] == 10
-    assert "does not exist" in skipped["imagenet_a"]
+    assert "not given" in skipped["imagenet_a"]
     assert "not given" in skipped["imagenet_r"] and "imagenet_r_root" in skipped["imagenet_r"]
     assert "not given" in skipped["imagenet_w"]
     assert any(line.startswith("skipped IN-A") for line in logs)
+    # a folder given that does not exist is a typo, not a benchmark to skip: refused before any work
+    opts.imagenet_a_root = str(tmp_path / "nowhere")
+    with pytest.raises(SyncoError, match="imagenet_a_root"):
+        RobustnessEvaluator(CodeModel(distract=False), HEAD_CLASSES, opts, 8, CPU, progress=False)
     assert find_v2_variants(root / "v2" / "imagenetv2-matched-frequency-format-val") == {
         "MF": root / "v2" / "imagenetv2-matched-frequency-format-val"}
 
@@ -288,13 +291,12 @@ def test_cli_robustness_on_digits(tmp_path):
     save_head(head, tmp_path / "linear_head.pt", [str(d) for d in range(10)], {"backbone": "vit_tiny_patch16_224"}, 16)
     rc = main(["eval", "robustness", "--checkpoint", "random", "--linear-head", str(tmp_path), "--out",
                str(tmp_path / "out"), "--no-progress", "--max-images", "24", "backbone=cpu-demo", "dataset=digits",
-               "device=cpu", "num_workers=0", "corruptions=[gaussian_noise, pixelate]", "severities=[2]",
-               f"imagenet_r_root={tmp_path / 'missing'}"])
+               "device=cpu", "num_workers=0", "corruptions=[gaussian_noise, pixelate]", "severities=[2]"])
     assert rc == 0
     result = json.loads((tmp_path / "out" / "robustness.json").read_text())
     assert result["results"]["clean"]["n"] == 24 and result["image_size"] == 16
     assert set(result["results"]["imagenet_c"]["per_corruption"]) == {"gaussian_noise", "pixelate"}
-    assert "does not exist" in result["skipped"]["imagenet_r"]
+    assert "not given" in result["skipped"]["imagenet_r"]
     assert result["table13"]["IN-W"] is not None and result["table13"]["IN-A"] is None
     assert main(["eval", "robustness", "--checkpoint", "random", "--linear-head", str(tmp_path / "none.pt"),
                  "backbone=cpu-demo", "device=cpu"]) == 2

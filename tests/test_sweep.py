@@ -239,6 +239,30 @@ def test_failed_run_is_reported_and_the_others_still_finish(tmp_path, monkeypatc
     assert "| synco | 2/2 | 50.00 ± 0.00" in md and "## Failed runs" in md
 
 
+def test_a_second_sweep_on_the_same_out_is_refused_before_any_run(tmp_path, monkeypatch, capsys):
+    """One sweep per --out: a second one would launch the same runs again, find them locked, and list runs as
+    failed that the first one finishes. It stops at once, naming the first's PID, and starts nothing."""
+    import subprocess
+
+    out = tmp_path / "o"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from synco.io import DirLock; "
+                               f"DirLock({str(out)!r}, 'sweep').acquire(); print('held', flush=True); sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"  # a handshake, not a sleep
+        started = []
+        monkeypatch.setattr(runner, "run_tasks", lambda *a, **k: started.append(a) or {})
+        spec = tmp_path / "s.yaml"
+        spec.write_text(yaml.safe_dump({"base": "cpu-demo", "seeds": 1, "axes": {"grid": {"method": ["moby"]}}}))
+        assert main(["sweep", str(spec), "--out", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert str(holder.pid) in err and not started and "Traceback" not in err
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+
+
 # A task that says it started, then waits until N tasks have (a handshake, no clock; it gives up with exit 99 after
 # 120 s, which only turns a hang into a failure): run one at a time, the first one would never see the others.
 WAIT_FOR_ALL = """

@@ -154,7 +154,7 @@ def test_resume_after_a_kill_neither_duplicates_nor_corrupts(tiny_model, tmp_pat
     reference = {f: (out / f).read_bytes() for f in files_in(out)}
     # Simulate a kill: a half-written temporary file, two images lost, a manifest line cut short, and one
     # image written whose manifest line never made it.
-    (out / "1" / ".00003.png.tmp999").write_bytes(b"\x89PNG half")
+    (out / "1" / ".00003.png.tmp999999999").write_bytes(b"\x89PNG half")  # its writer (no such PID) is gone
     (out / "0" / "00001.png").unlink()
     (out / "2" / "00003.png").unlink()
     lines = (out / "manifest.jsonl").read_text().splitlines()

@@ -122,7 +122,7 @@ def test_large_jpegs_are_decoded_at_a_reduced_scale(tmp_path):
     assert decoded and decoded[0][0] <= 1000  # decoded at half size or less, not 2000 px wide
     reference = views(v2.functional.pil_to_tensor(decode_rgb(open_image(path))), 99)
     diff = (drafted.float() - reference.float()).abs()
-    assert diff.mean() < 4 and drafted.shape == reference.shape
+    assert diff.mean() < 3 and drafted.shape == reference.shape  # seen 1.1-2.2 over 20 seeds (DCT scaling itself)
 
 
 def test_images_of_any_size_batch_on_both_paths(tmp_path):

@@ -13,7 +13,9 @@ def register_protocols(psub) -> None:
         description="Benchmarks come from folders (imagenet_v2_root=, imagenet_c_root=, imagenet_a_root=, "
                     "imagenet_w_root=, imagenet_sketch_root=, imagenet_r_root=, imagenet_o_root=); the clean set "
                     "from dataset=/root=. Without imagenet_c_root / imagenet_w_root the corruptions and the "
-                    "watermark are generated from the clean set. Missing benchmarks are skipped. Other options: "
+                    "watermark are generated from the clean set. Benchmarks whose folder is not given are skipped "
+                    "(unless benchmarks= names them: then, as for a folder that does not exist, it is an "
+                    "error). Other options: "
                     "corruptions=[...], severities=[1,...,5], benchmarks=[clean,v2,c,a,w,sketch,r,o], "
                     "corruption_on_the_fly, watermark_on_the_fly, max_images, crop_ratio, batch_size, "
                     "num_workers, device. Writes robustness.json.")
@@ -75,8 +77,8 @@ def run_adversarial(args) -> int:
 def run_efficiency(args) -> int:
     from dataclasses import fields
 
-    from ..config import apply_overrides
     from ..eval.efficiency import EfficiencyOptions, run_efficiency as run
+    from ..options import apply_overrides, check_options
 
     names = {f.name for f in fields(EfficiencyOptions)}
     own = [o for o in args.overrides or [] if o.split("=", 1)[0].strip() in names]
@@ -90,5 +92,6 @@ def run_efficiency(args) -> int:
         opts.steps = args.steps
     if args.methods is not None:
         opts.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    check_options(opts)  # the flags too (--steps 0)
     run(Path(args.out) if args.out else Path("runs") / "efficiency", opts, config_overrides)
     return 0

@@ -5,14 +5,15 @@ touches its module only."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
 from pathlib import Path
 
-from ..config import apply_overrides
 from ..engine import dist as D
 from ..errors import SyncoError
+from ..options import apply_overrides, check_options
 
 logger = logging.getLogger("synco")
 # Protocols whose accuracy is meaningless with fewer than two classes (100 % by construction).
@@ -32,6 +33,36 @@ def register(sub) -> None:
                 continue
             raise
         module.register_protocols(psub)
+    for parser in psub.choices.values():  # every protocol writes results: one process per output folder
+        parser.set_defaults(func=locked(parser.get_default("func")))
+
+
+def locked(func):
+    """``func(args)`` holding ``OUT/.synco.lock`` (rank 0 only, as ``synco pretrain`` holds its run folder's): two
+    evaluations on one --out would overwrite each other's results, caches and probe checkpoints. A lock left by
+    a killed evaluation is taken over. :func:`options_from` takes it once the options are checked (no folder is
+    made for a command that fails its checks); efficiency, which has no such step, takes it here."""
+    @functools.wraps(func)
+    def run(args):
+        try:
+            if args.protocol == "efficiency" and _launch_rank() == 0:
+                from ..io import check_output_dir
+
+                out = Path(args.out) if args.out else Path("runs") / "efficiency"
+                take_out_lock(args, check_output_dir(out, "--out"))
+            return func(args)
+        finally:
+            lock = getattr(args, "out_lock", None)
+            if lock is not None:
+                lock.release()
+
+    return run
+
+
+def take_out_lock(args, out: Path) -> None:
+    from ..io import DirLock
+
+    args.out_lock = DirLock(out, f"evaluation ({args.protocol})").acquire()
 
 
 def common_arguments(p) -> None:
@@ -51,12 +82,14 @@ def default_out(checkpoint: str, protocol: str) -> Path:
 
 def options_from(args, options_cls):
     """Protocol options dataclass with the command line's key=value overrides applied, checked before any
-    work: the output folder is writable, ``backbone=`` agrees with the checkpoint, the data has classes."""
+    work: every option's declared bounds, the output folder is writable, ``backbone=`` agrees with the
+    checkpoint, the data has classes."""
     from ..engine.dist import init_distributed
     from ..eval.common import resolve_device
     from ..io import check_output_dir, remove_stale_temps
 
     opts = apply_overrides(options_cls(), args.overrides)
+    check_options(opts)
     out = Path(args.out) if args.out else default_out(args.checkpoint, args.protocol)
     if args.protocol != "transfer":
         infer_folder_dataset(opts)
@@ -65,6 +98,7 @@ def options_from(args, options_cls):
         require_two_classes(opts)
     if _launch_rank() == 0:
         check_output_dir(out, "--out")
+        take_out_lock(args, out)  # released by locked() when the command ends, however it ends
         remove_stale_temps(out)
     init_distributed(resolve_device(opts.device).type)
     return opts, out

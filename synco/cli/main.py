@@ -64,6 +64,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"synco: error: {message}", file=sys.stderr)
         return 2
     except RuntimeError as e:
+        if str(e).startswith("Symlink loop from"):  # pathlib's resolve() raises this, not an OSError
+            print(f"synco: error: {symlink_loop_message(str(e)[len('Symlink loop from '):].strip(chr(39)))}",
+                  file=sys.stderr)
+            return 2
         stopped = worker_killed(e)
         if stopped is None:
             raise
@@ -101,12 +105,32 @@ def worker_killed(e: BaseException) -> Optional[tuple[str, int]]:
 
 
 def os_error_message(e: OSError) -> Optional[str]:
-    """One line for the OS errors a user can fix (a full disk, a read-only or forbidden location); None for
-    anything else, which is a bug and keeps its traceback."""
-    where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+    """One line for the OS errors a user can fix (a full disk, a read-only or forbidden location, a name too long,
+    a symbolic-link loop, a file where a folder belongs); None for anything else, which is a bug and keeps its
+    traceback."""
+    name = str(e.filename) if getattr(e, "filename", None) else ""
+    where = f" ({_short(name)})" if name else ""
     if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
         return (f"disk full{where}: free some space and re-run the same command (a run resumes from its last "
                 "checkpoint).")
     if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return f"cannot write{where}: {e.strerror}. Choose a location you can write to."
+    if e.errno == errno.ENAMETOOLONG:
+        return (f"a file or folder name is too long{where}: the file system allows at most 255 bytes per name "
+                "(and about 4096 per path). Choose a shorter path.")
+    if e.errno == errno.ELOOP:
+        return symlink_loop_message(name)
+    if e.errno in (errno.ENOTDIR, errno.EISDIR):
+        return f"{e.strerror}{where}: a part of this path is a file where a folder is needed, or the other way round."
     return None
+
+
+def symlink_loop_message(path: str) -> str:
+    where = f" at {_short(path)}" if path else ""
+    return (f"too many levels of symbolic links{where}: a symbolic link points back to itself or to a folder "
+            "above it (a loop). Fix or remove that link, or choose another path.")
+
+
+def _short(path: str, n: int = 120) -> str:
+    """A path for a one-line message: a 300-character name would bury the message itself."""
+    return path if len(path) <= n else f"{path[:n // 2]}...{path[-n // 2:]}"

@@ -34,17 +34,24 @@ def run(args) -> int:
     if args.panels or args.title:
         raise SyncoError("--panels and --title are options of `synco report curves RUN_DIR...`.")
     from ..eval.report import write_report
+    from ..io import check_output_dir
 
-    md, md_path, csv_path = write_report(args.dirs, Path(args.out or "."))
+    out = check_output_dir(Path(args.out or "."), "--out")  # before any result is read
+    md, md_path, csv_path = write_report(args.dirs, out)
     print(md)
     print(f"synco: wrote {md_path} and {csv_path}", file=sys.stderr)
     return 0
 
 
 def run_curves(args) -> int:
-    from ..viz.curves import DEFAULT_PANELS, plot_curves
+    from ..io import check_output_dir
+    from ..viz.curves import DEFAULT_PANELS, plot_curves, png_path
 
     panels = [p.strip() for p in args.panels.split(",") if p.strip()] if args.panels else list(DEFAULT_PANELS)
-    path = plot_curves(args.dirs[1:], Path(args.out or "curves.png"), panels=panels, title=args.title)
+    out = png_path(args.out or "curves.png")
+    check_output_dir(out.parent, "the folder of --out")  # before any run is read
+    if out.is_dir():
+        raise SyncoError(f"--out '{out}' is a folder; give the PNG file to write, or a folder without it.")
+    path = plot_curves(args.dirs[1:], out, panels=panels, title=args.title)
     print(f"synco: wrote {path}", file=sys.stderr)
     return 0

@@ -17,8 +17,8 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
-from ..config import apply_overrides
 from ..errors import SyncoError
+from ..options import apply_overrides
 
 
 def _options_help(cls) -> str:
@@ -82,18 +82,20 @@ def register(sub) -> None:
 
 
 def run_train(args) -> int:
-    from ..synth.diffusion import DiffusionTrainConfig, train_diffusion
+    from ..synth.diffusion import DiffusionTrainConfig, train_diffusion, validate_train_config
 
     cfg = apply_overrides(DiffusionTrainConfig(), args.overrides or [])
+    validate_train_config(cfg)
     summary = train_diffusion(args.data, Path(args.out), cfg, progress=not args.no_progress)
     print(json.dumps(summary, indent=2))
     return 0
 
 
 def run_generate(args) -> int:
-    from ..synth.generate import GenerateConfig, generate
+    from ..synth.generate import GenerateConfig, generate, validate_generate_config
 
     cfg = apply_overrides(GenerateConfig(), args.overrides or [])
+    validate_generate_config(cfg)
     figures = generate(args.model, args.classes, args.per_class, Path(args.out), cfg, progress=not args.no_progress)
     print(json.dumps(figures, indent=2))
     return 0

@@ -24,7 +24,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from ..config import apply_overrides
+from ..options import apply_overrides, check_options
 from ..viz.compare import VizOptions, visualize
 
 
@@ -57,8 +57,11 @@ def default_out(checkpoints: list[str]) -> Path:
 
 
 def run(args) -> int:
+    from ..io import check_output_dir
+
     opts = apply_overrides(VizOptions(), args.overrides or [])
-    out = Path(args.out) if args.out else default_out(args.checkpoint)
+    check_options(opts)
+    out = check_output_dir(Path(args.out) if args.out else default_out(args.checkpoint), "--out")
     report = visualize(args.checkpoint, out, opts, images=args.images, mask=args.mask,
                        linear_heads=args.linear_head, labels=args.label)
     keys = ("label", "cls_entropy_per_head", "cls_entropy_mean", "max_entropy", "patch_row_entropy_mean",

@@ -13,15 +13,15 @@ stream, as torchvision's ``RandomResizedCrop`` draws it on the **full** image, t
 Either way the workers return uint8, a quarter of float32's bytes through shared memory, and the training device
 normalises. A JPEG whose crops all shrink by 2x or more is decoded at 1/2, 1/4 or 1/8 scale (PIL's ``draft``:
 libjpeg scales in the DCT, so a 12-megapixel photo costs what a 0.2-megapixel one does); each box is then cut
-from the smaller image at the same relative place.
+from the smaller image at the same relative place, to the fraction of a pixel.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import numpy as np
+import PIL.Image
 import torch
 from torchvision.transforms import v2
 
@@ -35,29 +35,29 @@ def _draft_scale(boxes: torch.Tensor, size: int) -> float:
     return float(boxes[:, 2:].min()) / size
 
 
-def _decode(image, boxes: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The image as a uint8 ``[3, h, w]`` tensor, decoded as small as the crops allow, and the boxes in its
-    pixels. ``image``: a PIL image (possibly not yet decoded) or a uint8 tensor."""
+def _cut(image, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 ``[2, 3, size, size]``: the boxes of ``image`` (a PIL image, possibly not yet decoded, or a uint8
+    tensor), each resized to ``size`` x ``size`` with antialiased bicubic."""
     if isinstance(image, torch.Tensor):
-        return image, boxes
+        return _tensor_crops(image, boxes, size)
     full_w, full_h = image.size
     shrink = _draft_scale(boxes, size)
-    if shrink >= 2 and getattr(image, "format", None) == "JPEG":
-        image.draft(image.mode, (math.ceil(full_w / shrink), math.ceil(full_h / shrink)))
+    if shrink >= 2 and getattr(image, "format", None) == "JPEG":  # PIL picks the largest scale 1/2^k within this
+        image.draft(image.mode, (max(1, int(full_w // shrink)), max(1, int(full_h // shrink))))
     image = decode_rgb(image)
-    w, h = image.size
-    if (w, h) != (full_w, full_h):
-        boxes = _scale_boxes(boxes, h / full_h, w / full_w, h, w)
-    # [3, H, W] over PIL's interleaved pixels (no second copy): the resize's uint8 kernel reads that layout fastest
-    return torch.from_numpy(np.array(image)).permute(2, 0, 1), boxes
+    if image.size == (full_w, full_h):
+        # [3, H, W] over PIL's interleaved pixels (no second copy): the resize's uint8 kernel reads it fastest
+        return _tensor_crops(torch.from_numpy(np.array(image)).permute(2, 0, 1), boxes, size)
+    # decoded smaller: each box at its exact, fractional place, cut and resized by PIL (torchvision's bicubic)
+    sx, sy = image.size[0] / full_w, image.size[1] / full_h
+    crops = [image.resize((size, size), PIL.Image.BICUBIC, box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
+             for top, left, h, w in boxes.tolist()]
+    return torch.from_numpy(np.stack([np.asarray(c) for c in crops])).permute(0, 3, 1, 2).contiguous()
 
 
-def _scale_boxes(boxes: torch.Tensor, sy: float, sx: float, h: int, w: int) -> torch.Tensor:
-    top = torch.round(boxes[:, 0] * sy).long().clamp_(0, h - 1)
-    left = torch.round(boxes[:, 1] * sx).long().clamp_(0, w - 1)
-    height = torch.minimum(torch.round(boxes[:, 2] * sy).long().clamp_(min=1), h - top)
-    width = torch.minimum(torch.round(boxes[:, 3] * sx).long().clamp_(min=1), w - left)
-    return torch.stack([top, left, height, width], 1)
+def _tensor_crops(pixels: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    return torch.stack([v2.functional.resized_crop(pixels, *box.tolist(), [size, size], interpolation=BICUBIC,
+                                                   antialias=True) for box in boxes])
 
 
 def image_size(image) -> tuple[int, int]:
@@ -83,9 +83,7 @@ class ViewCrops:
     def __call__(self, image, seed: int, boxes: Optional[torch.Tensor] = None) -> torch.Tensor:
         if boxes is None:
             boxes = self.boxes(torch.tensor([seed]), *image_size(image))[0]
-        pixels, boxes = _decode(image, boxes, self.size)
-        return torch.stack([v2.functional.resized_crop(pixels, *box.tolist(), [self.size, self.size],
-                                                       interpolation=BICUBIC, antialias=True) for box in boxes])
+        return _cut(image, boxes, self.size)
 
 
 class PerImageViews(ViewCrops):

@@ -77,6 +77,42 @@ def load_rgb(path) -> Image.Image:
     return to_rgb(img)
 
 
+def _folder_id(path: str) -> tuple[int, int]:
+    st = os.stat(path)  # follows links: the folder a link leads to
+    return st.st_dev, st.st_ino
+
+
+def walk_once(top: str):
+    """``(folder, file names)`` of ``top`` and every folder below it, following symbolic links but entering each
+    real folder at most once: a link back to a folder above it (a loop) or to one already listed is skipped with
+    a warning, so no image is listed twice (``os.walk(followlinks=True)`` lists a loop's images until the path
+    gets too long). A dangling link is skipped."""
+    try:
+        seen = {_folder_id(top)}
+        up = os.path.realpath(top)
+        while os.path.dirname(up) != up:  # a link to a folder above top is a loop too (it leads back into top)
+            up = os.path.dirname(up)
+            seen.add(_folder_id(up))
+    except OSError:
+        return
+    for root, dirs, files in os.walk(top, followlinks=True):
+        keep = []
+        for d in sorted(dirs):
+            path = os.path.join(root, d)
+            try:
+                ident = _folder_id(path)
+            except OSError:
+                continue
+            if ident in seen:
+                logger.warning("not following %s: it leads to a folder above it or to one already listed (a "
+                               "symbolic-link loop, or a second link to the same folder)", path)
+                continue
+            seen.add(ident)
+            keep.append(d)
+        dirs[:] = keep
+        yield root, files
+
+
 class UnreadableImage(Exception):
     """An image whose pixels could not be decoded (raised by :func:`decode_rgb`; the folder skips the image)."""
 
@@ -91,12 +127,12 @@ def decode_rgb(img: Image.Image) -> Image.Image:
     """Decode an image :func:`open_image` opened (a no-op for one already decoded) as :func:`to_rgb` RGB."""
     try:
         img.load()
+        return to_rgb(img)  # a mode PIL cannot convert fails here: the same bad image
     except Exception as exc:  # decoders raise many types (OSError, SyntaxError, ValueError, ...)
         raise UnreadableImage(f"{type(exc).__name__}: {exc}") from exc
     finally:
         if getattr(img, "_exclusive_fp", False) and getattr(img, "fp", None) is not None:
             img.fp.close()
-    return to_rgb(img)
 
 
 def count_bad_images(bad_image_log) -> int:
@@ -140,6 +176,25 @@ class SafeImageFolder(ImageFolder):
             raise SyncoError(f"Class folder(s) {_preview(empty)} in {str(root)!r} contain no images "
                              f"(extensions: {', '.join(self.extensions or ())}). Add images, remove the "
                              f"folder, or leave the class out of the class list.")
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        """torchvision's listing (each class folder walked, symbolic links followed, sorted), except that every
+        real folder is entered once (:func:`walk_once`): a link loop would list the same images dozens of times."""
+        from torchvision.datasets.folder import has_file_allowed_extension
+
+        def valid(path: str) -> bool:
+            return is_valid_file(path) if is_valid_file is not None else has_file_allowed_extension(path, extensions)
+
+        instances = []
+        for target_class in sorted(class_to_idx):
+            target_dir = os.path.join(directory, target_class)
+            if not os.path.isdir(target_dir):
+                continue
+            for root, fnames in sorted(walk_once(target_dir)):
+                instances += [(os.path.join(root, f), class_to_idx[target_class]) for f in sorted(fnames)
+                              if valid(os.path.join(root, f))]
+        return instances
 
     def find_classes(self, directory):
         # Hidden folders (.ipynb_checkpoints, .cache) are never classes.

@@ -18,6 +18,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..errors import SyncoError
 from ..io import atomic_save, load_torch_file
 
 VERSION = 1
@@ -75,9 +76,14 @@ class CheckpointWriter:
     def save(self, state: dict, path: Path) -> None:
         self.wait()
         snapshot = host_copy(state)
-        self._thread = threading.Thread(target=self._write, args=(snapshot, Path(path)), name="synco-checkpoint",
-                                        daemon=True)
-        self._thread.start()
+        thread = threading.Thread(target=self._write, args=(snapshot, Path(path)), name="synco-checkpoint",
+                                  daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:  # "can't start new thread" (a process or thread limit reached): write it here
+            atomic_save(snapshot, path)
+            return
+        self._thread = thread
 
     def _write(self, snapshot: dict, path: Path) -> None:
         try:
@@ -94,9 +100,28 @@ class CheckpointWriter:
             raise error
 
 
+# What a training checkpoint must hold, by type: a file with anything else is refused in one paragraph before a
+# value reaches the trainer (a string step would fail deep inside it with a TypeError).
+STATE_TYPES = {"model": dict, "optimizer": dict, "step": int, "epoch": int, "batch_in_epoch": int, "config": dict,
+               "world_size": int, "global_batch": int, "rng": dict}
+
+
 def load_training_state(path: Path) -> dict:
     """The dict :func:`save_training_state` wrote (a one-paragraph SyncoError if the file is not one)."""
-    return load_torch_file(path)
+    state = load_torch_file(path)
+    if not isinstance(state, dict):
+        raise SyncoError(f"'{path}' is not a synco training checkpoint (it holds a {type(state).__name__}).")
+    wrong = [f"{k} ({type(state.get(k)).__name__})" for k, t in STATE_TYPES.items()
+             if not isinstance(state.get(k), t) or isinstance(state.get(k), bool)]
+    wrong += [f"{k} ({state[k]})" for k in ("step", "epoch", "batch_in_epoch", "world_size", "global_batch")
+              if isinstance(state.get(k), int) and state[k] < (1 if k in ("world_size", "global_batch") else 0)]
+    if not isinstance(state.get("segments", []), list):
+        wrong.append(f"segments ({type(state['segments']).__name__})")
+    if wrong:
+        raise SyncoError(f"'{path}' is damaged or not a synco training checkpoint: {', '.join(wrong)} missing or "
+                         "not what a checkpoint holds. Move it away to start the run over, or resume from a copy "
+                         "of an earlier checkpoint.")
+    return state
 
 
 def rng_state() -> dict:

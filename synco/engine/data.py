@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -40,8 +41,9 @@ def prefetch_factor(workers: int, batch_bytes: int, shm: Path = SHM) -> Optional
     if workers == 0:
         return None
     try:
-        free = shutil.disk_usage(shm).free
-    except OSError:  # no /dev/shm (macOS, Windows): torch shares memory another way
+        # every process of the node passes its batches through the same /dev/shm: this one's share
+        free = shutil.disk_usage(shm).free / max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    except (OSError, ValueError):  # no /dev/shm (macOS, Windows): torch shares memory another way
         return 2
     for prefetch in (2, 1):  # half the free space at most: torch's own queues and other jobs share it
         if workers * prefetch * batch_bytes <= free / 2:
@@ -51,7 +53,8 @@ def prefetch_factor(workers: int, batch_bytes: int, shm: Path = SHM) -> Optional
                                "e.g. docker run --shm-size=8g)", workers, batch_bytes / 2**20, free / 2**20, shm)
             return prefetch
     raise SyncoError(f"data loading: {workers} DataLoader workers pass their batches ({batch_bytes / 2**20:.0f} MB "
-                     f"each) through shared memory, but {shm} has {free / 2**20:.0f} MB free. Give the container "
+                     f"each) through shared memory, but {shm} has {free / 2**20:.0f} MB free per process of this "
+                     "node. Give the container "
                      "more (docker run --shm-size=8g, or a larger /dev/shm), or lower data.num_workers or "
                      "optim.batch_size.")
 
@@ -144,9 +147,15 @@ class IndexSeeded(torch.utils.data.Dataset):
         pair, label = base.sample(j, lambda image: self.views(image, seed))
         return (pair, int(i)), label
 
+    # Headers read ahead of their decode: each holds its file open until then, so at most this many at a time.
+    OPEN_AHEAD = 64
+
     def __getitems__(self, keys: list) -> list:
-        """A batch of :meth:`__getitem__` (what the DataLoader asks of a worker), with the seeds and crop boxes of the
-        whole batch drawn in one vectorised pass: every image's header is read first, for its size."""
+        """A batch of :meth:`__getitem__` (what the DataLoader asks of a worker), with the seeds and crop boxes of
+        ``OPEN_AHEAD`` images at a time drawn in one vectorised pass: their headers are read first, for the sizes."""
+        if len(keys) > self.OPEN_AHEAD:
+            return [item for k in range(0, len(keys), self.OPEN_AHEAD)
+                    for item in self.__getitems__(keys[k:k + self.OPEN_AHEAD])]
         epochs = {e for e, _ in keys}
         if len(epochs) != 1:
             return [self[key] for key in keys]
@@ -275,7 +284,8 @@ class PretrainData:
                           collate_fn=_as_is if self.batched is not None else None,
                           persistent_workers=persistent and workers > 0,
                           prefetch_factor=prefetch_factor(workers, self.batch_bytes()),
-                          generator=torch.Generator().manual_seed(self.seed * 7919 + epoch),
+                          # modulo 2^63: torch takes 64 bits, and seed * 7919 overflows them above seed ~2.3e15
+                          generator=torch.Generator().manual_seed((self.seed * 7919 + epoch) % 2**63),
                           worker_init_fn=signals.ignore_in_worker if workers else None)
 
     def loader(self, epoch: int, skip_batches: int = 0) -> DataLoader:

@@ -13,9 +13,13 @@ def trim_jsonl(path: Path, last_step: int) -> None:
     path = Path(path)
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    path.write_text("".join(line + "\n" for line in keep))
+    from ..io import atomic_write_text
+
+    # The lines read_jsonl reads (torn or garbage ones dropped), and of those the ones with a usable step.
+    keep = [line for line, rec in _records(path)
+            if isinstance(rec.get("step", 0), (int, float)) and not isinstance(rec.get("step", 0), bool)
+            and rec.get("step", 0) <= last_step]
+    atomic_write_text("".join(line + "\n" for line in keep), path)
 
 
 class MetricsLogger:
@@ -54,8 +58,13 @@ class MetricsLogger:
 
 def read_jsonl(path: Path) -> list[dict]:
     """The records of a JSONL log; a line that is not a JSON object (torn by a killed writer) is skipped."""
+    return [rec for _, rec in _records(path)]
+
+
+def _records(path: Path) -> list[tuple[str, dict]]:
+    """(line, record) of every line of a JSONL log that is a JSON object: the one reader of these logs."""
     try:
-        lines = Path(path).read_text().splitlines()
+        lines = Path(path).read_text(errors="replace").splitlines()
     except OSError:
         return []
     records = []
@@ -65,7 +74,7 @@ def read_jsonl(path: Path) -> list[dict]:
         except ValueError:
             continue
         if isinstance(rec, dict):
-            records.append(rec)
+            records.append((line, rec))
     return records
 
 

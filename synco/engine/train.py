@@ -8,6 +8,7 @@ passes over the whole dataset, whatever the number of processes.
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 import time
 from dataclasses import dataclass
@@ -50,8 +51,10 @@ def seed_all(seed: int) -> None:
 
 
 def epoch_seed(cfg: Config, rank: int, epoch: int) -> int:
-    """Each (rank, epoch) draws from its own stream, so runs split by a resume replay the same numbers."""
-    return (cfg.seed * 1_000_003 + rank * 10_007 + epoch * 101) % 2**31
+    """Each (rank, epoch) draws from its own stream, so runs split by a resume replay the same numbers. Modulo 2^63,
+    an odd multiple of the seed is a bijection: every seed of [0, 2^63) has streams of its own (modulo 2^31, seeds
+    2^31 apart shared them), and seeds below 2,147 keep the streams they had with 2^31."""
+    return (cfg.seed * 1_000_003 + rank * 10_007 + epoch * 101) % 2**63
 
 
 @dataclass
@@ -228,15 +231,27 @@ class Trainer:
                                        self.steps_per_epoch * cfg.optim.accum_steps, self.device)
         try:
             self._train_epochs(stream, logger, bar, window)
-        finally:
-            stream.close()
-            self.data.close()  # the workers stop here, also when training failed
-            self.wait_saved()  # the last checkpoint is on disk before train() returns or raises
+        except BaseException:
+            self._wind_down(stream, failing=True)
+            raise
+        self._wind_down(stream)
         bar.close()
         logger.close()
         seconds = window.run_seconds()
         return {"images_per_second": window.run_images / max(seconds, 1e-9), "train_seconds": seconds,
                 "steps": st.step, "resumed": resumed, "segments": self.throughput.segments(st.step)}
+
+    def _wind_down(self, stream, failing: bool = False) -> None:
+        """Stop the data workers and wait for the last checkpoint to be on disk, also when training failed. Then a
+        failed write is only logged: the error that stopped training (a NaN, a signal) is the one to report."""
+        stream.close()
+        self.data.close()
+        try:
+            self.wait_saved()
+        except Exception as e:  # noqa: BLE001 - reported, and the original error goes on
+            if not failing:
+                raise
+            logging.getLogger("synco").error("the last checkpoint could not be written: %s", e)
 
     def _train_epochs(self, stream, logger: MetricsLogger, bar, window: _MetricsWindow) -> None:
         """The epochs left, their pairs of views taken from ``stream`` in order (see ``PretrainData.view_stream``)."""

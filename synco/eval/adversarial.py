@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -36,8 +36,9 @@ from tqdm.auto import tqdm
 from ..device import resolve_device
 from ..engine import dist as D
 from ..errors import SyncoError
+from ..options import opt
 from .classes import head_labels
-from .common import EvalOptions, build_eval_set, eval_split_and_crop
+from .common import CROP_RATIO, EvalOptions, build_eval_set, eval_split_and_crop
 from .head import load_classifier
 from .results import markdown_table, save_result
 from .views import BenchmarkView, center_crop_ops, subset_indices
@@ -108,9 +109,10 @@ ATTACKS: dict[str, tuple[str, str, Callable]] = {
 
 @dataclass
 class AdversarialOptions(EvalOptions):
-    attacks: list = field(default_factory=lambda: list(ATTACKS))
-    max_images: Optional[int] = None  # a fixed random subset (seed) of the validation set
-    crop_ratio: Optional[float] = None  # default 224/256 (1.0 for digits)
+    attacks: list[str] = opt(factory=lambda: list(ATTACKS), nonempty=True)  # names (and aliases): parse_attacks
+    # a fixed random subset (seed) of the validation set
+    max_images: Optional[int] = opt(None, ge=1, why="or null for all")
+    crop_ratio: Optional[float] = opt(None, **CROP_RATIO)  # default 224/256 (1.0 for digits)
 
 
 class NormalizedClassifier(nn.Module):

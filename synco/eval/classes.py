@@ -8,6 +8,7 @@ ImageNet-v2, integer folder names that are class indices; every label a head is 
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -22,13 +23,29 @@ def class_index_map(folder_classes: Sequence[str], head_classes: Sequence[str]) 
     """Folder name -> head class index, by name (wnid). When no folder name is a head class, all are integers
     (ImageNet-v2's ``0..999``) and the head has the 1000 ImageNet classes, they are read as class indices
     (ImageNet-v2 numbers the classes in sorted-wnid order, which is the order of a head trained on an
-    ImageNet folder)."""
+    ImageNet folder). A head whose classes are ImageNet wnids (ImageNet-100) maps them through the wnid list."""
     index = {str(c): i for i, c in enumerate(head_classes)}
     out = {name: index[name] for name in folder_classes if name in index}
-    if (not out and folder_classes and len(head_classes) == 1000 and all(n.isdigit() for n in folder_classes)
-            and list(head_classes) == sorted(head_classes)):
+    integers = bool(folder_classes) and all(n.isdigit() for n in folder_classes)
+    if not out and integers and len(head_classes) == 1000 and list(head_classes) == sorted(head_classes):
         out = {n: int(n) for n in folder_classes if int(n) < len(head_classes)}
+    if not out and integers and all(WNID.match(str(c)) for c in head_classes):
+        # A head on a subset of ImageNet (ImageNet-100): integer folder -> its ImageNet-1k wnid -> the head's
+        # class of that wnid; the folders of classes the head lacks are left out.
+        wnids = imagenet_wnids()
+        out = {n: index[wnids[int(n)]] for n in folder_classes if int(n) < len(wnids) and wnids[int(n)] in index}
     return out
+
+
+WNID = re.compile(r"^n\d{8}$")
+
+
+def imagenet_wnids() -> list[str]:
+    """The 1000 ImageNet-1k wnids in class-index order, the order ImageNet-v2 numbers its folders in (timm ships
+    the list: no download)."""
+    from timm.data import ImageNetInfo
+
+    return list(ImageNetInfo("imagenet-1k").label_names())
 
 
 def head_labels(dataset_classes: Sequence[str], head_classes: Sequence[str]) -> tuple[list[int], list[str]]:
@@ -76,7 +93,8 @@ def open_class_folder(root: Path, head_classes: Sequence[str], what: str):
     mapping = class_index_map(present, head_classes)
     if not mapping:
         hint = (" Integer folders (ImageNet-v2) are read as indices into the 1000 ImageNet classes only with a "
-                "1000-class head." if all(n.isdigit() for n in present) else "")
+                "1000-class head or a head whose classes are ImageNet wnids." if all(n.isdigit() for n in present)
+                else "")
         raise SyncoError(f"{what}: none of the {len(present)} class folders in '{root}' ({preview(present)}) is a "
                          f"class of the linear head ({preview(map(str, head_classes))}); folders must be named "
                          f"by the head's class names (wnids).{hint}")

@@ -11,19 +11,23 @@ from ..data.build import build_dataset
 from ..data.transforms import eval_transform
 from ..device import resolve_device  # noqa: F401 (protocols import it from here)
 from ..errors import SyncoError
-from ..models.backbone import input_size, load_backbone
+from ..models.backbone import input_size, load_backbone, peek_meta
+from ..options import MAX_IMAGE_SIZE, MAX_THREADS, SEED_RANGE, opt
+
+MAX_EVAL_BATCH = 2**16  # a larger batch only fills memory: 65,536 images of 224 px are 39 GB in float32
 
 
 @dataclass
 class EvalOptions:
-    dataset: str = "digits"  # digits | folder | imagenet100
+    dataset: str = "digits"  # digits | folder | imagenet100 (build_dataset names the choices)
     root: Optional[str] = None
     class_list: Optional[str] = None
-    image_size: Optional[int] = None  # default: the backbone's input size
-    batch_size: int = 256
-    num_workers: int = 4
+    # default: the backbone's input size (a ViT or Swin takes only the size it was built for)
+    image_size: Optional[int] = opt(None, ge=8, le=MAX_IMAGE_SIZE, why="or null for the backbone's own")
+    batch_size: int = opt(256, ge=1, le=MAX_EVAL_BATCH)
+    num_workers: int = opt(4, ge=0, le=MAX_THREADS)
     device: str = "auto"
-    seed: int = 0
+    seed: int = opt(0, **SEED_RANGE)
     backbone: Optional[str] = None  # a timm name or a synco preset name; needed for --checkpoint random
     backbone_kwargs: dict = field(default_factory=dict)
 
@@ -45,15 +49,47 @@ def load_eval_backbone(checkpoint: str, opts: EvalOptions, device: torch.device)
     if checkpoint == "random":
         torch.manual_seed(opts.seed)
         return load_backbone("random", backbone=name, backbone_kwargs=kwargs, device=device)
-    return load_backbone(checkpoint, backbone=None, backbone_kwargs=kwargs, device=device)
+    # backbone= names the architecture of a safetensors file without metadata (it was ignored, then the load
+    # asked for it); a file that carries its own architecture keeps it (visualize gives one backbone= for a
+    # random checkpoint beside trained ones, and check_backbone_option refuses a contradicting one for eval).
+    arch = name if name and peek_meta(checkpoint) is None else None
+    return load_backbone(checkpoint, backbone=arch, backbone_kwargs=kwargs, device=device)
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """A hash of the model's weights and buffers themselves (names, dtypes, shapes, bytes): the same for
+    the same weights wherever they were loaded from, different as soon as one value changes. Caches and
+    resume fingerprints are keyed by it, never by a checkpoint's path or time stamp."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def eval_image_size(opts: EvalOptions, model: torch.nn.Module) -> int:
-    return int(opts.image_size or input_size(model))
+    """``image_size=`` or the backbone's own size; a backbone built for one size (timm's strict patch embedding:
+    ViT, DeiT, Swin) takes no other, and would fail on the first batch with an assertion."""
+    size = int(input_size(model))
+    if opts.image_size and opts.image_size != size and _fixed_input_size(model):
+        raise SyncoError(f"option 'image_size': this backbone is built for {size} px inputs and takes no other "
+                         f"size, got image_size={opts.image_size}. Drop image_size= (or give {size}).")
+    return int(opts.image_size or size)
+
+
+def _fixed_input_size(model: torch.nn.Module) -> bool:
+    patch = getattr(model, "patch_embed", None)
+    return bool(getattr(patch, "strict_img_size", False)) and not getattr(model, "dynamic_img_size", False)
 
 
 # The usual evaluation crop: resize the short side to 256 for a 224 crop.
 DEFAULT_CROP_RATIO = 224 / 256
+# crop_ratio= options: above 1 the centre crop would be larger than the resized image.
+CROP_RATIO = dict(gt=0, le=1, why="the centre crop's share of the resized image, 224/256 by default; or null")
 
 
 def eval_split_and_crop(dataset: str) -> tuple[str, float]:
@@ -76,6 +112,22 @@ def eval_datasets(opts: EvalOptions, size: int, train_transform=None, test_trans
     train = build_dataset(opts.dataset, split="train", transform=train_transform or t_test, root=opts.root,
                           class_list=opts.class_list, image_size=size)
     test = build_eval_set(opts, size, t_test)
-    if len(train.classes) != len(test.classes):
-        raise SyncoError(f"train has {len(train.classes)} classes but the test split has {len(test.classes)}.")
+    check_same_classes(list(train.classes), list(test.classes), opts.root)
     return train, test
+
+
+def check_same_classes(train: list, test: list, root=None) -> None:
+    """Labels are positions in each split's sorted class list, so the two lists must be the same names: a
+    renamed or missing folder would shift every label after it and score against the wrong classes."""
+    if [str(c) for c in train] == [str(c) for c in test]:
+        return
+    only_train = [str(c) for c in train if c not in set(test)]
+    only_test = [str(c) for c in test if c not in set(train)]
+    detail = "; ".join(part for part in (
+        f"only in train: {', '.join(only_train[:5])}{' ...' if len(only_train) > 5 else ''}" if only_train else "",
+        f"only in the evaluation split: {', '.join(only_test[:5])}{' ...' if len(only_test) > 5 else ''}"
+        if only_test else "") if part)
+    where = f" of {root}" if root else ""
+    raise SyncoError(f"the train and evaluation splits{where} have different classes ({detail}). Classes are "
+                     "matched by folder name: rename the folders so both splits hold the same class names, or "
+                     "pass class_list= with the classes to use.")

@@ -49,8 +49,12 @@ CPU_FALLBACK_BATCH, CPU_FALLBACK_STEPS, CPU_FALLBACK_WARMUP = 8, 2, 1
 
 
 def is_gpu_preset(preset: str) -> bool:
-    """The recipes written for GPUs: every ImageNet and ImageNet-100 preset."""
-    return "imagenet" in Path(preset).stem
+    """A recipe written for GPUs: the preset (or a YAML built on one with ``base:``) asks for ``device: cuda``, as
+    every ImageNet and ImageNet-100 preset does. Decided from the config, not the name; False when it cannot load."""
+    try:
+        return load_bench_config(preset, []).device == "cuda"
+    except SyncoError:
+        return False
 
 
 def _guard(probe: Callable[[], object]) -> object:
@@ -263,14 +267,13 @@ def preset_verdict(preset: str, cfg) -> dict:
         why = None
     except SyncoError as e:
         device, why = None, str(e)
-    if device is not None and gpu_preset and device.type != "cuda" and cfg.device != "cpu":
-        device, why = None, f"{preset} is a GPU preset and {no_cuda_reason()}"
     precision = None if device is None else ("bf16" if use_bf16(cfg.precision, device) else "fp32")
     if device is None:
         short = "no usable CUDA GPU (see GPUs)" if gpu_preset or str(cfg.device).startswith("cuda") else why
         text = f"would stop before any work (exit 2): {short}. Add device=cpu to force the CPU."
     elif gpu_preset and device.type == "cpu":
-        text = f"runs on the CPU in {precision}, because device=cpu forces it: a GPU recipe, far slower there"
+        verb = "forces" if cfg.device == "cpu" else "allows"
+        text = f"runs on the CPU in {precision}, because device={cfg.device} {verb} it: a GPU recipe, far slower there"
     else:
         text = f"runs on {device_name(device) if device.type == 'cuda' else 'the CPU'} in {precision}"
     return {"preset": preset, "gpu_preset": gpu_preset, "device_setting": cfg.device,

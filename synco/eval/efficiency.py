@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import gc
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -46,6 +46,7 @@ import torch
 from ..config import METHODS, load_config, method_spec
 from ..device import configure_cpu, cpu_name, use_bf16
 from ..errors import SyncoError
+from ..options import MAX_THREADS, SEED_RANGE, check_options, opt
 from .meters import (
     PARTS,
     MemoryProbe,
@@ -61,29 +62,35 @@ from .meters import (
 from .results import markdown_table, save_result
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
+MAX_PEAK_SIZE = 16384  # the timed matmul's side: three fp32 matrices of this size are 3 GiB
 
 
 @dataclass
 class EfficiencyOptions:
     preset: str = "cpu-demo"  # a shipped preset name or a YAML path; only `method` changes between rows
-    methods: list = field(default_factory=lambda: ["byol", "moby", "synco"])
-    batch_size: Optional[int] = None  # per process; default: the preset's optim.batch_size
-    steps: int = 10  # measured training steps per method
-    warmup_steps: int = 3  # unmeasured steps first (allocator, kernels, queues)
-    epoch_images: Optional[int] = None  # default: digits train size for digits, else ImageNet-1k (1,281,167)
-    epochs: list = field(default_factory=lambda: [100, 300])
+    methods: list[str] = opt(factory=lambda: ["byol", "moby", "synco"], nonempty=True, choices=METHODS)
+    # per process; default: the preset's optim.batch_size
+    batch_size: Optional[int] = opt(None, ge=2, why="the heads' BatchNorm needs two images; or null for the preset's")
+    steps: int = opt(10, ge=1)  # measured training steps per method
+    warmup_steps: int = opt(3, ge=0)  # unmeasured steps first (allocator, kernels, queues)
+    # default: digits train size for digits, else ImageNet-1k (1,281,167)
+    epoch_images: Optional[int] = opt(None, ge=1, why="or null for the dataset's")
+    epochs: list[int] = opt(factory=lambda: [100, 300], nonempty=True, ge=1)
     synthetic: bool = True  # synco steps use synthetic hard negatives (the costly part)
     device: str = "auto"
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU (as the trainer)
-    threads: int = 0  # torch CPU threads (0 = torch default)
+    # auto: bf16 autocast on CUDA, fp32 on CPU (as the trainer)
+    precision: str = opt("auto", choices=("auto", "bf16", "fp32"))
+    threads: int = opt(0, ge=0, le=MAX_THREADS, why=f"0 = torch's default; at most {MAX_THREADS}")
     isolate: Optional[bool] = None  # each method in a fresh process (default: on CPU, where RSS is per process)
-    seed: int = 0
+    seed: int = opt(0, **SEED_RANGE)
     # random: one random batch on the device (compares the methods); views: random uint8 crops made into views on the
     # device each step (the device side of data.augment.on=device); loader: the preset's data pipeline
-    inputs: str = "random"
+    inputs: str = opt("random", choices=("random", "views", "loader"))
     flops: bool = True  # count one step's FLOPs; report MFU (datasheet peak) and the fraction of a matmul timed here
     flops_by_part: bool = True  # split the FLOPs into online / target / loss (two more passes of the encoders)
-    peak_size: int = 0  # side of the square matmul timed on the spot; 0: 1024 on CPU, 8192 on CUDA
+    # side of the square matmul timed on the spot; 0: 1024 on CPU, 8192 on CUDA
+    peak_size: int = opt(0, ge=0, le=MAX_PEAK_SIZE, why="0 = the device's default; three such fp32 matrices of "
+                                                        f"{MAX_PEAK_SIZE} are 3 GiB")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,8 +124,6 @@ def load_bench_config(preset: str, overrides: list[str]):
 
 def _epoch_images(opts: EfficiencyOptions, cfg) -> tuple[int, str]:
     if opts.epoch_images is not None:
-        if opts.epoch_images < 1:
-            raise SyncoError(f"epoch_images must be >= 1, got {opts.epoch_images}.")
         return int(opts.epoch_images), "epoch_images"
     if cfg.data.dataset == "digits":
         from sklearn.datasets import load_digits
@@ -401,14 +406,8 @@ def measure_isolated(cfg, opts: EfficiencyOptions, device: torch.device) -> dict
 def run_efficiency(out: Optional[Path], opts: EfficiencyOptions, overrides: Optional[list[str]] = None,
                    log: Callable[[str], None] = print) -> dict:
     refuse_distributed()
+    check_options(opts)  # also when called as a library, without the command line
     methods = [str(m) for m in opts.methods]
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not methods:
-        raise SyncoError(f"methods must be a non-empty list of {', '.join(METHODS)}, got {opts.methods}.")
-    if opts.steps < 1:
-        raise SyncoError(f"steps must be >= 1, got {opts.steps}.")
-    if opts.inputs not in ("random", "views", "loader"):
-        raise SyncoError(f"inputs must be random, views or loader, got {opts.inputs!r}.")
     from .common import resolve_device
 
     device = resolve_device(opts.device)

@@ -18,8 +18,9 @@ every process takes its share of each global batch of ``batch_size``; rank 0 wri
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -32,20 +33,21 @@ from tqdm.auto import tqdm
 from ..engine import dist as D
 from ..engine.optim import build_scheduler
 from ..errors import SyncoError
-from ..io import atomic_save, load_torch_file as load_ckpt
-from .common import EvalOptions
+from ..io import atomic_save
+from ..options import opt
+from .common import EvalOptions, weights_digest
 from .features import predict
 from .probe import (
     ProbeData,
     batch_scaled_lr,
     check_recipe,
-    check_resumable,
     epoch_batches,
     epoch_draw_seed,
     fingerprint,
     head_metrics,
     protocol_inputs,
     report_columns,
+    resume_state,
     steps_per_epoch,
 )
 from .results import markdown_table, save_result
@@ -53,18 +55,19 @@ from .results import markdown_table, save_result
 
 @dataclass
 class FinetuneHParams:
-    epochs: int = 100
-    warmup_epochs: int = 10
-    lr: float = 1e-3
-    lr_batch_ref: int = 256  # lr x batch_size / lr_batch_ref; 0 = lr as given
-    momentum: float = 0.9
+    epochs: int = opt(100, ge=1)
+    warmup_epochs: int = opt(10, ge=0)
+    lr: float = opt(1e-3, gt=0)
+    lr_batch_ref: int = opt(256, ge=0, why="0 = no batch-size scaling")  # lr x batch_size / lr_batch_ref
+    momentum: float = opt(0.9, ge=0, lt=1)
     nesterov: bool = False
-    weight_decay: float = 1e-4
-    label_smoothing: float = 0.1
-    dropout: float = 0.1  # before the classifier
-    clip_grad: Optional[float] = 1.0  # max gradient norm (null = no clipping)
-    crop_scale: list = field(default_factory=lambda: [0.08, 1.0])
-    eval_every: int = 1
+    weight_decay: float = opt(1e-4, ge=0)
+    label_smoothing: float = opt(0.1, ge=0, lt=1)
+    dropout: float = opt(0.1, ge=0, lt=1)  # before the classifier
+    # max gradient norm (null = no clipping)
+    clip_grad: Optional[float] = opt(1.0, gt=0, why="or null for no clipping")
+    crop_scale: list[float] = opt(factory=lambda: [0.08, 1.0], length=2, gt=0, le=1, why="[min, max]")
+    eval_every: int = opt(1, ge=1)
     resume: bool = True  # continue from <out>/finetune_ckpt.pt when it exists
 
 
@@ -74,13 +77,8 @@ class FinetuneOptions(FinetuneHParams, EvalOptions):
 
 
 def check_finetune_hparams(h, prefix: str = "") -> None:
+    """The recipe's checks (each field's bounds are declared above; check_recipe relates them)."""
     check_recipe(h, prefix)
-    if h.lr <= 0:
-        raise SyncoError(f"option '{prefix}lr': must be > 0.")
-    if not 0 <= h.dropout < 1:
-        raise SyncoError(f"option '{prefix}dropout': must be in [0, 1).")
-    if h.clip_grad is not None and h.clip_grad <= 0:
-        raise SyncoError(f"option '{prefix}clip_grad': must be > 0, or null for no clipping.")
 
 
 class FinetuneModel(nn.Module):
@@ -125,6 +123,7 @@ def finetune(backbone: nn.Module, meta: dict, data: ProbeData, out: Path, hp: Fi
     n = len(data.train_aug)
     steps = steps_per_epoch(n, batch_size)
     lr = batch_scaled_lr(hp.lr, batch_size, hp.lr_batch_ref)
+    weights = weights_digest(backbone)
     for p in backbone.parameters():
         p.requires_grad_(True)
     model = FinetuneModel(backbone, len(data.classes), hp.dropout, seed).to(device)
@@ -142,12 +141,13 @@ def finetune(backbone: nn.Module, meta: dict, data: ProbeData, out: Path, hp: Fi
             return ce(logits, y.long())
 
     ckpt_path = out / ckpt_name
-    fp = fingerprint(hp, {**(fp_extra or {}), "checkpoint": checkpoint, "batch_size": batch_size, "seed": seed,
+    # Keyed by the pretrained weights' hash (taken before any update), not the checkpoint's path.
+    fp = fingerprint(hp, {**(fp_extra or {}), "weights": weights, "batch_size": batch_size, "seed": seed,
                           "n_train": n, "image_size": image_size})
     start_epoch, step, history = 0, 0, []
-    if ckpt_path.exists() and hp.resume:
-        state = load_ckpt(ckpt_path)
-        check_resumable(state.get("fingerprint", {}), fp, ckpt_path)
+    state = resume_state(ckpt_path, fp, hp.resume, {"model": dict, "optimizer": dict, "epoch": int, "step": int,
+                                                    "history": list})
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, step, history = int(state["epoch"]), int(state["step"]), list(state["history"])
@@ -185,6 +185,10 @@ def finetune(backbone: nn.Module, meta: dict, data: ProbeData, out: Path, hp: Fi
             loss_sum += loss.detach()
         entry = {"epoch": epoch + 1, "train_loss": float(loss_sum) / max(len(batches), 1),
                  "lr": optimizer.param_groups[0]["lr"]}
+        if not math.isfinite(entry["train_loss"]):  # before this epoch's checkpoint: the last good one stays
+            raise SyncoError(f"fine-tuning diverged in epoch {epoch + 1} (train loss {entry['train_loss']}): every "
+                             "number after it would be meaningless. Lower lr (or clip_grad); nothing was written "
+                             "for this epoch, and finetune.json is not.")
         if (epoch + 1) % hp.eval_every == 0 or epoch + 1 == hp.epochs:
             model.eval()
             logits, y = predict(model, data.test, batch_size, num_workers, device, "test", progress)

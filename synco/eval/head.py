@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import SyncoError
-from ..io import atomic_save
+from ..io import atomic_save, load_torch_file
 from .common import EvalOptions, load_eval_backbone
 
 
@@ -62,16 +62,44 @@ def load_head(path: str | Path, expect_dim: Optional[int] = None) -> tuple[Linea
     if not p.is_file():
         raise SyncoError(f"linear head '{path}' not found; train one with `synco eval linear` (it writes "
                          "linear_head.pt).")
-    try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-        weight, _ = state["weight"], state["bias"]  # both must be there
-    except Exception as e:  # noqa: BLE001
-        raise SyncoError(f"cannot read linear head '{p}': {e}") from None
-    dim = weight.shape[1]
+    state = load_torch_file(p)  # its message never passes on torch's advice to unpickle arbitrary objects
+    check_head_state(state, p)
+    dim = state["weight"].shape[1]
     if expect_dim is not None and dim != expect_dim:
         raise SyncoError(f"linear head '{p}' expects {dim}-d features but the backbone gives {expect_dim}-d: "
                          "was it trained on another backbone?")
     return head_from_state(state), state
+
+
+def check_head_state(state, path) -> None:
+    """A head file as :func:`save_head` writes it: ``weight`` [C, D], ``bias`` [C], BatchNorm statistics [D] or
+    None, all finite. Anything else would crash later or score with a head that predicts nothing."""
+    def bad(why: str):
+        raise SyncoError(f"linear head '{path}' {why}; it is damaged or not written by `synco eval linear`. "
+                         "Train it again with `synco eval linear`.")
+
+    if not isinstance(state, dict):
+        bad("is not a mapping of tensors")
+    weight, bias = state.get("weight"), state.get("bias")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or 0 in weight.shape:
+        bad(f"has no 2-D 'weight' [classes, features] (got {_shape(weight)})")
+    if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],):
+        bad(f"has a 'bias' of shape {_shape(bias)}, not [{weight.shape[0]}]")
+    tensors = {"weight": weight, "bias": bias}
+    if state.get("bn_mean") is not None or state.get("bn_var") is not None:
+        for key in ("bn_mean", "bn_var"):
+            t = state.get(key)
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != (weight.shape[1],):
+                bad(f"has a '{key}' of shape {_shape(t)}, not [{weight.shape[1]}]")
+            tensors[key] = t
+    nonfinite = [k for k, t in tensors.items() if not bool(torch.isfinite(t.float()).all())]
+    if nonfinite:
+        bad(f"holds values that are not finite (NaN or inf) in {', '.join(nonfinite)}: its training diverged, so "
+            "every accuracy measured with it would be meaningless")
+
+
+def _shape(t) -> str:
+    return str(list(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
 def head_from_state(state: dict) -> LinearHead:

@@ -34,9 +34,10 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_
                  ) -> dict[int, dict[str, float]]:
     """Top-1/top-5 accuracy (%) of weighted k-NN for each k; features must be L2-normalised.
 
-    Classes are ranked by their summed weights exp(s/T) (ties: the lower class index first, as a stable
-    sort gives). Only classes that received a vote can be predicted: with k < 5 neighbours fewer than five
-    classes are candidates, and top-5 never counts a class no neighbour voted for."""
+    Classes are ranked by their summed weights exp(s/T), computed as a log-sum-exp per class so that no
+    temperature overflows (ties: the lower class index first, as a stable sort gives). Only classes that
+    received a vote can be predicted: with k < 5 neighbours fewer than five classes are candidates, and top-5
+    never counts a class no neighbour voted for."""
     device = train_features.device
     num_classes = int(num_classes or int(max(train_labels.max(), test_labels.max())) + 1)
     check_knn_inputs(list(ks), temperature, num_classes)
@@ -58,17 +59,26 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_
             best_s, pos = torch.cat([best_s, s], 1).topk(min(kmax, best_s.shape[1] + s.shape[1]), dim=1)
             best_i = torch.cat([best_i, i + t0], 1).gather(1, pos)
         neighbour_labels = train_labels.to(device)[best_i]  # [b, kmax], sorted by similarity
-        weights = (best_s / temperature).exp()
         for k in ks:
-            votes = torch.zeros(q.shape[0], num_classes, device=device)
-            votes.scatter_add_(1, neighbour_labels[:, :k], weights[:, :k])
-            voted = torch.zeros(q.shape[0], num_classes, dtype=torch.bool, device=device)
-            voted.scatter_(1, neighbour_labels[:, :k], True)
+            votes = class_log_votes(best_s[:, :k] / temperature, neighbour_labels[:, :k], num_classes)
+            voted = torch.isfinite(votes)
             ranked = torch.sort(votes, dim=1, descending=True, stable=True).indices[:, :min(5, num_classes)]
             hit = (ranked == y[:, None]) & voted.gather(1, ranked)
             correct[k] += torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum()]).float()
     n = test_features.shape[0]
     return {k: {"top1": 100.0 * float(c[0]) / n, "top5": 100.0 * float(c[1]) / n} for k, c in correct.items()}
+
+
+def class_log_votes(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """log of each class's summed weight exp(s/T) over the neighbours ``[b, k]``, -inf for a class without a
+    vote. A log-sum-exp per class (each class's largest logit subtracted before exp): at a small temperature
+    exp(s/T) overflows float32 to inf for several classes, which then tie and the lowest index wins, or
+    underflows to 0 and ties the weaker classes. The ranking is the same as by the summed weights."""
+    logits = logits.double()  # exp of differences down to -745 stays above 0
+    top = torch.full((logits.shape[0], num_classes), float("-inf"), dtype=logits.dtype, device=logits.device)
+    top.scatter_reduce_(1, labels, logits, reduce="amax")
+    sums = torch.zeros_like(top).scatter_add_(1, labels, (logits - top.gather(1, labels)).exp())
+    return top + sums.log()  # a class without a vote: -inf + log(0) = -inf
 
 
 def knn_table(results: dict[int, dict[str, float]]) -> str:

@@ -5,14 +5,23 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from ..engine import dist as D
 from ..io import atomic_save
-from .common import EvalOptions, eval_datasets, eval_image_size, load_eval_backbone, resolve_device
+from ..options import opt
+from .common import (  # noqa: F401 (weights_digest is re-exported)
+    EvalOptions,
+    eval_datasets,
+    eval_image_size,
+    load_eval_backbone,
+    resolve_device,
+    weights_digest,
+)
 from .knn import check_knn_inputs, extract_features, feature_loader, knn_classify, knn_table
 from .results import save_result
 
@@ -21,31 +30,31 @@ logger = logging.getLogger("synco.eval")
 
 @dataclass
 class KnnOptions(EvalOptions):
-    k: list = field(default_factory=lambda: [10, 20, 100, 200])
-    temperature: float = 0.07
+    k: list[int] = opt(factory=lambda: [10, 20, 100, 200], nonempty=True, ge=1,
+                       why="k=0 neighbours would report chance level")
+    temperature: float = opt(0.07, gt=0)
     cache: bool = True
 
 
-def weights_digest(model: torch.nn.Module) -> str:
-    """A hash of the model's weights and buffers themselves (names, dtypes, shapes, bytes): the same for
-    the same weights wherever they were loaded from, different as soon as one value changes."""
-    h = hashlib.blake2b(digest_size=16)
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+def _file_stamp(path) -> str:
+    """A file's size and modification time (ns): an image overwritten under the same name changes them, at
+    the cost of one stat per image (hashing the bytes of a whole dataset would cost a full read)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "missing"
+    return f"{st.st_size}:{st.st_mtime_ns}"
 
 
 def _data_digest(*datasets) -> str:
-    """The images each split lists (paths and labels for folders, the size for built-in sets)."""
+    """The images each split lists: for folders every path, label, size and modification time (so new contents
+    under old names are seen), for built-in sets their size."""
     h = hashlib.blake2b(digest_size=16)
     for ds in datasets:
         samples = getattr(ds, "samples", None)
         h.update(f"{type(ds).__name__}|{len(ds)}|".encode())
         if samples is not None:
-            h.update("\n".join(f"{p}\t{t}" for p, t in samples).encode())
+            h.update("\n".join(f"{p}\t{t}\t{_file_stamp(p)}" for p, t in samples).encode())
     return h.hexdigest()
 
 
@@ -97,7 +106,7 @@ def run_knn(checkpoint: str, out: Path, opts: KnnOptions, progress: bool = True)
     res = knn_classify(feats["train"].to(device), feats["train_labels"].to(device), feats["test"].to(device),
                        feats["test_labels"].to(device), ks=opts.k, temperature=opts.temperature,
                        num_classes=len(train.classes))
-    result = {"protocol": "knn", "checkpoint": checkpoint, "backbone": meta["backbone"],
+    result = {"protocol": "knn", "checkpoint": checkpoint, "backbone": meta["backbone"], "backbone_meta": meta,
               "dataset": opts.dataset, "n_train": len(train), "n_test": len(test),
               "results": {str(k): v for k, v in res.items()}, "options": asdict(opts)}
     if D.is_main():

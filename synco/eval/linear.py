@@ -38,7 +38,7 @@ gathered so that every process applies the same update to its copy of the (small
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -49,8 +49,9 @@ from tqdm.auto import tqdm
 
 from ..engine import dist as D
 from ..errors import SyncoError
-from ..io import atomic_save, load_torch_file as load_ckpt
-from .common import EvalOptions
+from ..io import atomic_save
+from ..options import opt
+from .common import EvalOptions, weights_digest
 from .features import predict
 from .grid import GridTrainer, grid_table, select_best, selection_key, summarize
 from .head import head_from_state, save_head
@@ -58,12 +59,12 @@ from .probe import (
     ProbeData,
     batch_scaled_lr,
     check_recipe,
-    check_resumable,
     epoch_batches,
     epoch_draw_seed,
     fingerprint,
     protocol_inputs,
     report_columns,
+    resume_state,
     steps_per_epoch,
 )
 from .results import save_result
@@ -75,19 +76,21 @@ PAPER_LRS = [0.1, 0.5, 0.75, 1.0, 1.25, 1.5]
 class LinearHParams:
     """The linear-probe recipe (also used per dataset by ``synco eval transfer``)."""
 
-    epochs: int = 100
-    warmup_epochs: int = 5
-    lrs: list = field(default_factory=lambda: list(PAPER_LRS))
-    lr_batch_ref: int = 256  # lr = grid value x batch_size / lr_batch_ref; 0 = grid values as given
-    momentum: float = 0.9
+    epochs: int = opt(100, ge=1)
+    warmup_epochs: int = opt(5, ge=0)
+    lrs: list[float] = opt(factory=lambda: list(PAPER_LRS), nonempty=True, gt=0)
+    # lr = grid value x batch_size / lr_batch_ref; 0 = grid values as given
+    lr_batch_ref: int = opt(256, ge=0, why="0 = no batch-size scaling")
+    momentum: float = opt(0.9, ge=0, lt=1)
     nesterov: bool = False
-    weight_decay: float = 0.0
-    label_smoothing: float = 0.1
+    weight_decay: float = opt(0.0, ge=0)
+    label_smoothing: float = opt(0.1, ge=0, lt=1)
     bn: bool = False  # parameter-free BatchNorm on the features before the linear layer
-    val_fraction: float = 0.1  # held-out share of train used to select the head (0 = select on test)
-    crop_scale: list = field(default_factory=lambda: [0.08, 1.0])
+    # held-out share of train used to select the head (0 = select on test)
+    val_fraction: float = opt(0.1, ge=0, lt=1)
+    crop_scale: list[float] = opt(factory=lambda: [0.08, 1.0], length=2, gt=0, le=1, why="[min, max]")
     cache_features: bool = False  # train on features extracted once without augmentation (fast, not the paper's)
-    eval_every: int = 1  # evaluate every head on held-out and test every N epochs (and at the end)
+    eval_every: int = opt(1, ge=1)  # evaluate every head on held-out and test every N epochs (and at the end)
     resume: bool = True  # continue from <out>/linear_ckpt.pt when it exists
 
 
@@ -97,12 +100,8 @@ class LinearOptions(LinearHParams, EvalOptions):
 
 
 def check_hparams(h, prefix: str = "") -> None:
-    """The shared recipe checks, then the grid's and the held-out split's."""
+    """The recipe's checks (each field's bounds are declared above; check_recipe relates them)."""
     check_recipe(h, prefix)
-    if not h.lrs or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in h.lrs):
-        raise SyncoError(f"option '{prefix}lrs': must be a non-empty list of positive numbers, got {h.lrs!r}.")
-    if not 0 <= h.val_fraction < 1:
-        raise SyncoError(f"option '{prefix}val_fraction': must be in [0, 1).")
 
 
 def heldout_split(n: int, fraction: float, seed: int, targets: Optional[list] = None) -> tuple[list, list]:
@@ -159,12 +158,13 @@ def linear_probe(backbone: nn.Module, meta: dict, data: ProbeData, out: Path, hp
     trainer = GridTrainer(dim, len(data.classes), lrs, hp, steps, device, data.multilabel, seed=seed)
 
     ckpt_path = out / ckpt_name
-    fp = fingerprint(hp, {**(fp_extra or {}), "checkpoint": checkpoint, "batch_size": batch_size, "seed": seed,
-                          "n_train": n_all, "image_size": image_size})
+    # Keyed by the weights' hash, not the checkpoint's path: a run that trained further is another backbone.
+    fp = fingerprint(hp, {**(fp_extra or {}), "weights": weights_digest(backbone), "batch_size": batch_size,
+                          "seed": seed, "n_train": n_all, "image_size": image_size})
     start_epoch, history, snapshots = 0, [], {}
-    if ckpt_path.exists() and hp.resume:
-        state = load_ckpt(ckpt_path)
-        check_resumable(state.get("fingerprint", {}), fp, ckpt_path)
+    state = resume_state(ckpt_path, fp, hp.resume, {"trainer": dict, "epoch": int, "history": list,
+                                                    "snapshots": dict})
+    if state is not None:
         trainer.load_state_dict(state["trainer"])
         start_epoch, history = int(state["epoch"]), list(state["history"])
         snapshots = {int(k): v for k, v in state["snapshots"].items()}
@@ -226,6 +226,10 @@ def linear_probe(backbone: nn.Module, meta: dict, data: ProbeData, out: Path, hp
         "selected_on": "heldout" if use_heldout else "test", **result,
         "history": history, "seconds": time.perf_counter() - t0,
     }
+    chosen = [snapshots[g][k] for k in ("weight", "bias", "bn_mean", "bn_var") if snapshots[g].get(k) is not None]
+    if not all(bool(torch.isfinite(t).all()) for t in chosen):  # a head robustness/adversarial would score with
+        raise SyncoError(f"the linear probe diverged: the selected head (base lr {hp.lrs[g]}) holds NaN or inf "
+                         "weights, so its numbers are meaningless. Use smaller lrs=; no head or result was written.")
     if head_name and D.is_main():
         out.mkdir(parents=True, exist_ok=True)
         save_head(head_from_state(snapshots[g]), out / head_name, data.classes, meta, image_size)

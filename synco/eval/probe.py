@@ -9,6 +9,7 @@ stream), and a checkpoint carries the settings it was made with.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -22,6 +23,7 @@ from ..data.transforms import train_classification_transform
 from ..device import resolve_device
 from ..engine import dist as D
 from ..errors import SyncoError, key_error
+from ..options import check_options
 from ..resume import config_differences
 from .common import EvalOptions, eval_datasets, eval_image_size, load_eval_backbone
 
@@ -75,37 +77,24 @@ def protocol_inputs(checkpoint: str, opts) -> tuple[nn.Module, dict, ProbeData, 
 
 
 def check_recipe(h, prefix: str = "") -> None:
-    """The checks every SGD recipe (``LinearHParams``, ``FinetuneHParams``) passes."""
+    """The checks every SGD recipe (``LinearHParams``, ``FinetuneHParams``) passes: each field's declared bounds
+    (also when called as a library, without the command line), then the rules between fields."""
+    check_options(h, prefix=prefix)
     bad = key_error("option", prefix)
-
-    if h.epochs < 1:
-        bad("epochs", "must be >= 1.")
-    if not 0 <= h.warmup_epochs <= h.epochs:
-        bad("warmup_epochs", f"must be in [0, epochs={h.epochs}].")
-    if h.lr_batch_ref < 0:
-        bad("lr_batch_ref", "must be >= 0 (0 = no batch-size scaling).")
-    if not 0 <= h.momentum < 1:
-        bad("momentum", "must be in [0, 1).")
+    if h.warmup_epochs > h.epochs:
+        bad("warmup_epochs", f"must be in [0, epochs={h.epochs}], got {h.warmup_epochs}.")
     if h.nesterov and h.momentum == 0:
         bad("nesterov", "Nesterov momentum needs momentum > 0.")
-    if h.weight_decay < 0:
-        bad("weight_decay", "must be >= 0.")
-    if not 0 <= h.label_smoothing < 1:
-        bad("label_smoothing", "must be in [0, 1).")
-    if len(h.crop_scale) != 2 or not 0 < h.crop_scale[0] <= h.crop_scale[1] <= 1:
-        bad("crop_scale", "must be [min, max] with 0 < min <= max <= 1.")
-    if h.eval_every < 1:
-        bad("eval_every", "must be >= 1.")
+    if h.crop_scale[0] > h.crop_scale[1]:
+        bad("crop_scale", f"must be [min, max] with min <= max, got {h.crop_scale}.")
 
 
 def check_eval_options(o: EvalOptions) -> None:
-    if o.batch_size < 1:
-        raise SyncoError("option 'batch_size': must be >= 1.")
+    """The batch against the processes of this launch (the fields' own bounds are declared on EvalOptions)."""
+    check_options(o)
     if o.batch_size < D.world_size():
         raise SyncoError(f"option 'batch_size': the total batch {o.batch_size} is smaller than the "
                          f"{D.world_size()} processes; raise batch_size.")
-    if o.num_workers < 0:
-        raise SyncoError("option 'num_workers': must be >= 0.")
 
 
 def batch_scaled_lr(value: float, batch_size: int, ref: int) -> float:
@@ -143,6 +132,32 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
 def fingerprint(opts, extra: dict) -> dict:
     """The settings a checkpoint is made with, as JSON values (what a resumed run is compared against)."""
     return json.loads(json.dumps({**asdict(opts), **extra}, default=str, sort_keys=True))
+
+
+def resume_state(path: Path, fp: dict, resume: bool, needs: dict) -> Optional[dict]:
+    """The probe checkpoint to continue from, or None to start over. ``fp["weights"]`` is the backbone's weights
+    hash: a checkpoint made on other weights (the pretraining went further under the same path) is stale and
+    is started over, never resumed or returned as finished. Other settings must match (:func:`check_resumable`);
+    ``needs`` maps each key to its type, checked so that a damaged file is one paragraph, not a traceback."""
+    from ..io import load_torch_file
+
+    if not resume or not path.exists():
+        return None
+    state = load_torch_file(path)
+    saved = state.get("fingerprint") if isinstance(state, dict) else None
+    if not isinstance(saved, dict):
+        raise SyncoError(f"'{path}' is not a synco probe checkpoint (no settings fingerprint); delete it or use "
+                         "resume=false to start over.")
+    if saved.get("weights") != fp.get("weights"):
+        logging.getLogger("synco.eval").warning(
+            "%s was made on other backbone weights than --checkpoint holds now: starting over", path)
+        return None
+    check_resumable(saved, fp, path)
+    wrong = [k for k, t in needs.items() if not isinstance(state.get(k), t) or isinstance(state.get(k), bool)]
+    if wrong:
+        raise SyncoError(f"'{path}' is damaged ({', '.join(wrong)} missing or of the wrong type); delete it or "
+                         "use resume=false to start over.")
+    return state
 
 
 def check_resumable(saved: dict, current: dict, path: Path) -> None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -37,54 +39,99 @@ def find_results(dirs: list) -> list[tuple[Path, dict]]:
         for f in files:
             try:
                 data = json.loads(f.read_text())
-            except (ValueError, OSError):
+            except (ValueError, OSError) as e:  # maybe a result cut short: say so rather than drop it unseen
+                logging.getLogger("synco").warning("skipping %s: not readable JSON (%s)", f, e.__class__.__name__)
                 continue
             if isinstance(data, dict) and isinstance(data.get("protocol"), str) and not data.get("part_of"):
                 found.append((f, data))
     return found
 
 
-def _run_dir(checkpoint: str) -> Path:
+def _run_dir(checkpoint) -> Path:
     p = Path(checkpoint)
     return p.parent if p.suffix in (".pt", ".safetensors") else p
 
 
-def _method_of(result: dict) -> Optional[str]:
-    meta = result.get("backbone_meta") or {}
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):  # a name too long, a NUL byte in it: not this run
+        return False
+
+
+def resolve_run(result: dict, path: Path) -> Optional[Path]:
+    """The run folder (absolute) a result was measured on, or None when it is not on this disk. Results record
+    the absolute ``checkpoint_path``; an older one holds the checkpoint as typed, relative to the folder the
+    evaluation ran in, which is most often an ancestor of the result file (``<run>/eval/``), so those are
+    tried before the current folder: `synco report ../B` must not read ./run1 for B's run1."""
+    ck = str(result.get("checkpoint", ""))
+    candidates = [Path(result["checkpoint_path"])] if isinstance(result.get("checkpoint_path"), str) else []
+    if ck and Path(ck).is_absolute():
+        candidates.append(Path(ck))
+    elif ck:
+        candidates += [folder / ck for folder in Path(os.path.abspath(path)).parents] + [Path.cwd() / ck]
+    for c in candidates:
+        if _exists(_run_dir(c)):  # the checkpoint file itself may be gone, its run folder is what counts
+            return _run_dir(c).resolve()
+    return None
+
+
+def _method_of(result: dict, run: Optional[Path]) -> Optional[str]:
+    meta = result.get("backbone_meta") if isinstance(result.get("backbone_meta"), dict) else {}
     if meta.get("method"):
         return str(meta["method"])
-    cfg = _run_dir(str(result.get("checkpoint", ""))) / "config.yaml"
+    if run is None:
+        return None
     try:
-        return str((yaml.safe_load(cfg.read_text()) or {}).get("method") or "") or None
+        return str((yaml.safe_load((run / "config.yaml").read_text()) or {}).get("method") or "") or None
     except (OSError, yaml.YAMLError, AttributeError):
         return None
 
 
-def row_identity(result: dict) -> tuple[str, dict]:
-    """(row key, identity columns) of a result: one row per backbone checkpoint."""
+def row_identity(result: dict, path: Path = Path(".")) -> tuple[str, dict]:
+    """(row key, identity columns) of a result: one row per run, keyed by its resolved folder (two runs both
+    named run1 are two rows); a run no longer on disk is keyed by its recorded path and method."""
     ck = str(result.get("checkpoint", "?"))
     backbone = str(result.get("backbone") or "")
     if ck == "random":
         return f"random:{backbone}", {"Method": "random init", "Backbone": backbone, "Run": "random"}
-    run = _run_dir(ck)
-    try:
-        key = str(run.resolve()) if run.exists() else str(run)
-    except OSError:
-        key = str(run)
-    return key, {"Method": _method_of(result) or "", "Backbone": backbone, "Run": run.name or ck}
+    run = resolve_run(result, path)
+    method = _method_of(result, run) or ""
+    key = str(run) if run is not None else f"{_run_dir(ck)}|{method}"
+    return key, {"Method": method, "Backbone": backbone, "Run": (run or _run_dir(ck)).name or ck}
 
 
-def result_columns(result: dict) -> list[tuple[str, float]]:
-    if isinstance(result.get("report"), dict):
-        return [(str(k), float(v)) for k, v in result["report"].items() if isinstance(v, (int, float))]
-    if result.get("protocol") == "knn" and isinstance(result.get("results"), dict):
-        ks = sorted(result["results"], key=lambda k: int(k))
-        return [(f"k-NN k={k}", float(result["results"][k]["top1"])) for k in ks]
+def _number(value, path: Path, key: str) -> Optional[float]:
+    """A result's number, or None for an explicit null; anything else means the file was damaged or edited,
+    and dropping it would leave a hole in the table that looks like a missing evaluation."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SyncoError(f"'{path}': {key} is {value!r}, not a number; the file is damaged or was edited by hand. "
+                         "Re-run the evaluation that wrote it, or move the file out of the folders reported.")
+    return float(value)
+
+
+def result_columns(result: dict, path: Path = Path("?")) -> list[tuple[str, float]]:
+    """(column, value) of one result file, every value checked to be a number."""
     cols = []
-    for metric, label in (("top1", "top-1"), ("top5", "top-5"), ("map", "mAP")):
-        if isinstance(result.get(metric), (int, float)):
-            cols.append((f"{result['protocol']} {label}", float(result[metric])))
-    return cols
+    if "report" in result:
+        if not isinstance(result["report"], dict):
+            _number(result["report"], path, "report")  # raises: not a mapping of numbers
+        cols = [(str(k), _number(v, path, f"report[{k!r}]")) for k, v in result["report"].items()]
+    elif result.get("protocol") == "knn":
+        res = result.get("results")
+        if not isinstance(res, dict) or not res or not all(str(k).isdigit() and isinstance(v, dict)
+                                                           for k, v in res.items()):
+            raise SyncoError(f"'{path}': 'results' is not a mapping from k to top-1/top-5; the file is damaged or "
+                             "was edited by hand. Re-run `synco eval knn`, or move the file away.")
+        cols = [(f"k-NN k={k}", _number(res[k].get("top1"), path, f"results[{k}].top1"))
+                for k in sorted(res, key=int)]
+    else:
+        for metric, label in (("top1", "top-1"), ("top5", "top-5"), ("map", "mAP")):
+            if metric in result:
+                cols.append((f"{result['protocol']} {label}", _number(result[metric], path, metric)))
+    return [(c, v) for c, v in cols if v is not None]
 
 
 def build_report(dirs: list) -> tuple[list[dict], list[str]]:
@@ -97,7 +144,7 @@ def build_report(dirs: list) -> tuple[list[dict], list[str]]:
     col_order: dict[str, tuple] = {}
     datasets: dict[str, set] = {}
     for n, (path, result) in enumerate(found):
-        key, ident = row_identity(result)
+        key, ident = row_identity(result, path)
         row = rows.setdefault(key, dict(ident))
         for c in ID_COLUMNS:  # fill what an earlier file of the same run could not tell
             row[c] = row[c] or ident[c]
@@ -105,7 +152,7 @@ def build_report(dirs: list) -> tuple[list[dict], list[str]]:
         rank = PROTOCOL_ORDER.index(protocol) if protocol in PROTOCOL_ORDER else len(PROTOCOL_ORDER)
         dataset = "" if protocol == "transfer" else str(result.get("dataset") or "")
         mtime = path.stat().st_mtime
-        for i, (col, value) in enumerate(result_columns(result)):
+        for i, (col, value) in enumerate(result_columns(result, path)):
             col_order.setdefault(col, (rank, n, i))
             datasets.setdefault(col, set()).add(dataset)
             old = cells.get((key, col, dataset))

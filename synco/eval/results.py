@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -13,6 +14,10 @@ def save_result(out_dir: Path, name: str, result: dict) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
+    ck = result.get("checkpoint")
+    if isinstance(ck, str) and ck != "random" and "checkpoint_path" not in result:
+        # the path as typed is relative to the folder the command ran in: `synco report` needs the run itself
+        result = {**result, "checkpoint_path": os.path.abspath(ck)}
     atomic_write_text(json.dumps(result, indent=2, default=str) + "\n", path)
     return path
 

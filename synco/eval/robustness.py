@@ -15,8 +15,10 @@ further training, on:
 * ImageNet-O: FPR at 95% TPR with the maximum softmax probability, the clean set as in-distribution.
 
 Every image gets the same centre-crop preprocessing (resize the short side to size / crop_ratio, centre-crop);
-corruptions and the watermark are applied to the cropped uint8 image, as ImageNet-C/-W were made. A benchmark
-that is not given or not on disk is skipped with a message; the others still run.
+corruptions and the watermark are applied to the cropped uint8 image, as ImageNet-C/-W were made. With the
+default ``benchmarks`` (all), a benchmark whose folder is not given is skipped with a message; the others still
+run. A folder given that does not exist, or a benchmark named in ``benchmarks=`` without its data, is an error
+before any work (:func:`check_benchmark_data`).
 
 This module holds the options and the evaluator; the benchmarks are specified in :mod:`.benchmarks`, made
 in :mod:`.views`, :mod:`.classes` and :mod:`.corruptions`, and printed by :mod:`.robustness_tables`.
@@ -24,7 +26,7 @@ in :mod:`.views`, :mod:`.classes` and :mod:`.corruptions`, and printed by :mod:`
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -36,9 +38,10 @@ from ..data.folder import SafeImageFolder
 from ..device import resolve_device
 from ..engine import dist as D
 from ..errors import SyncoError
+from ..options import check_options, opt
 from .benchmarks import BENCHMARKS, BY_KEY, GROUPS, BenchmarkSpec, find_v2_variants, specs_to_run
 from .classes import head_labels, masked_argmax, open_class_folder, preview, resolve_class_root
-from .common import DEFAULT_CROP_RATIO, EvalOptions, build_eval_set, eval_split_and_crop
+from .common import CROP_RATIO, DEFAULT_CROP_RATIO, EvalOptions, build_eval_set, eval_split_and_crop
 from .corruptions import IMAGENET_C, SEVERITIES, Corruption, Watermark, check_corruptions, summarize_corruptions
 from .head import load_classifier
 from .ood import max_softmax_probability, ood_metrics
@@ -56,13 +59,15 @@ class RobustnessOptions(EvalOptions):
     imagenet_a_root: Optional[str] = None
     imagenet_r_root: Optional[str] = None
     imagenet_o_root: Optional[str] = None
-    corruptions: list = field(default_factory=lambda: list(IMAGENET_C))
-    severities: list = field(default_factory=lambda: list(SEVERITIES))
+    corruptions: list[str] = opt(factory=lambda: list(IMAGENET_C), nonempty=True)  # names: check_corruptions
+    severities: list[int] = opt(factory=lambda: list(SEVERITIES), nonempty=True, ge=1, le=5)
     corruption_on_the_fly: bool = True  # no imagenet_c_root: corrupt the clean set with corrupt-tta
     watermark_on_the_fly: bool = True  # no imagenet_w_root: watermark the clean set with imagenet-w
-    benchmarks: list = field(default_factory=lambda: list(GROUPS))
-    max_images: Optional[int] = None  # per evaluated set: a fixed random subset (seed) of at most this many
-    crop_ratio: Optional[float] = None  # default 224/256 (1.0 for the clean digits set)
+    # an empty list would evaluate nothing and still overwrite robustness.json
+    benchmarks: list[str] = opt(factory=lambda: list(GROUPS), nonempty=True, choices=tuple(GROUPS))
+    # per evaluated set: a fixed random subset (seed) of at most this many
+    max_images: Optional[int] = opt(None, ge=1, why="or null for all")
+    crop_ratio: Optional[float] = opt(None, **CROP_RATIO)  # default 224/256 (1.0 for the clean digits set)
 
 
 @torch.no_grad()
@@ -101,10 +106,9 @@ class RobustnessEvaluator:
         self.skipped: dict[str, str] = {}
         self._clean = None  # (base dataset, indices, labels, crop)
         self._clean_scores: Optional[torch.Tensor] = None
-        bad = [b for b in opts.benchmarks if b not in GROUPS]
-        if bad:
-            raise SyncoError(f"unknown benchmark(s) {bad}; choose among {', '.join(GROUPS)}.")
+        check_options(opts)
         check_corruptions(opts.corruptions, opts.severities)
+        check_benchmark_data(opts)
         self._evaluate = {"clean": self.clean, "folder": self.folder, "v2": self.imagenet_v2,
                           "corruption": self.imagenet_c, "watermark": self.imagenet_w, "ood": self.imagenet_o}
 
@@ -295,8 +299,32 @@ class RobustnessEvaluator:
         self._guard(spec, fpr)
 
 
+def check_benchmark_data(opts: RobustnessOptions) -> None:
+    """What a user asked for must run, or the command stops before any work (an earlier robustness.json stays):
+    a benchmark folder that is given must exist (a typo would otherwise be a silent "skipped" and exit 0), and a
+    benchmark named in ``benchmarks=`` (a choice, not the default of all) must have its data. Only benchmarks
+    left at the default may be skipped for want of a folder."""
+    chosen = specs_to_run(opts.benchmarks)
+    for spec in chosen:
+        value = getattr(opts, spec.option) if spec.option else None
+        if value is not None and not Path(value).expanduser().is_dir():
+            raise SyncoError(f"{spec.option}='{value}' does not exist or is not a folder, so {spec.column} cannot "
+                             "be evaluated. Fix the path, or leave the option out to skip that benchmark.")
+    if sorted(set(opts.benchmarks)) == sorted(GROUPS):
+        return
+    generated = {"corruption": opts.corruption_on_the_fly, "watermark": opts.watermark_on_the_fly}
+    for spec in chosen:
+        if spec.group not in opts.benchmarks or not spec.option or getattr(opts, spec.option) is not None:
+            continue
+        if not generated.get(spec.kind, False):
+            raise SyncoError(f"benchmarks={list(opts.benchmarks)} asks for {spec.column} ({spec.group}), but "
+                             f"{spec.option} is not given. Set {spec.option}=DIR, or drop {spec.group} from "
+                             "benchmarks=.")
+
+
 def run_robustness(checkpoint: str, head_path: str, out: Path, opts: RobustnessOptions,
                    progress: bool = True) -> dict:
+    check_benchmark_data(opts)  # before the model is loaded
     device = resolve_device(opts.device)
     torch.manual_seed(opts.seed)
     model, classes, size, meta, _ = load_classifier(checkpoint, head_path, opts, device)

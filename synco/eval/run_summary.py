@@ -24,8 +24,8 @@ def _knn_sets(cfg):
     opts = EvalOptions(dataset=d.dataset, root=d.root, class_list=d.class_list, image_size=d.image_size)
     try:
         train, test = eval_datasets(opts, d.image_size)
-    except SyncoError:
-        return None, "no val split next to the training data: k-NN skipped"
+    except SyncoError as e:  # no val split, or one whose class folders differ from train's: say which
+        return None, f"k-NN skipped: {e}"
     if len(train.classes) < 2:
         return None, (f"the data has {len(train.classes)} class: k-NN accuracy would be 100 % by construction, "
                       "so it was skipped")

@@ -23,6 +23,7 @@ JSON (a finished one is not re-run); ``<out>/transfer.json`` collects them.
 from __future__ import annotations
 
 import json
+import logging
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
@@ -32,11 +33,13 @@ from typing import Callable, Optional
 import torch
 from torch.utils.data import Dataset
 
+from ..data.folder import MAX_SKIPS
 from ..data.transforms import eval_transform, train_classification_transform
 from ..device import resolve_device
 from ..engine import dist as D
 from ..errors import SyncoError
-from .common import EvalOptions, eval_image_size, load_eval_backbone
+from ..options import opt
+from .common import EvalOptions, eval_image_size, load_eval_backbone, weights_digest
 from .finetune import FinetuneHParams, check_finetune_hparams, finetune
 from .linear import LinearHParams, check_hparams, linear_probe
 from .probe import ProbeData, check_eval_options
@@ -45,6 +48,7 @@ from .results import markdown_table, save_result
 VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
                "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]
 MODES = ("linear", "finetune")
+data_logger = logging.getLogger("synco.data")
 
 
 @dataclass(frozen=True)
@@ -82,12 +86,12 @@ SPECS = {s.name: s for s in [
 class TransferOptions(EvalOptions):
     """``root`` holds every dataset; ``dataset``/``class_list`` of the common options are not used."""
 
-    datasets: list = field(default_factory=lambda: list(SPECS))
-    modes: list = field(default_factory=lambda: ["linear"])
+    datasets: list[str] = field(default_factory=lambda: list(SPECS))  # names: parse_names
+    modes: list[str] = field(default_factory=lambda: ["linear"])
     linear: LinearHParams = field(default_factory=lambda: LinearHParams(lrs=[1.0], val_fraction=0.0))
     finetune: FinetuneHParams = field(default_factory=FinetuneHParams)
-    caltech_train_per_class: int = 30
-    sun397_train_per_class: int = 50  # used when the official partition files are absent
+    caltech_train_per_class: int = opt(30, ge=1)
+    sun397_train_per_class: int = opt(50, ge=1)  # used when the official partition files are absent
 
 
 def parse_names(value, allowed, what: str) -> list[str]:
@@ -144,12 +148,35 @@ class SplitView(Dataset):
         return SplitView(self.items, self.targets, self.classes, transform, self.load)
 
     def __getitem__(self, i: int):
-        base, j = self.items[i]
-        img = self._rgb(self.load(base, j))
-        if self.transform is not None:
-            img = self.transform(img)
-        t = self.targets[i]
-        return img, (torch.as_tensor(t, dtype=torch.float32) if isinstance(t, list) else t)
+        """Sample ``i``; an image that is missing or cannot be decoded is logged (``synco.data``, as
+        :class:`~synco.data.folder.SafeImageFolder` does) and the next readable sample, with its own target,
+        is returned instead: one bad file among thousands must not stop a training hours in."""
+        for attempt in range(MAX_SKIPS):
+            k = (i + attempt) % len(self.items)
+            base, j = self.items[k]
+            try:
+                img = self._rgb(self.load(base, j))
+                img.load()
+            except Exception as exc:  # noqa: BLE001 - decoders raise many types (OSError, SyntaxError, ...)
+                data_logger.warning("skipping unreadable image %s (%s: %s)", _image_path(base, j),
+                                    type(exc).__name__, exc)
+                continue
+            if self.transform is not None:
+                img = self.transform(img)
+            t = self.targets[k]
+            return img, (torch.as_tensor(t, dtype=torch.float32) if isinstance(t, list) else t)
+        raise SyncoError(f"{MAX_SKIPS} consecutive images from sample {i} on could not be read (the first: "
+                         f"{_image_path(*self.items[i])}); the dataset is damaged or incomplete.")
+
+
+def _image_path(base, j) -> str:
+    """The file behind sample ``j`` of a torchvision dataset, for messages (its index when unknown)."""
+    for attr in ("_image_files", "_images", "images", "_samples", "samples"):
+        seq = getattr(base, attr, None)
+        if isinstance(seq, (list, tuple)) and j < len(seq):
+            item = seq[j]
+            return str(item[0] if isinstance(item, tuple) else item)
+    return f"{type(base).__name__}[{j}]"
 
 
 def _labels(ds) -> list[int]:
@@ -185,8 +212,46 @@ def _per_class_split(labels: list[int], per_class: int, seed: int) -> tuple[list
 
 
 def _voc_labels(xml_path: str) -> list:
-    names = {o.findtext("name").strip() for o in ET.parse(xml_path).getroot().iter("object")}
+    """The multi-hot target of one VOC annotation; a file that is not well-formed XML, or an object without a
+    name, is one paragraph naming the file (the label of every image must be known)."""
+    try:
+        objects = list(ET.parse(xml_path).getroot().iter("object"))
+    except (ET.ParseError, OSError) as e:
+        raise SyncoError(f"VOC2007: the annotation '{xml_path}' cannot be read ({e.__class__.__name__}: {e}). "
+                         "Extract it again from the official VOCtrainval/VOCtest archives.") from None
+    names = {(o.findtext("name") or "").strip() for o in objects}
+    if "" in names:
+        raise SyncoError(f"VOC2007: the annotation '{xml_path}' has an <object> without a <name>, so its labels "
+                         "are unknown. Extract it again from the official VOCtrainval/VOCtest archives.")
     return [1.0 if c in names else 0.0 for c in VOC_CLASSES]
+
+
+# MATLAB files torchvision reads, under each dataset's folder, with a variable each must hold: checked up front,
+# so that a truncated or foreign file is named (scipy's errors do not name it, and a short file fails later
+# with an IndexError).
+MAT_FILES = {
+    "cars": {"devkit/cars_meta.mat": "class_names", "devkit/cars_train_annos.mat": "annotations",
+             "cars_test_annos_withlabels.mat": "annotations"},
+    "flowers102": {"imagelabels.mat": "labels", "setid.mat": "trnid"},
+}
+
+
+def _check_mat_files(name: str, folder: Path) -> None:
+    import scipy.io as sio
+
+    for rel, key in MAT_FILES.get(name, {}).items():
+        path = folder / rel
+        if not path.is_file():
+            continue  # torchvision reports the missing file
+        try:
+            ok = key in sio.loadmat(str(path), squeeze_me=True, variable_names=[key])
+        except Exception as e:  # noqa: BLE001 - scipy raises MatReadError, ValueError, TypeError, ...
+            raise SyncoError(f"{SPECS[name].title}: '{path}' cannot be read as a MATLAB file ({e.__class__.__name__}:"
+                             f" {str(e)[:200]}); it is truncated or damaged. Extract it again from the official "
+                             "archive.") from None
+        if not ok:
+            raise SyncoError(f"{SPECS[name].title}: '{path}' holds no '{key}' variable; it is not the file of the "
+                             "official archive. Extract it again.")
 
 
 def _voc_image(base, j):
@@ -204,6 +269,7 @@ def build_transfer_split(name: str, root, opts: Optional[TransferOptions] = None
     root = str(root)
     if not expected_path(Path(root), spec).exists():
         raise SyncoError(missing_message(Path(root), [spec]))
+    _check_mat_files(name, expected_path(Path(root), spec))
     try:
         if name in ("cifar10", "cifar100"):
             cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
@@ -245,7 +311,9 @@ def build_transfer_split(name: str, root, opts: Optional[TransferOptions] = None
                 views.append(SplitView([(ds, j) for j in range(len(ds))], [_voc_labels(a) for a in ds.annotations],
                                        list(VOC_CLASSES), load=_voc_image))
             return views[0], views[1]
-    except (RuntimeError, FileNotFoundError, OSError, KeyError, ValueError) as e:
+    except SyncoError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever torchvision's parsers raise on damaged metadata
         raise SyncoError(f"{spec.title}: torchvision.datasets.{spec.tv_class} cannot read "
                          f"{expected_path(Path(root), spec)} ({e.__class__.__name__}: {str(e)[:200]}). It should "
                          f"hold {spec.contents}, as extracted from the official archives.") from None
@@ -253,6 +321,11 @@ def build_transfer_split(name: str, root, opts: Optional[TransferOptions] = None
 
 
 def _sun397(ds, root: Path, opts: TransferOptions) -> tuple[SplitView, SplitView]:
+    # torchvision lists the images with an unsorted rglob: the order, hence the seeded fallback split, would
+    # depend on the file system. Sort them (and their labels) by path first.
+    order = sorted(range(len(ds._image_files)), key=lambda i: str(ds._image_files[i]))
+    ds._image_files = [ds._image_files[i] for i in order]
+    ds._labels = [ds._labels[i] for i in order]
     labels = _labels(ds)
     for folder in (root / "SUN397", root):
         tr_f, te_f = folder / "Training_01.txt", folder / "Testing_01.txt"
@@ -327,7 +400,7 @@ def run_transfer(checkpoint: str, out: Path, opts: TransferOptions, progress: bo
             backbone, meta = load_eval_backbone(checkpoint, opts, device)  # fresh weights for every run
             size = eval_image_size(opts, backbone)
             hp = opts.linear if mode == "linear" else opts.finetune
-            fp = {"checkpoint": checkpoint, "dataset": name, "root": str(opts.root), "image_size": size,
+            fp = {"weights": weights_digest(backbone), "dataset": name, "root": str(opts.root), "image_size": size,
                   "batch_size": opts.batch_size, "seed": opts.seed, "hp": asdict(hp),
                   "split": [opts.caltech_train_per_class, opts.sun397_train_per_class]}
             fp = json.loads(json.dumps(fp, default=str, sort_keys=True))

@@ -232,6 +232,7 @@ def load_backbone(path: str, backbone: Optional[str] = None, backbone_kwargs: Op
     model = create_backbone(meta["backbone"], bn_before_mlp=meta.get("bn_before_mlp", False), **meta["backbone_kwargs"])
     if state is not None:
         load_state_checked(model, state, f"checkpoint '{path}'", meta["backbone"])
+        check_finite_state(state, f"checkpoint '{path}'")
     meta["source"] = str(path)
     meta["num_features"] = int(model.num_features)
     return model.to(device).eval(), meta
@@ -245,3 +246,15 @@ def load_state_checked(model: nn.Module, state: dict, what: str, arch: str) -> N
         first = str(e).splitlines()[0:3]
         raise SyncoError(f"{what} does not match the '{arch}' architecture (another backbone or other "
                          f"model settings?): {' '.join(first)[:400]}") from None
+
+
+def check_finite_state(state: dict, what: str) -> None:
+    """Refuse weights holding NaN or inf: every number computed from them would be meaningless, yet a k-NN or a
+    probe on them still runs and reports one (ties at chance level)."""
+    bad = [k for k, v in state.items()
+           if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+        raise SyncoError(f"{what} holds non-finite weights (NaN or inf) in {shown}: the training diverged or the "
+                         "file is damaged, and any number measured on it would be meaningless. Evaluate an earlier "
+                         "checkpoint, or re-train with a lower learning rate.")

@@ -26,7 +26,7 @@ from .. import resume
 from ..config import Config, apply_overrides, load_config, validate
 from ..engine.metrics import read_jsonl, training_summary
 from ..errors import SyncoError
-from ..io import atomic_write_text
+from ..io import DirLock, atomic_write_text, check_output_dir
 from . import stats as S
 from .launch import LAUNCHERS, LOCKED, Task, run_tasks
 from .spec import Point, SweepSpec, expand_points, load_spec, override_keys, parse_override_list
@@ -100,8 +100,18 @@ def _check_launchable(cfg: Config, world: int, where: str) -> None:
 
 # Keys that do not change what a run computes (or that a sweep sets per invocation, like threads for --jobs):
 # a finished or killed run made with other values of these is still the same run.
-RUN_INVARIANT_KEYS = ("threads", "data.num_workers", "data.root", "device", "compile", "resume", "log_every",
-                      "ckpt_every_steps")
+# data.root is not one of them: a run on other data is another run, whose numbers differ.
+RUN_INVARIANT_KEYS = ("threads", "data.num_workers", "device", "compile", "resume", "log_every", "ckpt_every_steps")
+
+
+def finished(run_dir: Path) -> bool:
+    """Whether a run wrote a readable ``summary.json`` (a JSON object). One torn by a kill, or damaged, is not
+    finished: the run is resumed (``synco pretrain`` rewrites it from the last checkpoint), never counted done
+    and then left out of the tables unseen."""
+    try:
+        return isinstance(json.loads((Path(run_dir) / "summary.json").read_text()), dict)
+    except (OSError, ValueError):
+        return False
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
@@ -117,8 +127,10 @@ def _saved_differences(run_dir: Path, cfg: Config) -> list[str]:
     except SyncoError:
         try:
             saved = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError):
+        except (OSError, ValueError, yaml.YAMLError):  # ValueError: not UTF-8 text (a binary file)
             return [f"{path} cannot be read"]
+        if not isinstance(saved, dict):
+            return [f"{path} is not a mapping of config keys"]
     return config_differences(saved, cfg.to_dict())
 
 
@@ -165,7 +177,7 @@ def plan(spec: SweepSpec, out: Path, extra: Optional[list[str]] = None, seeds: O
             if diffs:
                 mismatched.append((r, diffs))
                 continue
-            r.status = "done" if (r.dir / "summary.json").exists() else "resume"
+            r.status = "done" if finished(r.dir) else "resume"
         elif (r.dir / "checkpoint.pt").exists():
             r.status = "resume"
     if mismatched:
@@ -234,6 +246,25 @@ def linear_options(run: Run, spec: SweepSpec) -> dict:
     return opts
 
 
+def check_linear_options(spec: SweepSpec, runs: list[Run]) -> None:
+    """The options each run's `synco eval linear` will get (the spec's linear: section over the run's data), checked
+    as that command checks them: a typo or a bad value fails the plan, not the probe after all the pretraining."""
+    from ..eval.linear import LinearOptions, check_hparams
+    from ..options import apply_dict
+
+    seen = set()
+    for r in runs:
+        values = linear_options(r, spec)
+        key = json.dumps(values, sort_keys=True, default=str)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            check_hparams(apply_dict(LinearOptions(), values))
+        except SyncoError as e:
+            raise SyncoError(f"{spec.origin}, linear: section (the options of `synco eval linear`): {e}") from None
+
+
 def _linear_dir(run: Run, opts: dict) -> Path:
     h = hashlib.sha1((json.dumps(opts, sort_keys=True, default=str) + _sha1(run.dir / "summary.json")).encode())
     return run.dir / "eval" / f"linear-{h.hexdigest()[:8]}"
@@ -241,7 +272,7 @@ def _linear_dir(run: Run, opts: dict) -> Path:
 
 def cached_linear(run: Run, spec: SweepSpec) -> Optional[float]:
     path = run.dir / "sweep_eval.json"
-    if not path.exists() or not (run.dir / "summary.json").exists():
+    if not path.exists() or not finished(run.dir):
         return None
     try:
         data = json.loads(path.read_text())
@@ -452,7 +483,7 @@ def write_outputs(spec: SweepSpec, runs: list[Run], out: Path, failed: list, com
         "paired": [{"axis": p["axis"], "a": p["a"], "b": p["b"], "context": p["context"], "metric": p["metric"],
                     **p["stats"].to_dict()} for p in paired],
         "runs": [{"point": r.point.name, "seed": r.seed, "dir": str(r.dir),
-                  "finished": (r.dir / "summary.json").exists()} for r in runs],
+                  "finished": finished(r.dir)} for r in runs],
         "failed": [{"run": n, "exit": rc, "log": log} for n, rc, log in failed],
     }
     atomic_write_text(json.dumps(data, indent=2, default=str) + "\n", out / "sweep.json")
@@ -491,25 +522,38 @@ def run_sweep(spec_or_name: Any, out: Optional[Path] = None, jobs: Optional[int]
     extra = parse_override_list(list(extra or []), "command-line overrides")
     out = Path(out) if out else default_out(spec)
     runs = plan(spec, out, extra, seeds, launcher)
+    check_linear_options(spec, runs)  # not only with --linear: a bad section is a bad spec, found before any run
     todo = [r for r in runs if r.status != "done"]
     tasks = [pretrain_task(r, spec, launcher, threads_for(spec, extra, r.cfg, launcher, jobs)) for r in todo]
     if dry_run:
         print(describe_plan(runs, tasks))
         return SweepResult(out, runs)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out, "--out")
+    lock = DirLock(out, "sweep").acquire()  # a second sweep on this --out would launch the same runs again
+    try:
+        return _launch_and_write(spec, runs, todo, tasks, out, extra, seeds, launcher, jobs, linear, progress,
+                                 command)
+    finally:
+        lock.release()
+
+
+def _launch_and_write(spec, runs, todo, tasks, out, extra, seeds, launcher, jobs, linear, progress,
+                      command) -> SweepResult:
+    """The sweep's work once planned and locked: launch, (optionally) linear-probe, aggregate and write."""
     record = {"spec": spec.data, "origin": spec.origin, "extra_overrides": extra, "seeds": seeds or spec.seeds,
               "launcher": launcher, "command": command}
     atomic_write_text(yaml.safe_dump(record, sort_keys=False), out / "sweep_spec.yaml")
     print("synco sweep: " + describe_plan(runs, []).splitlines()[0], file=sys.stderr)
     rcs = run_tasks(tasks, launcher, jobs, out, spec.slurm, progress, desc=f"sweep {spec.name}")
     failed = [(t.name, rc, t.log) for t in tasks for rc in [rcs.get(t.name, -1)] if rc != 0]
-    # a run counts as finished only if it wrote summary.json
+    # a run counts as finished only if it wrote summary.json, and one that did is not a failure
+    failed = [f for f in failed if not any(r.name == f[0] and finished(r.dir) for r in todo)]
     bad = {n for n, _, _ in failed}
     failed += [(r.name, 0, str(r.dir / "log.txt")) for r in todo
-               if r.name not in bad and not (r.dir / "summary.json").exists()]
+               if r.name not in bad and not finished(r.dir)]
     if linear:
-        finished = [r for r in runs if (r.dir / "summary.json").exists()]
-        need = [r for r in finished if cached_linear(r, spec) is None]
+        done = [r for r in runs if finished(r.dir)]
+        need = [r for r in done if cached_linear(r, spec) is None]
         ltasks = [linear_task(r, spec, launcher, threads_for(spec, extra, r.cfg, launcher, jobs)) for r in need]
         one_gpu = {**spec.slurm, "gpus": min(1, int(spec.slurm["gpus"]))} if spec.slurm.get("gpus") else spec.slurm
         lrcs = run_tasks(ltasks, launcher, jobs, out, one_gpu, progress, desc=f"linear {spec.name}")

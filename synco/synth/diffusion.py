@@ -28,46 +28,57 @@ import torch
 from ..device import resolve_device, use_bf16
 from ..engine.metrics import trim_jsonl
 from ..errors import SyncoError, key_error
+from ..options import MAX_IMAGE_SIZE, MAX_THREADS, SEED_RANGE, check_options, opt
 from ..resume import config_differences
 from .model import FORMAT, MODEL_FILE, SAMPLERS, SmallDiffusion, save_model, write_preview
 
 STATE_FILE = "train_state.pt"
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")  # diffusers' DDPMScheduler
 
 
 @dataclass
 class DiffusionTrainConfig:
     """``synco synth-data train`` options (``key=value``)."""
 
-    image_size: int = 0  # 0 = dataset default: 8 for digits (their native size), 32 for image folders
-    channels: int = 0  # 0 = 1 (grayscale) for digits, 3 for image folders
-    resolution: int = 0  # default output size for generate; 0 = 16 for digits (cpu-demo), image_size otherwise
+    OWNER = "synth-data train option"  # how errors name a key (synco.options)
+
+    # 0 = dataset default: 8 for digits (their native size), 32 for image folders (1..3 px: validate_train_config)
+    image_size: int = opt(0, ge=0, le=MAX_IMAGE_SIZE)
+    # 0 = 1 (grayscale) for digits, 3 for image folders
+    channels: int = opt(0, choices=(0, 1, 3), why="1 grayscale, 3 RGB, 0 the dataset's")
+    # default output size for generate; 0 = 16 for digits (cpu-demo), image_size otherwise
+    resolution: int = opt(0, ge=0, le=MAX_IMAGE_SIZE)
     class_list: Optional[str] = None  # image folders: only these classes (file or shipped name)
     # The defaults are sized for the built-in digits (about 3 CPU-minutes); give image folders a bigger UNet,
     # e.g. block_out_channels=[64,128,256] attention=[false,true,true] image_size=32, and more steps.
-    block_out_channels: list = field(default_factory=lambda: [16, 32])
-    attention: list = field(default_factory=lambda: [False, True])  # self-attention per UNet level
-    layers_per_block: int = 1
-    norm_num_groups: int = 8
-    steps: int = 1500
-    batch_size: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 100
-    ema_decay: float = 0.995
-    p_uncond: float = 0.1  # label dropout, enables classifier-free guidance
-    num_train_timesteps: int = 1000
-    beta_schedule: str = "squaredcos_cap_v2"
+    block_out_channels: list[int] = opt(factory=lambda: [16, 32], nonempty=True, ge=1, le=4096,
+                                        why="channel counts per UNet level, e.g. [32, 64]")
+    attention: list[bool] = field(default_factory=lambda: [False, True])  # self-attention per UNet level
+    layers_per_block: int = opt(1, ge=1)
+    norm_num_groups: int = opt(8, ge=1)  # GroupNorm's groups: divide every entry of block_out_channels
+    steps: int = opt(1500, ge=1)
+    batch_size: int = opt(64, ge=1, le=2**16)
+    lr: float = opt(2e-3, gt=0)
+    weight_decay: float = opt(0.01, ge=0)
+    warmup_steps: int = opt(100, ge=0)
+    ema_decay: float = opt(0.995, ge=0, lt=1)
+    p_uncond: float = opt(0.1, ge=0, lt=1)  # label dropout, enables classifier-free guidance
+    num_train_timesteps: int = opt(1000, ge=1)
+    beta_schedule: str = opt("squaredcos_cap_v2", choices=BETA_SCHEDULES)  # diffusers' DDPMScheduler
     hflip: bool = False  # random horizontal flips (never for digits)
-    sampler: str = "dpm"  # default sampler stored with the model
-    sample_steps: int = 20  # default number of sampling steps stored with the model
-    guidance: float = 2.0  # default classifier-free guidance scale stored with the model (1 = none)
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
-    threads: int = 1  # torch CPU threads; 1 is fastest for small models on a shared CPU (0 = torch default)
-    num_workers: int = 0  # DataLoader workers for image folders
-    log_every: int = 50
-    ckpt_every: int = 500  # save a resumable training state every N steps (0 = only at the end)
+    sampler: str = opt("dpm", choices=tuple(SAMPLERS))  # default sampler stored with the model
+    sample_steps: int = opt(20, ge=1)  # default number of sampling steps stored with the model
+    # default classifier-free guidance scale stored with the model (1 = none)
+    guidance: float = opt(2.0, ge=0, why="1 = no guidance")
+    seed: int = opt(0, **SEED_RANGE)
+    device: str = opt("auto", choices=("auto", "cpu", "cuda"))
+    precision: str = opt("auto", choices=("auto", "bf16", "fp32"))  # auto: bf16 on CUDA, fp32 on CPU
+    # torch CPU threads; 1 is fastest for small models on a shared CPU (0 = torch default)
+    threads: int = opt(1, ge=0, le=MAX_THREADS)
+    num_workers: int = opt(0, ge=0, le=MAX_THREADS)  # DataLoader workers for image folders
+    log_every: int = opt(50, ge=1)
+    # save a resumable training state every N steps (0 = only at the end)
+    ckpt_every: int = opt(500, ge=0)
     preview: bool = True  # write preview.png (samples per class) after training
 
 
@@ -77,40 +88,18 @@ RESUMABLE_KEYS = {"steps", "device", "threads", "num_workers", "log_every", "ckp
 
 
 def validate_train_config(cfg: DiffusionTrainConfig) -> None:
-    bad = key_error("synth-data train option")
-
-    if cfg.image_size < 0 or (0 < cfg.image_size < 4):
+    """Each field's declared bounds, then the rules between fields."""
+    check_options(cfg)
+    bad = key_error(DiffusionTrainConfig.OWNER)
+    if 0 < cfg.image_size < 4:
         bad("image_size", "must be >= 4 (or 0 for the dataset default).")
-    if cfg.channels not in (0, 1, 3):
-        bad("channels", "must be 1 (grayscale), 3 (RGB) or 0 (dataset default).")
-    if cfg.resolution < 0:
-        bad("resolution", "must be >= 0.")
-    if not cfg.block_out_channels or any(not isinstance(c, int) or c < 1 for c in cfg.block_out_channels):
-        bad("block_out_channels", "must be a list of positive channel counts, e.g. [32, 64].")
     if len(cfg.attention) != len(cfg.block_out_channels):
         bad("attention", f"needs one true/false per UNet level ({len(cfg.block_out_channels)} levels, "
                          f"from block_out_channels).")
     if any(c % cfg.norm_num_groups for c in cfg.block_out_channels):
         bad("norm_num_groups", f"must divide every entry of block_out_channels {cfg.block_out_channels}.")
-    for key in ("steps", "batch_size", "layers_per_block", "num_train_timesteps", "sample_steps", "log_every"):
-        if getattr(cfg, key) < 1:
-            bad(key, "must be >= 1.")
-    if cfg.lr <= 0:
-        bad("lr", "must be > 0.")
-    if not 0.0 <= cfg.ema_decay < 1.0:
-        bad("ema_decay", "must be in [0, 1).")
-    if not 0.0 <= cfg.p_uncond < 1.0:
-        bad("p_uncond", "must be in [0, 1).")
     if cfg.guidance != 1.0 and cfg.p_uncond == 0:
         bad("guidance", "classifier-free guidance needs a model trained with p_uncond > 0.")
-    if cfg.sampler not in SAMPLERS:
-        bad("sampler", f"must be one of {', '.join(SAMPLERS)}.")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        bad("device", "must be auto, cpu or cuda.")
-    if cfg.precision not in ("auto", "bf16", "fp32"):
-        bad("precision", "must be auto, bf16 or fp32.")
-    if cfg.warmup_steps < 0 or cfg.ckpt_every < 0 or cfg.num_workers < 0 or cfg.threads < 0:
-        bad("warmup_steps", "warmup_steps, ckpt_every, num_workers and threads must be >= 0.")
 
 
 def build_noise_scheduler(cfg: DiffusionTrainConfig):
@@ -167,7 +156,7 @@ class _LoaderBatches:
         self._it, self._epoch = None, 0
 
     def _loader(self, step: int):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + step) % 2**63)  # torch takes 64 bits
         return iter(torch.utils.data.DataLoader(
             self.dataset, batch_size=self.batch_size, shuffle=True, drop_last=True, generator=g,
             num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),

@@ -7,8 +7,10 @@
 * ``OUT/generation.json``: the settings (checked again when a run resumes) and the last run's figures.
 
 Resumable: images are written to a hidden temporary name and renamed into place (``os.replace``), so an
-image file that exists is complete; a re-run skips them, removes leftover temporary files, reconciles the
-manifest with the files present and generates only what is missing. Image ``(class, index)`` is drawn from
+image file that exists is complete; a re-run skips them, removes the temporary files of writers that are gone
+(a live one's are left alone), reconciles the manifest with the files present and generates only what is
+missing. The settings are checked against ``generation.json`` and every manifest entry first: a damaged one of
+either is refused, never read as empty (that would switch the check off). Image ``(class, index)`` is drawn from
 ``image_seed(seed, class, index)`` alone, so it comes out the same whatever batch it falls into.
 
 Models (``--model``):
@@ -35,14 +37,14 @@ from typing import Optional
 import torch
 
 from ..device import resolve_device
-from ..errors import SyncoError, key_error
+from ..errors import SyncoError
+from ..options import MAX_IMAGE_SIZE, MAX_THREADS, SEED_RANGE, check_options, opt
 from .model import SAMPLERS, image_seed, is_model_dir, load_model, make_scheduler, to_pil
 
 MANIFEST = "manifest.jsonl"
 SETTINGS = "generation.json"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 WNID = re.compile(r"^n\d{8}$")
-TMP_NAME = re.compile(r"^\..+\.tmp\d+$")
 FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
 
 
@@ -50,18 +52,27 @@ FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
 class GenerateConfig:
     """``synco synth-data generate`` options (``key=value``)."""
 
-    sampler: str = "default"  # default = the model's own; or ddpm | ddim | dpm | dpm_sde | euler | euler_a | unipc
-    steps: int = 0  # sampling steps; 0 = the model's default (synco models: as trained; pipelines: 50)
-    guidance: Optional[float] = None  # classifier-free guidance scale; None = the model's default (DiT: 4.0)
-    seed: int = 0  # base seed; image (class, index) uses image_seed(seed, class, index)
-    batch_size: int = 64
-    resolution: int = 0  # output size in pixels (bilinear resize); 0 = the model's default
-    format: str = "png"  # png | jpg | webp
-    quality: int = 95  # jpg / webp quality
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto (fp16 for pipelines on CUDA, else fp32) | fp32 | fp16 | bf16
-    threads: int = 1  # torch CPU threads; 1 is fastest for small models on a shared CPU (0 = torch default)
-    cache_dir: Optional[str] = None  # Hugging Face cache to look in (default: the standard one)
+    OWNER = "synth-data generate option"  # how errors name a key (synco.options)
+
+    # default = the model's own; or ddpm | ddim | dpm | dpm_sde | euler | euler_a | unipc
+    sampler: str = opt("default", choices=("default", *SAMPLERS))
+    # sampling steps; 0 = the model's default (synco models: as trained; pipelines: 50)
+    steps: int = opt(0, ge=0, why="0 = the model's default")
+    # classifier-free guidance scale; None = the model's default (DiT: 4.0)
+    guidance: Optional[float] = opt(None, ge=0, why="1 = no guidance; null = the model's default")
+    seed: int = opt(0, **SEED_RANGE)  # base seed; image (class, index) uses image_seed(seed, class, index)
+    batch_size: int = opt(64, ge=1, le=2**16)
+    # output size in pixels (bilinear resize); 0 = the model's default
+    resolution: int = opt(0, ge=0, le=MAX_IMAGE_SIZE, why="0 = the model's default")
+    format: str = opt("png", choices=tuple(FORMATS))
+    quality: int = opt(95, ge=1, le=100)  # jpg / webp quality
+    device: str = opt("auto", choices=("auto", "cpu", "cuda"))
+    # auto (fp16 for pipelines on CUDA, else fp32) | fp32 | fp16 | bf16
+    dtype: str = opt("auto", choices=("auto", "fp32", "fp16", "bf16"))
+    # torch CPU threads; 1 is fastest for small models on a shared CPU (0 = torch default)
+    threads: int = opt(1, ge=0, le=MAX_THREADS)
+    # Hugging Face cache to look in (default: the standard one; a missing one says how to fill it)
+    cache_dir: Optional[str] = None
 
 
 # Settings that must match when resuming into an existing output directory.
@@ -69,26 +80,8 @@ IDENTITY_KEYS = ("model", "sampler", "steps", "guidance", "seed", "resolution", 
 
 
 def validate_generate_config(cfg: GenerateConfig) -> None:
-    bad = key_error("synth-data generate option")
-
-    if cfg.sampler != "default" and cfg.sampler not in SAMPLERS:
-        bad("sampler", f"must be default or one of {', '.join(SAMPLERS)}.")
-    if cfg.steps < 0:
-        bad("steps", "must be >= 1 (or 0 for the model's default).")
-    if cfg.guidance is not None and cfg.guidance < 0:
-        bad("guidance", "must be >= 0 (1 = no guidance).")
-    if cfg.batch_size < 1:
-        bad("batch_size", "must be >= 1.")
-    if cfg.resolution < 0:
-        bad("resolution", "must be >= 1 (or 0 for the model's default).")
-    if cfg.format not in FORMATS:
-        bad("format", f"must be one of {', '.join(FORMATS)}.")
-    if not 1 <= cfg.quality <= 100:
-        bad("quality", "must be in [1, 100].")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        bad("device", "must be auto, cpu or cuda.")
-    if cfg.dtype not in ("auto", "fp32", "fp16", "bf16"):
-        bad("dtype", "must be auto, fp32, fp16 or bf16.")
+    """Each field's bounds are declared on GenerateConfig (no rule relates two of them)."""
+    check_options(cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,40 +276,94 @@ def image_name(index: int, fmt: str) -> str:
     return f"{index:05d}.{fmt}"
 
 
+def _damaged(path: Path, why: str, fix: str) -> SyncoError:
+    return SyncoError(f"'{path}' is damaged ({why}): the settings of the images already in '{path.parent}' cannot "
+                      f"be checked, and images made with other settings would be mixed in unseen. {fix}")
+
+
 def _read_manifest(path: Path) -> list[dict]:
+    """The manifest's entries; a line cut short by a kill (not JSON) is skipped, but a line that is JSON and not
+    an entry means the file was damaged or replaced, and is refused rather than rewritten as if consistent."""
     entries = []
     if not path.is_file():
         return entries
-    for line in path.read_text().splitlines():
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         try:
             entry = json.loads(line)
         except json.JSONDecodeError:  # a line cut short by a kill
             continue
-        if isinstance(entry, dict) and "file" in entry:
-            entries.append(entry)
+        if not (isinstance(entry, dict) and isinstance(entry.get("file"), str) and entry["file"].count("/") == 1
+                and not entry["file"].startswith(("/", "."))):
+            raise _damaged(path, f"line {n} is not an entry of the form {{\"file\": \"<class>/<image>\", ...}}",
+                           "Delete it to have it rebuilt from the images present, or use a new --out.")
+        entries.append(entry)
     return entries
 
 
+def _recorded_settings(path: Path) -> Optional[dict]:
+    """generation.json's settings, None when there is none; a damaged one is refused (reading it as empty
+    would switch the settings check off)."""
+    if not path.is_file():
+        return None
+    try:
+        old = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise _damaged(path, f"not JSON: {e.__class__.__name__}", _SETTINGS_FIX) from None
+    if not isinstance(old, dict):
+        raise _damaged(path, f"a JSON {type(old).__name__}, not an object", _SETTINGS_FIX)
+    return old
+
+
+_SETTINGS_FIX = ("Restore it, or delete it: the images are then checked against manifest.jsonl, whose entries carry "
+                 "the settings that made each of them.")
+
+
+def _manifest_differences(entries: list[dict], settings: dict, seed: int, fmt: str) -> dict:
+    """key -> (recorded, now) for the settings manifest entries were made with that differ from ``settings``."""
+    diff = {}
+    for e in entries:
+        for k in ("model", "sampler", "steps", "guidance", "resolution"):
+            if k in e and e[k] != settings[k]:
+                diff.setdefault(k, (e[k], settings[k]))
+        if all(k in e for k in ("seed", "class", "index")) and e["seed"] != image_seed(seed, str(e["class"]),
+                                                                                      e["index"]):
+            diff.setdefault("seed", ("another base seed", seed))
+        if Path(e["file"]).suffix[1:] != fmt:
+            diff.setdefault("format", (Path(e["file"]).suffix[1:], fmt))
+    return diff
+
+
+def _check_settings(out: Path, settings: dict, names: list[str], entries: list[dict], seed: int) -> list[str]:
+    """Refuse to add to ``out`` with other settings than its images were made with (generation.json and every
+    manifest entry); returns every class the folder then holds."""
+    old = _recorded_settings(out / SETTINGS)
+    diff = {k: (old[k], settings[k]) for k in IDENTITY_KEYS if old is not None and k in old and old[k] != settings[k]}
+    for k, v in _manifest_differences(entries, settings, seed, settings["format"]).items():
+        diff.setdefault(k, v)
+    if diff:
+        raise SyncoError(f"'{out}' already holds images generated with other settings ("
+                         + ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+                         + "). Use the same settings to resume or extend it, or a new --out.")
+    classes = old.get("classes", []) if old is not None else []
+    listed = [str(c) for c in classes] if isinstance(classes, list) else []
+    return list(dict.fromkeys([*listed, *(str(e.get("class")) for e in entries if "class" in e), *names]))
+
+
 def _remove_temp_files(out: Path, classes: list[str]) -> int:
-    removed = 0
-    for c in classes:
-        d = out / c
-        if not d.is_dir():
-            continue
-        for e in os.scandir(d):
-            if e.is_file() and TMP_NAME.match(e.name):
-                os.unlink(e.path)
-                removed += 1
-    return removed
+    """Temp files of writers that are gone (killed mid-write); a live writer's (another generate on the same
+    folder) is left alone."""
+    from ..io import remove_stale_temps
+
+    return sum(len(remove_stale_temps(d)) for d in (out, *(out / c for c in classes)))
 
 
 def _atomic_image(img, path: Path, fmt: str, quality: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    from ..io import atomic_write_bytes_with
+
     kwargs = {"quality": quality} if FORMATS[fmt] in ("JPEG", "WEBP") else {}
     if FORMATS[fmt] == "JPEG" and img.mode not in ("RGB", "L"):
         img = img.convert("RGB")
-    img.save(tmp, format=FORMATS[fmt], **kwargs)
-    os.replace(tmp, path)
+    atomic_write_bytes_with(path, lambda tmp: img.save(tmp, format=FORMATS[fmt], **kwargs))
 
 
 def generate(model: str, classes: Optional[str | list[str]], per_class: int, out,
@@ -347,19 +394,8 @@ def generate(model: str, classes: Optional[str | list[str]], per_class: int, out
 
     out = Path(out)
     settings_path, manifest_path = out / SETTINGS, out / MANIFEST
-    if settings_path.is_file():
-        try:
-            old = json.loads(settings_path.read_text())
-        except json.JSONDecodeError:
-            old = {}
-        diff = [k for k in IDENTITY_KEYS if k in old and old[k] != settings[k]]
-        listed = list(dict.fromkeys([*old.get("classes", []), *names]))  # every class the folder holds
-        if diff:
-            raise SyncoError(f"'{out}' already holds images generated with other settings ("
-                             + ", ".join(f"{k}: {old[k]!r} there, {settings[k]!r} now" for k in diff)
-                             + "). Use the same settings to resume or extend it, or a new --out.")
-    else:
-        listed = list(names)
+    recorded = _read_manifest(manifest_path)
+    listed = _check_settings(out, settings, names, recorded, cfg.seed)  # every class the folder holds
     out.mkdir(parents=True, exist_ok=True)
     for c in names:
         (out / c).mkdir(exist_ok=True)
@@ -373,7 +409,7 @@ def generate(model: str, classes: Optional[str | list[str]], per_class: int, out
                                                                                   "guidance", "resolution")}}
 
     kept: dict[str, dict] = {}
-    for e in _read_manifest(manifest_path):
+    for e in recorded:
         if e["file"] not in kept and (out / e["file"]).is_file():
             kept[e["file"]] = e
     pending = []

@@ -13,21 +13,24 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import SyncoError
+from ..options import SEED_RANGE, check_options, opt
 from .analysis import ALL_VIEWS, DEFAULT_VIEWS, analyse_checkpoint, parse_views, rounded
 
 
 @dataclass
 class VizOptions:
-    views: str = "auto"  # auto (every applicable view but heads) | all | comma list of ALL_VIEWS
-    threshold: float = 0.6  # fraction of [CLS] attention mass kept by the thresholded view
-    mask_box: float = 0.5  # default foreground: centred box, sides = this fraction of the image's
-    block: int = -1  # transformer block whose attention is read
-    max_images: Optional[int] = None
-    alpha: float = 0.5  # heat-map opacity over the image
+    views: str = "auto"  # auto (every applicable view but heads) | all | comma list of ALL_VIEWS (parse_views)
+    threshold: float = opt(0.6, gt=0, le=1)  # fraction of [CLS] attention mass kept by the thresholded view
+    # default foreground: centred box, sides = this fraction of the image's
+    mask_box: float = opt(0.5, gt=0, le=1)
+    block: int = -1  # transformer block whose attention is read (negative: from the last)
+    # the first N images (0 would read as "no limit")
+    max_images: Optional[int] = opt(None, ge=1, why="or null for all")
+    alpha: float = opt(0.5, ge=0, le=1)  # heat-map opacity over the image
     cmap: str = "jet"
-    dpi: int = 100
+    dpi: int = opt(100, ge=10, le=1200)  # a figure is several images wide: 1200 dpi is already hundreds of MB
     device: str = "auto"
-    seed: int = 0  # initialisation of --checkpoint random
+    seed: int = opt(0, **SEED_RANGE)  # initialisation of --checkpoint random
     backbone: Optional[str] = None  # timm name or synco preset (cpu-demo) for --checkpoint random
     backbone_kwargs: dict = field(default_factory=dict)
 
@@ -42,14 +45,24 @@ def _label(checkpoint: str, meta: dict) -> str:
         import yaml
 
         try:
-            method = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("method")
-        except yaml.YAMLError:
+            saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+            method = saved.get("method") if isinstance(saved, dict) else None
+        except (yaml.YAMLError, ValueError, OSError):  # a damaged config only costs the label its method
             method = None
     epoch = meta.get("epoch")
     name = run_dir.name or str(run_dir)
     parts = [str(method) if method else name]
     extra = ([name] if method else []) + ([f"{epoch} ep"] if isinstance(epoch, int) else [])
     return parts[0] + (f" ({', '.join(extra)})" if extra else "")
+
+
+def _check_cmap(name: str) -> None:
+    """The colour map is matplotlib's to name: asked here, before any checkpoint is loaded."""
+    import matplotlib
+
+    if name not in matplotlib.colormaps:
+        raise SyncoError(f"option 'cmap': '{name}' is not a matplotlib colour map (e.g. jet, viridis, magma, "
+                         "inferno).")
 
 
 def _unique(labels: list[str]) -> list[str]:
@@ -83,9 +96,9 @@ def visualize(checkpoints: list[str], out: Path, opts: VizOptions, images: Optio
     from .images import denormalize, load_images, load_masks, masks_to_model_geometry, to_model_input
     from .metrics import centre_box_mask
 
+    check_options(opts)  # also when called as a library, without the command line
+    _check_cmap(opts.cmap)
     views = parse_views(opts.views)
-    if not 0.0 < opts.threshold <= 1.0:
-        raise SyncoError(f"threshold must be in (0, 1], got {opts.threshold}.")
     if labels and len(labels) != len(checkpoints):
         raise SyncoError(f"give --label once per checkpoint ({len(checkpoints)}); got {len(labels)}.")
     heads = _per_checkpoint(linear_heads, len(checkpoints), "--linear-head")

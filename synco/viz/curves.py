@@ -164,8 +164,14 @@ def plot_curves(run_dirs: Sequence, out, panels: Sequence[str] = DEFAULT_PANELS,
             ax.legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
+    out = png_path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return save_png(fig, out)
+
+
+def png_path(out) -> Path:
+    """Where ``--out`` puts the figure: a .png path as given, else ``curves.png`` in that folder."""
     out = Path(out)
     if out.suffix.lower() != ".png":
         out = out / "curves.png" if out.is_dir() or not out.suffix else out.with_suffix(".png")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return save_png(fig, out)
+    return out
