@@ -298,6 +298,19 @@ def load_config(preset: Optional[str] = "cpu-demo", overrides: Optional[list[str
     return cfg
 
 
+def with_defaults(saved: dict) -> dict:
+    """A config saved by an earlier synco, with the fields added since at their defaults: every added field is off by
+    default (it changes nothing in a run made before it), so a resume compares like with like. Keys that no longer
+    exist are kept, and show as differences."""
+    def merge(base: dict, over: dict) -> dict:
+        for key, value in over.items():
+            nested = isinstance(base.get(key), dict) and isinstance(value, dict) and key != "backbone_kwargs"
+            base[key] = merge(base[key], value) if nested else value
+        return base
+
+    return merge(Config().to_dict(), saved if isinstance(saved, dict) else {})
+
+
 def save_config(cfg: Config, path: Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 

@@ -189,6 +189,27 @@ def test_resume_refuses_another_backbone_or_config(tmp_path, tiny_overrides, cap
     assert rc == 2 and "already holds a checkpoint" in capsys.readouterr().err
 
 
+def test_a_checkpoint_from_before_new_config_fields_resumes(tmp_path, tiny_overrides):
+    """A checkpoint whose saved config lacks the sections added since (the hard-negative strategies, timed
+    checkpoints) resumes: every added field is off by default, so it is not a change of settings."""
+    import torch as _torch
+
+    from synco.io import atomic_save
+
+    cfg = load_config("cpu-demo", tiny_overrides + ["epochs=2"])
+    Trainer(cfg, tmp_path, progress=False, step_hooks=(stop_at_step(2),)).train()
+    state = load(tmp_path / "checkpoint.pt")
+    old = state["config"]
+    old.pop("fnc"), old.pop("ckpt_every_minutes")
+    for key in ("reweight", "beta", "tau_plus"):
+        old["contrast"].pop(key)
+    old["negatives"].pop("skip_top")
+    atomic_save(state, tmp_path / "checkpoint.pt")
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    assert trainer.train()["resumed"] and trainer.state.step == 8
+    assert _torch.isfinite(trainer.model.queue.queue1).all()
+
+
 def test_corrupt_image_is_skipped_and_counted(tmp_path, tiny_imagefolder, tiny_overrides):
     import shutil
 

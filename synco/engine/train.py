@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from .. import schedules
-from ..config import Config, method_spec, save_config, synthetic_window
+from ..config import Config, method_spec, save_config, synthetic_window, with_defaults
 from ..device import configure_cpu, resolve_device, use_bf16
 from ..errors import SyncoError
 from ..models.backbone import backbone_meta, export_safetensors, load_state_checked
@@ -178,7 +178,7 @@ class Trainer:
             raise SyncoError(f"'{self.out}' already holds a checkpoint; use resume=true to continue it, "
                              "or choose another --out.")
         state = ckpt.load_training_state(self.ckpt_path)
-        saved_cfg = state.get("config", {})
+        saved_cfg = with_defaults(state.get("config", {}))
         if saved_cfg.get("model", {}).get("backbone") != self.cfg.model.backbone:
             raise SyncoError(f"'{self.ckpt_path}' was trained with backbone "
                              f"'{saved_cfg.get('model', {}).get('backbone')}', but this run uses "
