@@ -57,7 +57,7 @@ from synco.models.method import create_model  # noqa: E402
 QUEUE, N_HARD, COUNT, CLIP, LR = 4096, 256, 128, 5.0, 1e-4
 BACKBONES = {
     "demo": ("cpu-demo", []),
-    "deit-s": ("synco-imagenet-deit-s", ["data.root=unused"]),
+    "deit-s": ("synco-imagenet-deit-s", ["device=cpu"]),
 }
 
 
@@ -150,7 +150,7 @@ def _config(backbone: str, batch: int):
         "method=synco", f"optim.batch_size={batch}", "model.proj_hidden=4096", "model.proj_dim=256",
         "model.pred_hidden=4096", "model.drop_path_online=0.0", "model.drop_path_target=0.0",
         f"contrast.queue_size={QUEUE}", f"negatives.n_hard={N_HARD}", f"negatives.counts=[{','.join([str(COUNT)] * 6)}]",
-    ])
+    ], needs_data=False)
 
 
 def build_ours(cfg, device):

@@ -792,7 +792,8 @@ def run_sun397_order(env: Env) -> tuple[int, str]:
     """The SUN397 fallback split of the same files listed in two orders must be the same split."""
     import torchvision.datasets as tvd
 
-    from synco.eval.transfer import TransferOptions, _sun397
+    from synco.eval.transfer import TransferOptions
+    from synco.eval.transfer_data import sun397_split
 
     root = env.out()
     (root / "SUN397").mkdir(parents=True)
@@ -806,7 +807,7 @@ def run_sun397_order(env: Env) -> tuple[int, str]:
         ds = tvd.SUN397(str(root), download=False)
         order = sorted(range(len(ds._image_files)), key=lambda i: str(ds._image_files[i]), reverse=reverse)
         ds._image_files, ds._labels = [ds._image_files[i] for i in order], [ds._labels[i] for i in order]
-        train, _ = _sun397(ds, root, TransferOptions(sun397_train_per_class=2))
+        train, _ = sun397_split(ds, root, TransferOptions(sun397_train_per_class=2))
         splits.append(sorted(str(b._image_files[j]) for b, j in train.items))
     return (0, "") if splits[0] == splits[1] else (-2, f"listing order changes the split: {splits}")
 

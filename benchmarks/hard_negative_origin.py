@@ -28,10 +28,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from synco.config import load_config, method_spec  # noqa: E402
+from synco.config import load_config  # noqa: E402
 from synco.engine.data import build_pretrain_data  # noqa: E402
 from synco.engine.dist import DistInfo  # noqa: E402
 from synco.io import load_torch_file  # noqa: E402
+from synco.methods import method_spec  # noqa: E402
 from synco.models.method import create_model  # noqa: E402
 
 

@@ -23,7 +23,7 @@ from synco.data.digits import DigitsDataset
 from synco.data.transforms import AugmentationParams, TwoViews, byol_view
 from synco.engine.optim import build_optimizer, build_scheduler
 from synco.eval.knn import top1_at
-from synco.eval.run_summary import knn_datasets, knn_of
+from synco.eval.knn_protocol import knn_datasets, knn_of
 from synco.io import atomic_write_text
 from synco.models.backbone import backbone_from_config
 from synco.schedules import scaled_lr

@@ -32,7 +32,8 @@ from synco.config import apply_overrides  # noqa: E402
 from synco.io import atomic_write_text  # noqa: E402
 from synco.synth.diffusion import MODEL_FILE, DiffusionTrainConfig, train_diffusion  # noqa: E402
 from synco.synth.fidelity import fidelity, to_markdown, write_report  # noqa: E402
-from synco.synth.generate import SETTINGS, GenerateConfig, generate  # noqa: E402
+from synco.synth.generate import GenerateConfig, generate  # noqa: E402
+from synco.synth.output_folder import SETTINGS  # noqa: E402
 
 
 def say(msg: str) -> None:

@@ -9,12 +9,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import yaml
 
 from .errors import SyncoError, key_error
-from .hard_negatives import mochi_negatives
+from .methods import METHODS, method_spec, negatives_kwargs
 
 # The override engine and the bounds check live in synco.options (every command's options use them); these names
 # are the config's public API too.
@@ -29,46 +29,6 @@ from .options import (  # noqa: F401
     opt,
     parse_override,
 )
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """What a method needs, stated once (solo-learn style): the engine, the model and the tools ask this, never
-    the method's name."""
-
-    name: str
-    uses_queue: bool  # contrastive: InfoNCE against two queues of past keys (so the queue/global-batch rules apply)
-    uses_synthetic: bool  # synthetic hard negatives inside the [warm-up, epochs - cool-down) window
-    # The synthetic negatives' sizes from the queue size (a named configuration of SynCo's rules), instead of the
-    # negatives section's n_hard and counts.
-    synthetic_recipe: Optional[Callable[[int], dict]] = None
-
-
-METHOD_SPECS = {m.name: m for m in (MethodSpec("synco", True, True), MethodSpec("moby", True, False),
-                                    MethodSpec("mochi", True, True, mochi_negatives),
-                                    MethodSpec("byol", False, False))}
-METHODS = tuple(METHOD_SPECS)
-
-
-def method_spec(cfg) -> MethodSpec:
-    return METHOD_SPECS[cfg.method]
-
-
-def negatives_kwargs(cfg) -> dict:
-    """``SyntheticNegatives``' arguments of a config (the window is the trainer's, not theirs): the method's recipe
-    (MoCHi) or the ``negatives`` section, with the hard set's rank window."""
-    n, recipe = cfg.negatives, method_spec(cfg).synthetic_recipe
-    sizes = recipe(cfg.contrast.queue_size) if recipe else dict(n_hard=n.n_hard, counts=tuple(n.counts),
-                                                                alpha_max=n.alpha_max)
-    return dict(beta_max=n.beta_max, sigma=n.sigma, delta=n.delta, eta=n.eta, skip_top=n.skip_top, **sizes)
-
-
-def strategy_kwargs(cfg) -> dict:
-    """The loss's hard-negative strategy (:class:`synco.losses.Strategy`'s arguments) from a config."""
-    c, f = cfg.contrast, cfg.fnc
-    return dict(reweight=c.reweight, beta=0.0 if c.reweight == "debiased" else c.beta, tau_plus=c.tau_plus,
-                cancel=f.cancel, top_k=f.top_k, threshold=f.threshold, filter_hard_set=f.filter_hard_set)
-
 
 # Caps on sizes that no run needs and that would otherwise end in an allocator error, with the reason (the caps
 # every command shares are in synco.options).
@@ -238,21 +198,16 @@ def preset_names() -> list[str]:
 
 
 def _read_yaml(path_or_name: str) -> tuple[dict, str]:
-    path = Path(path_or_name)
-    try:
-        is_path = path.suffix in (".yaml", ".yml") or path.exists()
-    except OSError:  # a name too long for the file system: read it as a path, which says why it cannot be
-        is_path = True
+    from .io import find_yaml
+
+    found, is_path = find_yaml(path_or_name, "synco.presets")
     if is_path:
-        text, origin = _read_config_file(path), str(path)
+        text, origin = _read_config_file(found), str(found)
+    elif found is None:
+        raise SyncoError(f"unknown preset '{path_or_name}'. Available presets: {', '.join(preset_names())}; "
+                         "or give the path of a YAML file.")
     else:
-        res = resources.files("synco.presets") / f"{path_or_name}.yaml"
-        if not res.is_file():
-            raise SyncoError(
-                f"unknown preset '{path_or_name}'. Available presets: {', '.join(preset_names())}; "
-                "or give the path of a YAML file."
-            )
-        text, origin = res.read_text(), f"preset {path_or_name}"
+        text, origin = found.read_text(), f"preset {path_or_name}"
     try:
         data = load_yaml(text) or {}
     except yaml.YAMLError as e:
@@ -277,8 +232,11 @@ def _read_config_file(path: Path) -> str:
         raise SyncoError(f"config file '{path}' cannot be read: {e.strerror or e}.") from None
 
 
-def load_config(preset: Optional[str] = "cpu-demo", overrides: Optional[list[str]] = None) -> Config:
-    """Defaults, then the preset (a shipped name or a YAML path; ``base:`` chains presets), then overrides."""
+def load_config(preset: Optional[str] = "cpu-demo", overrides: Optional[list[str]] = None,
+                needs_data: bool = True) -> Config:
+    """Defaults, then the preset (a shipped name or a YAML path; ``base:`` chains presets), then overrides.
+    ``needs_data=False``: the config is wanted for its model or shapes only (a benchmark on random inputs, a
+    backbone by preset name), so a dataset without ``data.root`` is not an error."""
     cfg = Config()
     chain: list[dict] = []
     name = preset
@@ -294,7 +252,7 @@ def load_config(preset: Optional[str] = "cpu-demo", overrides: Optional[list[str
     for data in reversed(chain):
         apply_dict(cfg, data)
     apply_overrides(cfg, overrides or [])
-    validate(cfg)
+    validate(resolve(cfg), needs_data)
     return cfg
 
 
@@ -318,27 +276,44 @@ def save_config(cfg: Config, path: Path) -> None:
 _bad = key_error("config key")
 
 
-def validate(cfg: Config) -> None:
+def resolve(cfg: Config) -> Config:
+    """Fill in what a config implies, each with a note on stderr (a step of its own, before :func:`validate`, which
+    only checks; :func:`load_config` runs both once, after every override):
+
+    - ``data.root`` given with the built-in digits means a folder dataset;
+    - a warm-up longer than the run is clamped to the run;
+    - a backbone built for one input size follows ``data.image_size``.
+    """
+    o, d = cfg.optim, cfg.data
+    if d.dataset == "digits" and d.root:
+        _note(f"data.root={d.root} is given without data.dataset: using data.dataset=folder (the built-in "
+              "digits take no root).")
+        d.dataset = "folder"
+    if isinstance(o.warmup_epochs, (int, float)) and o.warmup_epochs > cfg.epochs:
+        _note(f"optim.warmup_epochs={o.warmup_epochs:g} is more than epochs={cfg.epochs}: the warm-up is clamped "
+              f"to {cfg.epochs} epochs (set optim.warmup_epochs=N to choose it).")
+        o.warmup_epochs = float(cfg.epochs)
+    _follow_image_size(cfg)
+    return cfg
+
+
+def validate(cfg: Config, needs_data: bool = True) -> None:
     """Reject impossible configs early, naming the key. (World-size checks happen at launch.) Each field's own
     bounds are declared on it (synco.options); what follows relates fields to each other."""
     check_options(cfg)
     o, d = cfg.optim, cfg.data
     if o.warmup_epochs > cfg.epochs:
-        _note(f"optim.warmup_epochs={o.warmup_epochs:g} is more than epochs={cfg.epochs}: the warm-up is clamped "
-              f"to {cfg.epochs} epochs (set optim.warmup_epochs=N to choose it).")
-        o.warmup_epochs = float(cfg.epochs)
+        _bad("optim.warmup_epochs", f"{o.warmup_epochs:g} is more than epochs={cfg.epochs}.")
     validate_negatives(cfg)
     validate_strategy(cfg)
     if d.dataset == "digits" and d.root:
-        _note(f"data.root={d.root} is given without data.dataset: using data.dataset=folder (the built-in "
-              "digits take no root).")
-        d.dataset = "folder"
-    if d.dataset != "digits" and not d.root:
+        _bad("data.root", "the built-in digits take no root: set data.dataset=folder for a folder of images.")
+    if needs_data and d.dataset != "digits" and not d.root:
         _bad("data.root", f"dataset '{d.dataset}' needs data.root=/path/to/images.")
     validate_augment(d.augment)
     if d.synthetic_ratio > 0 and not d.synthetic_root:
         _bad("data.synthetic_root", "data.synthetic_ratio > 0 needs data.synthetic_root=DIR.")
-    _match_image_size(cfg)
+    _check_image_size(cfg)
     check_memory(cfg)
 
 
@@ -424,20 +399,28 @@ _FIXED_SIZE_MODULES = ("vision_transformer", "vision_transformer_hybrid", "visio
                        "swin_transformer_v2_cr", "beit", "eva", "cait", "xcit", "pit", "tnt", "crossvit", "volo")
 
 
-def _match_image_size(cfg: Config) -> None:
-    """The backbone must be built for ``data.image_size``. Without ``img_size`` in model.backbone_kwargs the
-    backbone follows data.image_size; an explicit, different img_size is an error naming the fix."""
+def _check_image_size(cfg: Config) -> None:
+    """The backbone must be built for ``data.image_size``: an explicit, different img_size is an error naming the
+    fix (without one, :func:`resolve` builds the backbone for data.image_size)."""
+    size, kwargs = cfg.data.image_size, cfg.model.backbone_kwargs
+    if "img_size" not in kwargs:
+        return
+    built = kwargs["img_size"]
+    built = built[-1] if isinstance(built, (list, tuple)) and built else built
+    if built != size:
+        fixed = {**kwargs, "img_size": size}
+        text = "{" + ", ".join(f"{k}: {v}" for k, v in fixed.items()) + "}"
+        raise SyncoError(
+            f"config key 'data.image_size': {size} px images, but the backbone is built for {built} px "
+            f"(model.backbone_kwargs.img_size={kwargs['img_size']}). Set both, e.g. data.image_size={size} "
+            f"'model.backbone_kwargs={text}', or keep data.image_size={built}.")
+
+
+def _follow_image_size(cfg: Config) -> None:
+    """A timm backbone built for one input size (ViT, Swin, ...) without ``img_size`` in model.backbone_kwargs is
+    built for data.image_size when that differs from its default."""
     size, kwargs = cfg.data.image_size, cfg.model.backbone_kwargs
     if "img_size" in kwargs:
-        built = kwargs["img_size"]
-        built = built[-1] if isinstance(built, (list, tuple)) and built else built
-        if built != size:
-            fixed = {**kwargs, "img_size": size}
-            text = "{" + ", ".join(f"{k}: {v}" for k, v in fixed.items()) + "}"
-            raise SyncoError(
-                f"config key 'data.image_size': {size} px images, but the backbone is built for {built} px "
-                f"(model.backbone_kwargs.img_size={kwargs['img_size']}). Set both, e.g. data.image_size={size} "
-                f"'model.backbone_kwargs={text}', or keep data.image_size={built}.")
         return
     try:
         import timm.models as tm
@@ -460,11 +443,3 @@ def validate_augment(a: AugmentConfig) -> None:
             _bad(f"data.augment.{key}", f"must be [min, max] with min <= max, got {getattr(a, key)}.")
     if a.jitter[3] > 0.5:
         _bad("data.augment.jitter", f"hue (the 4th value) must be <= 0.5, got {a.jitter[3]}.")
-
-
-def synthetic_window(cfg: Config) -> tuple[int, int]:
-    """Epochs [start, end) during which synthetic negatives are used (empty unless the method uses them)."""
-    if not method_spec(cfg).uses_synthetic:
-        return (0, 0)
-    return (cfg.negatives.warmup_epochs, cfg.epochs - cfg.negatives.cooldown_epochs)
-

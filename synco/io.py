@@ -5,6 +5,7 @@
   PATH``. Temp files leaked by a killed process are removed by :func:`remove_stale_temps`.
 * :func:`check_output_dir` refuses an output location that cannot be written before any work is done.
 * :class:`DirLock` keeps two runs out of one output folder (a lock file holding the owner's PID).
+* :func:`find_yaml` says where an argument that is "a YAML path or a shipped name" (presets, sweep specs) points.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import re
 import shutil
 import socket
 import tempfile
+from importlib import resources
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -225,6 +227,26 @@ def check_output_dir(path, what: str = "--out") -> Path:
         reason = e.strerror or str(e)
         raise SyncoError(f"{what} '{path}' is not writable ({reason}); choose a folder you can write to.") from None
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# A YAML path or a shipped name
+
+
+def find_yaml(name: str, package: str) -> tuple[Any, bool]:
+    """Where an argument that is "a YAML path or the name of a YAML shipped in ``package``" points, and whether it
+    is a path: ``(Path(name), True)`` when it ends in .yaml/.yml or exists (whether it can be read is for the
+    reader to say, in its own words); else ``(package/NAME.yaml, False)``, a resource, or ``(None, False)`` when
+    ``package`` ships no such file."""
+    path = Path(name)
+    try:
+        is_path = path.suffix in (".yaml", ".yml") or path.exists()
+    except OSError:  # a name too long for the file system: a path, whose reader says why it cannot be read
+        is_path = True
+    if is_path:
+        return path, True
+    shipped = resources.files(package) / f"{name}.yaml"
+    return (shipped if shipped.is_file() else None), False
 
 
 # ---------------------------------------------------------------------------------------------

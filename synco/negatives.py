@@ -31,9 +31,9 @@ Everything here is a function of detached inputs: no gradient flows into the syn
 
 Memory: every [B, count, C] or [B, S, C] array is written into a buffer the generator keeps between
 calls (``_Workspace``), through ``out=`` arguments and in-place ops. Fresh CPU arrays of that size
-lie above glibc's mmap threshold, so each call would otherwise fault its pages in again (229K faults
-per call at S = 1536), and the cost would grow faster than linearly in S. The results are bit for bit
-those of fresh arrays.
+lie above glibc's mmap threshold, so each call would otherwise fault its pages in again and the cost
+would grow faster than linearly in S (measured in docs/results, speed of the loop). The results are
+bit for bit those of fresh arrays.
 """
 
 from __future__ import annotations

@@ -9,16 +9,16 @@ import logging
 import os
 from pathlib import Path
 
-from .config import Config, method_spec, synthetic_window
+from .config import Config
 from .device import environment, resolve_device
-from .engine import dist as D, signals
+from .engine import dist, signals
 from .engine.checkpoint import throughput_totals
 from .engine.metrics import read_jsonl, training_summary
 from .engine.train import Trainer
-from .eval.monitor import knn_monitor
-from .eval.run_summary import evaluate_run
+from .eval.knn_protocol import evaluate_run, knn_monitor
 from .io import DirLock, atomic_write_text, check_output_dir, remove_stale_temps
 from .losses import chance_loss
+from .methods import method_spec, synthetic_window
 from .models.backbone import SYNCO_ONLY_EXPORT, backbone_meta, export_safetensors
 
 logger = logging.getLogger("synco")
@@ -98,5 +98,5 @@ def _pretrain(cfg: Config, out_dir: Path, progress: bool) -> dict:
         summary.update(evaluate_run(cfg, trainer.model.online.backbone, trainer.device, progress=progress))
     if trainer.dist.is_main:
         atomic_write_text(json.dumps(summary, indent=2) + "\n", Path(out_dir) / "summary.json")
-    D.barrier()
+    dist.barrier()
     return summary

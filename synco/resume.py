@@ -9,6 +9,16 @@ from __future__ import annotations
 
 from typing import Any, Collection, NamedTuple
 
+# Config keys a resumed pretraining run may change: they change nothing in its training (devices, workers, logging
+# and checkpoint cadence, the end-of-run evaluation, where the data lives, and the per-process batch as long as the
+# global batch stays, which the trainer checks).
+RESUMABLE_CHANGES = frozenset({"resume", "log_every", "ckpt_every_steps", "ckpt_every_minutes", "threads", "device",
+                               "compile", "data.num_workers", "knn", "knn_at_end", "knn_every", "data.root",
+                               "optim.batch_size"})
+# Of those, the ones that change nothing in a finished run's results either (summary.json: its k-NN numbers come
+# from the evaluation settings and the data; a sweep reuses a finished run made with other values of these only).
+RESULT_INVARIANT_KEYS = RESUMABLE_CHANGES - {"knn", "knn_at_end", "knn_every", "data.root", "optim.batch_size"}
+
 # Values compared whole, never split into dotted keys: their keys are timm's constructor arguments, not
 # settings of ours, and a kwarg that appears or disappears is itself a difference.
 OPAQUE_KEYS = frozenset({"backbone_kwargs"})

@@ -96,3 +96,35 @@ def test_augment_section_reads_a_bare_yaml_on_key(tmp_path):
 def test_augment_lists_must_hold_numbers(override):
     with pytest.raises(SyncoError, match="data.augment.* must be a list of numbers"):
         load_config("cpu-demo", [override])
+
+
+def test_validate_only_checks_and_resolve_fills_in(tmp_path):
+    """``validate`` never changes a config; ``resolve`` fills in what it implies (a folder dataset for a root, a
+    warm-up clamped to the run, the backbone built for data.image_size), once, after every override."""
+    import copy
+
+    from synco.config import Config, apply_overrides, resolve, validate
+    from synco.errors import SyncoError
+
+    cfg = load_config("cpu-demo", ["device=cpu", "epochs=2", "data.image_size=32",
+                                   "model.backbone_kwargs={patch_size: 4, embed_dim: 96, depth: 4, num_heads: 3}"])
+    assert cfg.optim.warmup_epochs == 2.0 and cfg.model.backbone_kwargs["img_size"] == 32
+    before = copy.deepcopy(cfg)
+    validate(cfg)
+    assert cfg == before
+    raw = apply_overrides(Config(), ["epochs=2", "optim.warmup_epochs=5", f"data.root={tmp_path}", "device=cpu",
+                                     "data.image_size=32", "model.backbone=vit_tiny_patch16_224"])
+    with pytest.raises(SyncoError, match="optim.warmup_epochs"):
+        validate(copy.deepcopy(raw))  # not resolved: the check does not repair
+    resolved = resolve(raw)
+    assert resolved.optim.warmup_epochs == 2.0 and resolved.data.dataset == "folder"
+    assert resolved.model.backbone_kwargs == {"img_size": 32}
+
+
+def test_a_config_for_its_model_needs_no_data():
+    from synco.errors import SyncoError
+
+    with pytest.raises(SyncoError, match="data.root"):
+        load_config("synco-imagenet-deit-s", ["device=cpu"])
+    cfg = load_config("synco-imagenet-deit-s", ["device=cpu"], needs_data=False)
+    assert cfg.data.root is None and cfg.model.backbone == "deit_small_patch16_224"

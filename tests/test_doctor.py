@@ -15,7 +15,7 @@ import torch
 
 from synco.cli.main import main
 from synco.config import load_config
-from synco.eval import doctor
+from synco.eval import doctor, doctor_probes, doctor_text
 from synco.eval.meters import GPU_PEAKS, datasheet_gpu, datasheet_peak
 
 CPU_FP32 = ["device=cpu", "precision=fp32"]
@@ -153,11 +153,11 @@ def test_datasheet_table_is_consistent():
     ([], (9, 0), False),
 ])
 def test_which_gpus_a_torch_build_has_kernels_for(arch, cc, ok):
-    assert doctor.has_kernels(arch, *cc) is ok
+    assert doctor_probes.has_kernels(arch, *cc) is ok
 
 
 def test_cudnn_versions_read_as_released():
-    assert (doctor._cudnn_version(92400), doctor._cudnn_version(90100), doctor._cudnn_version(8902)) == \
+    assert (doctor_probes._cudnn_version(92400), doctor_probes._cudnn_version(90100), doctor_probes._cudnn_version(8902)) == \
         ("9.24.0", "9.1.0", "8.9.2")
 
 
@@ -166,14 +166,14 @@ def test_cudnn_versions_read_as_released():
 
 def test_gpu_preset_without_cuda_would_stop(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    cfg = load_config("synco-imagenet-deit-s", ["data.root=unused", "precision=fp32"])
-    verdict = doctor.preset_verdict("synco-imagenet-deit-s", cfg)
+    cfg = load_config("synco-imagenet-deit-s", ["precision=fp32"], needs_data=False)
+    verdict = doctor_probes.preset_verdict("synco-imagenet-deit-s", cfg)
     assert verdict["gpu_preset"] and verdict["would_stop"] and verdict["device"] is None
     assert "would stop before any work (exit 2)" in verdict["verdict"] and "device=cpu" in verdict["verdict"]
-    forced = doctor.preset_verdict("synco-imagenet-deit-s", load_config("synco-imagenet-deit-s",
-                                                                        ["data.root=unused", *CPU_FP32]))
+    forced = doctor_probes.preset_verdict("synco-imagenet-deit-s",
+                                          load_config("synco-imagenet-deit-s", CPU_FP32, needs_data=False))
     assert not forced["would_stop"] and "device=cpu forces it" in forced["verdict"]
-    demo = doctor.preset_verdict("cpu-demo", load_config("cpu-demo", CPU_FP32))
+    demo = doctor_probes.preset_verdict("cpu-demo", load_config("cpu-demo", CPU_FP32))
     assert not demo["gpu_preset"] and not demo["would_stop"]
 
 
@@ -183,11 +183,11 @@ def test_gpu_lines_driver_and_mfu_are_rendered():
                                          "free_gib": 78.6, "compute_capability": "9.0", "multiprocessors": 132,
                                          "bf16": True, "kernels_in_this_torch": True, "datasheet_bf16": sheet,
                                          "datasheet_fp32": datasheet_peak("NVIDIA H100 80GB HBM3", "fp32")}]}
-    (line,) = doctor._gpu_lines(gpus)
+    (line,) = doctor_text._gpu_lines(gpus)
     assert "compute capability 9.0" in line and "datasheet H100 SXM: dense bf16 989.4, fp32 66.9 TFLOPS" in line
-    old = doctor._driver_text({"found": True, "version": "535.104.05", "supports_cuda": "12.2"}, "13.0")
+    old = doctor_text._driver_text({"found": True, "version": "535.104.05", "supports_cuda": "12.2"}, "13.0")
     assert "older than this torch's CUDA 13.0" in old
-    assert "older" not in doctor._driver_text({"found": True, "version": "580.65", "supports_cuda": "13.0"}, "13.0")
+    assert "older" not in doctor_text._driver_text({"found": True, "version": "580.65", "supports_cuda": "13.0"}, "13.0")
     bench = {"method": "synco", "backbone": "deit_small_patch16_224", "image_size": 224, "batch_size": 128,
              "precision": "bf16", "compile": True, "threads": None, "device": "NVIDIA H100 80GB HBM3", "note": None,
              "steps": 10, "warmup_steps": 3, "step_ms_median": 100.0, "step_ms_mean": 101.0,
@@ -195,18 +195,18 @@ def test_gpu_lines_driver_and_mfu_are_rendered():
              "flops_per_step": 4.0e13, "achieved_flops_per_s": 4.0e14, "compute_dtype": "bf16", "datasheet": sheet,
              "mfu": 4.0e14 / sheet["peak_flops_per_s"], "matmul_shape": "8192^3 bfloat16", "matmul_threads": None,
              "matmul_flops_per_s": 7.0e14, "matmul_utilization": 4.0 / 7.0}
-    text = "\n".join(doctor._bench_lines(bench))
+    text = "\n".join(doctor_text._bench_lines(bench))
     assert "MFU 40.4% of the H100 SXM datasheet's dense bf16 peak (989.4 TFLOPS" in text and "compiled" in text
     assert "8192^3 bfloat16 matmul (timed here; not a datasheet)" in text
 
 
 def test_attention_of_the_presets_backbones():
-    demo = doctor.attention(load_config("cpu-demo", CPU_FP32).model, torch.device("cpu"), bf16=False)
+    demo = doctor_probes.attention(load_config("cpu-demo", CPU_FP32).model, torch.device("cpu"), bf16=False)
     assert (demo["attention_modules"], demo["fused_modules"], demo["heads"], demo["head_dim"], demo["tokens"]) == \
         (4, 4, 3, 32, 17)  # 16 px / 4 px patches = 16 tokens and [CLS]
     if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
         assert demo["kernel"] == "CPU flash attention"
-    swin = doctor.attention(load_config("synco-imagenet-swin-t", ["data.root=unused", *CPU_FP32]).model,
+    swin = doctor_probes.attention(load_config("synco-imagenet-swin-t", CPU_FP32, needs_data=False).model,
                             torch.device("cpu"), bf16=False)
     if not swin["timm_fused_attn_experimental"]:  # timm keeps Swin's fused attention off unless TIMM_FUSED_ATTN=2
         assert swin["fused_modules"] == 0 and swin["kernel"].startswith("none: timm computes")

@@ -11,7 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from synco.errors import SyncoError
-from synco.eval.efficiency import EfficiencyOptions, count_parameters, efficiency_table, run_efficiency
+from synco.eval.efficiency import EfficiencyOptions, efficiency_table, run_efficiency
+from synco.eval.efficiency_measure import count_parameters
 from synco.eval.meters import PARTS, count_flops, matmul_peak, rss_mb
 
 # The cpu-demo model made smaller still: a 1-block ViT and narrow heads keep three methods to a few seconds.
@@ -72,7 +73,7 @@ def test_time_and_memory_numbers_are_sane(result):
 def test_bad_options_are_reported():
     with pytest.raises(SyncoError, match="methods"):
         run_efficiency(None, EfficiencyOptions(methods=["simclr"]), log=lambda s: None)
-    with pytest.raises(SyncoError, match="multiple of the batch"):  # checked before anything is measured
+    with pytest.raises(SyncoError, match="multiple of the global batch"):  # checked before anything is measured
         run_efficiency(None, EfficiencyOptions(methods=["byol", "moby"], batch_size=48, steps=1, device="cpu",
                                                precision="fp32"), SMALL, log=lambda s: None)
 
@@ -250,7 +251,7 @@ def test_efficiency_refuses_to_time_ddp(monkeypatch):
 
 def test_cost_table_states_mfu_against_the_datasheet():
     """On a known GPU MFU is against its datasheet peak; the on-the-spot matmul stays as a labelled second."""
-    from synco.eval.efficiency import cost_yardsticks
+    from synco.eval.efficiency_tables import cost_yardsticks
     from synco.eval.meters import datasheet_peak
 
     row = {"flops_per_step": 1, "datasheet": datasheet_peak("NVIDIA H100 80GB HBM3", "bf16"), "compute_dtype": "bf16",

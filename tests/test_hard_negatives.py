@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from synco.config import load_config, negatives_kwargs
+from synco.config import load_config
 from synco.errors import SyncoError
 from synco.hard_negatives import (
     cancel_false_negatives_loss,
@@ -20,6 +20,7 @@ from synco.hard_negatives import (
     reweighted_loss,
 )
 from synco.losses import Strategy, info_nce
+from synco.methods import negatives_kwargs
 from synco.negatives import SyntheticNegatives
 
 CPU = ["device=cpu", "precision=fp32"]

@@ -566,14 +566,14 @@ def test_eval_knn_k0_is_refused(tmp_path, capsys):
 
 
 def test_end_of_run_knn_on_one_class_is_skipped_with_a_note(tmp_path, one_class_folder):
-    from synco.eval.run_summary import evaluate_run
+    from synco.eval.knn_protocol import evaluate_run
     from synco.models.backbone import backbone_from_config
 
     cfg = load_config("cpu-demo", [TINY_KW, "data.dataset=folder", f"data.root={one_class_folder}",
                                    "data.num_workers=0"])
     out = evaluate_run(cfg, backbone_from_config(cfg.model), torch.device("cpu"), progress=False)
     assert "knn_top1" not in out and "100 %" in out["knn_note"]
-    from synco.eval.run_summary import knn_datasets
+    from synco.eval.knn_protocol import knn_datasets
 
     assert knn_datasets(cfg) is None  # so the k-NN monitor (knn_every) skips it too
 

@@ -310,10 +310,10 @@ def test_report_refuses_a_result_with_a_non_number(tmp_path, capsys):
 
 
 def test_sweep_run_with_another_data_root_is_not_reused(tmp_path):
-    from synco.sweep import runner
+    from synco.sweep import planning, runner
     from synco.sweep.spec import parse_spec
 
-    assert runner.config_differences({"data": {"root": "/a"}}, {"data": {"root": "/b"}})
+    assert planning.run_difference_lines({"data": {"root": "/a"}}, {"data": {"root": "/b"}})
     spec = parse_spec({"base": "cpu-demo", "seeds": 1, "axes": {"grid": {"contrast.temperature": [0.2]}}}, "t", "t")
     (run,) = runner.plan(spec, tmp_path)
     run.dir.mkdir(parents=True)
@@ -461,7 +461,8 @@ def test_transfer_skips_a_corrupt_or_missing_image(tmp_path, caplog):
 def test_sun397_fallback_split_does_not_depend_on_listing_order(tmp_path):
     import torchvision.datasets as tvd
 
-    from synco.eval.transfer import TransferOptions, _sun397
+    from synco.eval.transfer import TransferOptions
+    from synco.eval.transfer_data import sun397_split
 
     sun = tmp_path / "SUN397"
     sun.mkdir()
@@ -477,7 +478,7 @@ def test_sun397_fallback_split_does_not_depend_on_listing_order(tmp_path):
         order = sorted(range(len(ds._image_files)), key=lambda i: str(ds._image_files[i]), reverse=reverse)
         ds._image_files = [ds._image_files[i] for i in order]
         ds._labels = [ds._labels[i] for i in order]
-        train, test = _sun397(ds, tmp_path, opts)
+        train, test = sun397_split(ds, tmp_path, opts)
         return [sorted(str(b._image_files[j]) for b, j in v.items) for v in (train, test)]
 
     assert split_files(False) == split_files(True)

@@ -12,8 +12,9 @@ import pytest
 import yaml
 
 from synco.cli.main import main
+from synco.config import load_config
 from synco.errors import SyncoError
-from synco.sweep import runner
+from synco.sweep import outputs, runner
 from synco.sweep.launch import LOCKED, Task, run_local, run_task
 from synco.sweep.spec import expand_points, load_spec, parse_seeds_arg, parse_spec, spec_names
 from synco.sweep.stats import describe, fmt_stats, paired_difference
@@ -143,6 +144,25 @@ def test_every_shipped_spec_validates(tmp_path):
         else:
             assert spec.base == "cpu-demo"
     assert load_spec("methods-digits").seeds == [0, 1, 2, 3, 4]
+
+
+def test_each_point_is_built_like_synco_pretrain_would(tmp_path, capsys):
+    """A ViT without img_size follows data.image_size. With 112 px shared, a point at 224 gets the config
+    `synco pretrain --config BASE data.image_size=224` gets (timm's 224 px ViT), not the backbone resolved for the
+    shared 112 px and then a refusal."""
+    base = tmp_path / "vit112.yaml"
+    base.write_text(yaml.safe_dump({"base": "cpu-demo", "data": {"image_size": 112}, "model": {
+        "backbone_kwargs": {"patch_size": 16, "embed_dim": 32, "depth": 1, "num_heads": 2}}}))
+    spec = tmp_path / "sizes.yaml"
+    spec.write_text(yaml.safe_dump({"base": "vit112.yaml", "seeds": 1, "overrides": ["optim.batch_size=32"],
+                                    "axes": {"grid": {"data.image_size": [112, 224]}}}))
+    sp = load_spec(str(spec))
+    runs = runner.plan(sp, tmp_path / "o")
+    assert [r.cfg.data.image_size for r in runs] == [112, 224]
+    assert runs[0].cfg.model.backbone_kwargs["img_size"] == 112 and "img_size" not in runs[1].cfg.model.backbone_kwargs
+    assert all(r.cfg == load_config(sp.base, r.overrides) for r in runs)  # what `synco pretrain` will run
+    assert main(["sweep", str(spec), "--out", str(tmp_path / "o"), "--dry-run"]) == 0
+    assert "2 runs" in capsys.readouterr().out
 
 
 def test_points_are_validated_before_anything_runs(tmp_path, capsys):
@@ -429,7 +449,7 @@ def test_linear_probe_step_is_cached(tiny_sweep):
     assert main(task.cmd[3:]) == 0  # the task's own command line, in this process (saves a Python start)
     top1 = runner.record_linear(run, sp)
     assert 0 <= top1 <= 100 and runner.cached_linear(run, sp) == top1
-    assert runner.run_metrics(run.dir, ["knn_top1", "linear_top1"])["linear_top1"] == top1
+    assert outputs.run_metrics(run.dir, ["knn_top1", "linear_top1"])["linear_top1"] == top1
     (run.dir / "summary.json").write_text((run.dir / "summary.json").read_text() + " ")  # the run changed
     assert runner.cached_linear(run, sp) is None
 

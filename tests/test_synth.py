@@ -12,9 +12,10 @@ from PIL import Image
 
 from synco.cli.main import main
 from synco.errors import SyncoError
-from synco.synth import diffusion as D
+from synco.synth import diffusion
+from synco.synth.backends import imagenet_class_ids, imagenet_wnids
 from synco.synth.diffusion import DiffusionTrainConfig, train_diffusion
-from synco.synth.generate import GenerateConfig, generate, imagenet_class_ids, imagenet_wnids, parse_classes
+from synco.synth.generate import GenerateConfig, generate, parse_classes
 from synco.synth.model import MODEL_FILE, image_seed, load_model, write_preview
 
 # A UNet small enough to train a few steps in well under a second.
@@ -85,22 +86,22 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
     cfg = tiny_cfg(steps=4, ckpt_every=2)
     train_diffusion("digits", tmp_path / "once", cfg, progress=False)
 
-    real = D._step_generator
+    real = diffusion._step_generator
 
     def die_at_3(seed, step):
         if step == 3:
             raise KeyboardInterrupt
         return real(seed, step)
 
-    monkeypatch.setattr(D, "_step_generator", die_at_3)
+    monkeypatch.setattr(diffusion, "_step_generator", die_at_3)
     with pytest.raises(KeyboardInterrupt):
         train_diffusion("digits", tmp_path / "twice", cfg, progress=False)
-    assert (tmp_path / "twice" / D.STATE_FILE).is_file() and not (tmp_path / "twice" / MODEL_FILE).exists()
-    monkeypatch.setattr(D, "_step_generator", real)
+    assert (tmp_path / "twice" / diffusion.STATE_FILE).is_file() and not (tmp_path / "twice" / MODEL_FILE).exists()
+    monkeypatch.setattr(diffusion, "_step_generator", real)
     with pytest.raises(SyncoError, match="different settings"):
         train_diffusion("digits", tmp_path / "twice", tiny_cfg(steps=4, ckpt_every=2, lr=0.5), progress=False)
     train_diffusion("digits", tmp_path / "twice", cfg, progress=False)
-    assert not (tmp_path / "twice" / D.STATE_FILE).exists()
+    assert not (tmp_path / "twice" / diffusion.STATE_FILE).exists()
     log = [json.loads(line)["step"] for line in (tmp_path / "twice" / "train_log.jsonl").read_text().splitlines()]
     assert log == [1, 2, 3, 4]  # step 3, logged before the kill but after the last saved state, is not repeated
     a, b = load_model(tmp_path / "once").unet.state_dict(), load_model(tmp_path / "twice").unet.state_dict()

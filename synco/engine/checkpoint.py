@@ -170,6 +170,10 @@ class Throughput:
         """Time spent on something else than training (e.g. an evaluation between epochs)."""
         self.excluded += seconds
 
+    def seconds(self) -> float:
+        """Training seconds of this segment so far (the run's one training clock: excluded time left out)."""
+        return time.perf_counter() - self.t0 - self.excluded
+
     def segments(self, step: int) -> list[dict]:
         """Previous segments plus the current one up to ``step`` (omitted when it trained no step). Asked
         again for the same step (the run's end, right after its last checkpoint) it gives the same answer,

@@ -21,12 +21,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from .. import schedules
-from ..config import Config, method_spec, save_config, synthetic_window, with_defaults
+from ..config import Config, save_config, with_defaults
 from ..device import configure_cpu, resolve_device, use_bf16
 from ..errors import SyncoError
+from ..methods import queue_fit_error, synthetic_window
 from ..models.backbone import backbone_meta, export_safetensors, load_state_checked
 from ..models.method import create_model
-from ..resume import config_differences
+from ..resume import RESUMABLE_CHANGES, config_differences
 from . import checkpoint as ckpt, dist as D, signals as sig
 from .data import build_pretrain_data
 from .metrics import MetricsLogger
@@ -37,11 +38,6 @@ from .syncbn import convert_sync_batchnorm
 
 class NonFiniteLoss(SyncoError):
     pass
-
-
-# Config keys that may change when a run is resumed (they do not change the maths of training).
-RESUMABLE_CHANGES = {"resume", "log_every", "ckpt_every_steps", "ckpt_every_minutes", "knn_at_end", "knn_every",
-                     "threads", "device", "compile", "data.num_workers", "data.root", "optim.batch_size", "knn"}
 
 
 def seed_all(seed: int) -> None:
@@ -99,11 +95,10 @@ class Trainer:
         self.world = self.dist.world_size
         self.global_batch = cfg.optim.batch_size * self.world
         self.effective_batch = self.global_batch * cfg.optim.accum_steps
-        if method_spec(cfg).uses_queue and cfg.contrast.queue_size % self.global_batch:
-            raise SyncoError(
-                f"contrast.queue_size={cfg.contrast.queue_size} must be a multiple of the global batch "
-                f"{self.global_batch} (optim.batch_size={cfg.optim.batch_size} x {self.world} processes): "
-                "every step replaces a whole slice of the queue.")
+        misfit = queue_fit_error(cfg, self.global_batch, f"optim.batch_size={cfg.optim.batch_size} x {self.world} "
+                                                         "processes")
+        if misfit:
+            raise SyncoError(misfit)
 
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -117,7 +112,7 @@ class Trainer:
                 f"({self.effective_batch} = batch {cfg.optim.batch_size} x {self.world} processes x "
                 f"{cfg.optim.accum_steps} accumulation steps); lower optim.batch_size.")
         self.total_steps = self.steps_per_epoch * cfg.epochs
-        self.window = synthetic_window(cfg)
+        self.synthetic_epochs = synthetic_window(cfg)  # [start, end) of the epochs with synthetic negatives
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = create_model(cfg).to(self.device)
@@ -224,8 +219,8 @@ class Trainer:
         logger = MetricsLogger(self.out, enabled=self.dist.is_main, resume_step=st.step if resumed else None)
         bar = tqdm(total=self.total_steps, initial=st.step, disable=not self.progress, unit="step",
                    dynamic_ncols=True, desc=f"{cfg.method} pretrain")
-        window = _MetricsWindow(self.world)
         self.throughput.start(st.step)
+        window = _MetricsWindow(self.world, self.throughput)
         self.model.train()
         stream = self.data.view_stream(st.epoch, st.batch_in_epoch, cfg.epochs,
                                        self.steps_per_epoch * cfg.optim.accum_steps, self.device)
@@ -237,9 +232,10 @@ class Trainer:
         self._wind_down(stream)
         bar.close()
         logger.close()
-        seconds = window.run_seconds()
-        return {"images_per_second": window.run_images / max(seconds, 1e-9), "train_seconds": seconds,
-                "steps": st.step, "resumed": resumed, "segments": self.throughput.segments(st.step)}
+        segments = self.throughput.segments(st.step)
+        this = segments[-1] if self.throughput.start_step < st.step else {}  # this process's segment, if it trained
+        return {"images_per_second": this.get("images_per_second", 0.0), "train_seconds": this.get("seconds", 0.0),
+                "steps": st.step, "resumed": resumed, "segments": segments}
 
     def _wind_down(self, stream, failing: bool = False) -> None:
         """Stop the data workers and wait for the last checkpoint to be on disk, also when training failed. Then a
@@ -254,69 +250,88 @@ class Trainer:
             logging.getLogger("synco").error("the last checkpoint could not be written: %s", e)
 
     def _train_epochs(self, stream, logger: MetricsLogger, bar, window: _MetricsWindow) -> None:
-        """The epochs left, their pairs of views taken from ``stream`` in order (see ``PretrainData.view_stream``)."""
-        cfg, st, accum = self.cfg, self.state, self.cfg.optim.accum_steps
-        n_batches = self.steps_per_epoch * accum
-        bad = torch.zeros((), dtype=torch.bool, device=self.device)
-        stop = False
+        """The epochs left, their pairs of views taken from ``stream`` in order (see ``PretrainData.view_stream``).
+        An epoch ends with its checkpoint, record and hooks; a step hook's stop ends training after that step's
+        checkpoint (the epoch's, on its last step)."""
+        cfg, st = self.cfg, self.state
+        n_batches = self.steps_per_epoch * cfg.optim.accum_steps
+        self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         while st.epoch < cfg.epochs:
             epoch = st.epoch
             if st.batch_in_epoch == 0:
                 seed_all(epoch_seed(cfg, self.dist.rank, epoch))
-            use_syn = schedules.synthetic_active(epoch, self.window)
-            micro: list = []
-            for views in itertools.islice(stream, n_batches - st.batch_in_epoch):
-                micro.append(views)
-                if len(micro) < accum:
-                    continue
-                sums, momentum = self.step(micro, use_syn)
-                bad |= ~torch.isfinite(sums["loss"])
-                window.add(sums, len(micro), len(micro) * micro[0][0].shape[0] * self.world)
-                st.batch_in_epoch += len(micro)
-                micro = []
-                bar.update(1)
-                stop = any([hook(self) for hook in self.step_hooks])  # every hook sees every step
-                logged = st.step % cfg.log_every == 0 or st.step == self.total_steps
-                if logged:
-                    self._check_finite(bad)
-                    record = {"step": st.step, "epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"],
-                              "momentum": momentum, "synthetic": int(use_syn), **window.flush()}
-                    logger.log(record)
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", ep=epoch, syn=int(use_syn))
-                if st.batch_in_epoch < n_batches and (stop or self._checkpoint_due(logged)):
-                    if not logged:
-                        self._check_finite(bad)
-                    self.save()
-                signum = sig.stop_requested(st.step, self.world, self.device, cfg.log_every)
-                if signum:  # SIGTERM/SIGINT: keep the progress since the last checkpoint, then stop
-                    self._check_finite(bad)
-                    self.save()
-                    bar.close()
-                    logger.close()
-                    raise sig.stopped(signum, st.step, st.epoch, self.ckpt_path)
-                if stop:
-                    break
-            if stop and st.batch_in_epoch < n_batches:
-                break
-            st.epoch, st.batch_in_epoch = epoch + 1, 0
-            self._check_finite(bad)
-            self.save()
-            self.last_good_epoch = st.epoch
-            if self.dist.is_main:
-                real, synthetic = self.data.counts
-                logger.log({"step": st.step, "epoch": epoch, "epoch_end": True, "real_images": real,
-                            "synthetic_images": synthetic, "bad_images": self.data.bad_images()})
-            self._run_epoch_hooks(epoch, logger, window)
+            use_syn = schedules.synthetic_active(epoch, self.synthetic_epochs)
+            stop = self._epoch_steps(stream, epoch, use_syn, n_batches, logger, bar, window)
+            if st.batch_in_epoch == n_batches:
+                self._end_epoch(epoch, logger, window)
             if stop:
-                break
+                return
+
+    def _epoch_steps(self, stream, epoch: int, use_syn: bool, n_batches: int, logger, bar, window) -> bool:
+        """The optimizer steps left in ``epoch``, ``accum_steps`` micro-batches each; True when a step hook asked
+        to stop."""
+        micro: list = []
+        for views in itertools.islice(stream, n_batches - self.state.batch_in_epoch):
+            micro.append(views)
+            if len(micro) < self.cfg.optim.accum_steps:
+                continue
+            if self._one_step(micro, epoch, use_syn, n_batches, logger, bar, window):
+                return True
+            micro = []
+        return False
+
+    def _one_step(self, micro: list, epoch: int, use_syn: bool, n_batches: int, logger, bar, window) -> bool:
+        """One optimizer step and what follows it: hooks, the log record, a mid-epoch checkpoint, signals."""
+        cfg, st = self.cfg, self.state
+        # -- the step (device work only: its statistics stay on the device until logged)
+        sums, momentum = self.step(micro, use_syn)
+        self._nonfinite |= ~torch.isfinite(sums["loss"])
+        window.add(sums, len(micro), len(micro) * micro[0][0].shape[0] * self.world)
+        st.batch_in_epoch += len(micro)
+        bar.update(1)
+        # -- hooks and the log record (the only host sync, every log_every steps)
+        stop = any([hook(self) for hook in self.step_hooks])  # every hook sees every step
+        logged = st.step % cfg.log_every == 0 or st.step == self.total_steps
+        if logged:
+            self._check_finite(self._nonfinite)
+            record = {"step": st.step, "epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"],
+                      "momentum": momentum, "synthetic": int(use_syn), **window.flush()}
+            logger.log(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", ep=epoch, syn=int(use_syn))
+        # -- a mid-epoch checkpoint (the epoch's own comes at its end)
+        if st.batch_in_epoch < n_batches and (stop or self._checkpoint_due(logged)):
+            if not logged:
+                self._check_finite(self._nonfinite)
+            self.save()
+        # -- SIGTERM/SIGINT: keep the progress since the last checkpoint, then stop
+        signum = sig.stop_requested(st.step, self.world, self.device, cfg.log_every)
+        if signum:
+            self._check_finite(self._nonfinite)
+            self.save()
+            bar.close()
+            logger.close()
+            raise sig.stopped(signum, st.step, st.epoch, self.ckpt_path)
+        return stop
+
+    def _end_epoch(self, epoch: int, logger: MetricsLogger, window: _MetricsWindow) -> None:
+        """The epoch's checkpoint, its record (image counts) and the epoch hooks (the k-NN monitor)."""
+        st = self.state
+        st.epoch, st.batch_in_epoch = epoch + 1, 0
+        self._check_finite(self._nonfinite)
+        self.save()
+        self.last_good_epoch = st.epoch
+        if self.dist.is_main:
+            real, synthetic = self.data.counts
+            logger.log({"step": st.step, "epoch": epoch, "epoch_end": True, "real_images": real,
+                        "synthetic_images": synthetic, "bad_images": self.data.bad_images()})
+        self._run_epoch_hooks(epoch, logger, window)
 
     def _run_epoch_hooks(self, epoch: int, logger: MetricsLogger, window: _MetricsWindow) -> None:
         for hook in self.epoch_hooks:
             t_hook = time.perf_counter()
             record = hook(self, epoch)
             self.model.train()
-            window.exclude(time.perf_counter() - t_hook)  # evaluation time is not training throughput
-            self.throughput.exclude(time.perf_counter() - t_hook)
+            self.throughput.exclude(time.perf_counter() - t_hook)  # evaluation time is not training throughput
             if record:
                 logger.log({"step": self.state.step, "epoch": epoch, **record})
 
@@ -343,14 +358,15 @@ class Trainer:
 class _MetricsWindow:
     """Statistics summed on the device between two log records, read (one host sync) only when logged. Each
     key is averaged over the micro-batches that produced it: synthetic-negative statistics exist only inside
-    the window of epochs that uses them, which a log window may straddle."""
+    the window of epochs that uses them, which a log window may straddle. Its images/s is timed on the run's
+    one training clock (:class:`~synco.engine.checkpoint.Throughput`, which leaves evaluation time out)."""
 
-    def __init__(self, world: int):
-        self.world = world
+    def __init__(self, world: int, clock: ckpt.Throughput):
+        self.world, self.clock = world, clock
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
-        self.images, self.run_images = 0, 0
-        self.t_window = self.t_run = time.perf_counter()
+        self.images = 0
+        self.started = clock.seconds()
 
     def add(self, sums: dict, n_micro: int, images: int) -> None:
         for key, v in sums.items():
@@ -365,17 +381,7 @@ class _MetricsWindow:
             torch.distributed.all_reduce(values)
             values /= self.world
         record = {k: float(v) / self.counts[k] for k, v in zip(keys, values.tolist())}
-        record["images_per_second"] = self.images / max(time.perf_counter() - self.t_window, 1e-9)
-        self.run_images += self.images
-        self.sums, self.counts, self.images, self.t_window = {}, {}, 0, time.perf_counter()
+        now = self.clock.seconds()
+        record["images_per_second"] = self.images / max(now - self.started, 1e-9)
+        self.sums, self.counts, self.images, self.started = {}, {}, 0, now
         return record
-
-    def exclude(self, seconds: float) -> None:
-        self.t_window += seconds
-        self.t_run += seconds
-
-    def run_seconds(self) -> float:
-        self.run_images += self.images
-        self.images = 0
-        return time.perf_counter() - self.t_run
-

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..device import resolve_device
-from ..engine import dist as D
+from ..engine import dist
 from ..errors import SyncoError
 from ..options import opt
 from .classes import head_labels
@@ -131,9 +131,9 @@ class NormalizedClassifier(nn.Module):
 def parse_attacks(value) -> list[str]:
     names = [a.strip().lower() for a in (value.split(",") if isinstance(value, str) else value) if str(a).strip()]
     names = ["autoattack" if n in ("auto", "aa") else "cw" if n in ("c&w", "cwl2") else n for n in names]
-    bad = [n for n in names if n not in ATTACKS]
-    if bad:
-        raise SyncoError(f"unknown attack(s) {', '.join(bad)}; choose from {', '.join(ATTACKS)}.")
+    unknown = [n for n in names if n not in ATTACKS]
+    if unknown:
+        raise SyncoError(f"unknown attack(s) {', '.join(unknown)}; choose from {', '.join(ATTACKS)}.")
     if not names:
         raise SyncoError(f"no attack selected; choose from {', '.join(ATTACKS)}.")
     return list(dict.fromkeys(names))
@@ -171,7 +171,7 @@ def attack_accuracy(model: nn.Module, loader: DataLoader, attacks: Sequence[str]
         atk = build_attack(name, model, n_classes, seed)
         correct, n, linf, l2_sum = 0, 0, 0.0, 0.0
         t0 = time.perf_counter()
-        for x, y in tqdm(loader, desc=name, disable=not progress or not D.is_main(), leave=False):
+        for x, y in tqdm(loader, desc=name, disable=not progress or not dist.is_main(), leave=False):
             x, y = x.to(device), torch.as_tensor(y).to(device)
             with warnings.catch_warnings():  # OnePixel's differential evolution divides by a zero spread
                 warnings.filterwarnings("ignore", category=RuntimeWarning, module="torchattacks")
@@ -225,12 +225,12 @@ def run_adversarial(checkpoint: str, head_path: str, out: Path, opts: Adversaria
     view = BenchmarkView(base, subset_indices(len(base), opts.max_images, opts.seed),
                          center_crop_ops(size, crop_ratio), labels=labels, normalize=False)
     loader = DataLoader(view, batch_size=opts.batch_size, shuffle=False, num_workers=opts.num_workers)
-    log = print if D.is_main() else (lambda s: None)
+    log = print if dist.is_main() else (lambda s: None)
     res = attack_accuracy(model, loader, attacks, len(classes), device, seed=opts.seed, progress=progress, log=log)
     result = {"protocol": "adversarial", "checkpoint": checkpoint, "linear_head": str(head_path),
               "backbone": meta["backbone"], "dataset": opts.dataset, "image_size": size, "results": res,
               "table14": table14_row(res), "torchattacks": _torchattacks_version(), "options": asdict(opts)}
-    if D.is_main():
+    if dist.is_main():
         save_result(out, "adversarial", result)
         print(adversarial_tables(result))
     return result

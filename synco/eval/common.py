@@ -39,7 +39,7 @@ def backbone_spec(opts: EvalOptions) -> tuple[Optional[str], dict]:
         from ..config import load_config, preset_names
 
         if name in preset_names():
-            mcfg = load_config(name, ["data.root=unused"] if name != "cpu-demo" else []).model
+            mcfg = load_config(name, needs_data=False).model
             name, kwargs = mcfg.backbone, {**mcfg.backbone_kwargs, **kwargs}
     return name, kwargs
 

@@ -28,13 +28,13 @@ SEVERITIES = (1, 2, 3, 4, 5)
 
 
 def check_corruptions(names: Sequence[str], severities: Sequence[int]) -> None:
-    bad = [n for n in names if n not in FAMILY_OF]
-    if bad:
-        raise SyncoError(f"unknown corruption(s) {', '.join(map(str, bad))}; choose from the 15 ImageNet-C ones "
+    unknown = [n for n in names if n not in FAMILY_OF]
+    if unknown:
+        raise SyncoError(f"unknown corruption(s) {', '.join(map(str, unknown))}; choose from the 15 ImageNet-C ones "
                          f"({', '.join(IMAGENET_C)}) or the extra {', '.join(CORRUPTION_FAMILIES['extra'])}.")
-    bad_s = [s for s in severities if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= 5]
-    if bad_s:
-        raise SyncoError(f"severities must be integers 1..5, got {bad_s}.")
+    invalid = [s for s in severities if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= 5]
+    if invalid:
+        raise SyncoError(f"severities must be integers 1..5, got {invalid}.")
 
 
 def _sample_seed(*parts: int) -> int:

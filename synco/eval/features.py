@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..engine import dist as D, signals
+from ..engine import dist, signals
 from ..errors import SyncoError
 
 
@@ -28,7 +28,7 @@ class ShardSampler(torch.utils.data.Sampler):
 
 
 def feature_loader(dataset, batch_size: int = 256, num_workers: int = 0) -> DataLoader:
-    sampler = ShardSampler(len(dataset), D.rank(), D.world_size()) if D.world_size() > 1 else None
+    sampler = ShardSampler(len(dataset), dist.rank(), dist.world_size()) if dist.world_size() > 1 else None
     # Workers ignore SIGTERM/SIGINT as the training loader's do: the main process handles them, so a scheduler
     # signalling the whole process group during the k-NN monitor still gets a checkpoint, not a worker crash.
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=sampler, num_workers=num_workers,
@@ -42,10 +42,10 @@ def predict(fn: Callable[[torch.Tensor], torch.Tensor], dataset: Dataset, batch_
     """``fn(images)`` (e.g. backbone features or logits, float32, not normalised) and labels of every
     sample, in dataset order. Under torchrun each process computes a shard (``feature_loader``) and
     the shards are gathered in order on every process."""
-    loader = feature_loader(dataset, max(1, batch_size // D.world_size()), num_workers)
+    loader = feature_loader(dataset, max(1, batch_size // dist.world_size()), num_workers)
     outs, labels = [], []
     bf16 = device.type == "cuda"
-    for x, y in tqdm(loader, desc=desc, disable=not progress or not D.is_main(), leave=False):
+    for x, y in tqdm(loader, desc=desc, disable=not progress or not dist.is_main(), leave=False):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out = fn(x.to(device, non_blocking=True))
         outs.append(out.float())
@@ -53,9 +53,9 @@ def predict(fn: Callable[[torch.Tensor], torch.Tensor], dataset: Dataset, batch_
     if not outs:
         raise SyncoError("a dataset split is empty: nothing to evaluate.")
     f, y = torch.cat(outs), torch.cat(labels)
-    if D.world_size() > 1:
+    if dist.world_size() > 1:
         idx = torch.as_tensor(loader.sampler.indices, device=device)
-        f, y, idx = D.all_gather_varsize(f), D.all_gather_varsize(y), D.all_gather_varsize(idx)
+        f, y, idx = dist.all_gather_varsize(f), dist.all_gather_varsize(y), dist.all_gather_varsize(idx)
         perm = torch.argsort(idx)
         f, y = f[perm], y[perm]
     return f, y
@@ -68,6 +68,6 @@ def extract_features(model: torch.nn.Module, loader_or_dataset, device: torch.de
     model.eval()
     dataset = getattr(loader_or_dataset, "dataset", loader_or_dataset)
     if isinstance(loader_or_dataset, DataLoader):
-        batch_size, num_workers = loader_or_dataset.batch_size * D.world_size(), loader_or_dataset.num_workers
+        batch_size, num_workers = loader_or_dataset.batch_size * dist.world_size(), loader_or_dataset.num_workers
     f, y = predict(model, dataset, batch_size, num_workers, torch.device(device), desc, progress)
     return F.normalize(f, dim=1), y

@@ -27,10 +27,9 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..engine import dist as D
+from ..engine import dist
 from ..engine.optim import build_scheduler
 from ..errors import SyncoError
 from ..io import atomic_save
@@ -39,6 +38,7 @@ from .common import EvalOptions, weights_digest
 from .features import predict
 from .probe import (
     ProbeData,
+    augmented_loader,
     batch_scaled_lr,
     check_recipe,
     epoch_batches,
@@ -119,92 +119,135 @@ def finetune(backbone: nn.Module, meta: dict, data: ProbeData, out: Path, hp: Fi
     t0 = time.perf_counter()
     out = Path(out)
     check_finetune_hparams(hp)
-    rank, world = D.rank(), D.world_size()
     n = len(data.train_aug)
     steps = steps_per_epoch(n, batch_size)
     lr = batch_scaled_lr(hp.lr, batch_size, hp.lr_batch_ref)
     weights = weights_digest(backbone)
-    for p in backbone.parameters():
-        p.requires_grad_(True)
-    model = FinetuneModel(backbone, len(data.classes), hp.dropout, seed).to(device)
-    if world > 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = build_optimizer(model, hp, lr)
-    scheduler = build_scheduler(optimizer, hp.epochs * steps, hp.warmup_epochs * steps)
-    if data.multilabel:
-        def loss_fn(logits, y):
-            return F.binary_cross_entropy_with_logits(logits, y.float())
-    else:
-        ce = nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing)
+    run = _FinetuneRun(backbone, data, hp, lr, steps, seed, device)
 
-        def loss_fn(logits, y):
-            return ce(logits, y.long())
-
+    # -- resume: a killed run of the same fingerprint goes on after its last finished epoch
     ckpt_path = out / ckpt_name
     # Keyed by the pretrained weights' hash (taken before any update), not the checkpoint's path.
     fp = fingerprint(hp, {**(fp_extra or {}), "weights": weights, "batch_size": batch_size, "seed": seed,
                           "n_train": n, "image_size": image_size})
-    start_epoch, step, history = 0, 0, []
-    state = resume_state(ckpt_path, fp, hp.resume, {"model": dict, "optimizer": dict, "epoch": int, "step": int,
-                                                    "history": list})
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, step, history = int(state["epoch"]), int(state["step"]), list(state["history"])
-    net = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    bf16 = device.type == "cuda"
+    run.resume(ckpt_path, fp)
+    run.distribute()
     metric = "map" if data.multilabel else "top1"
 
-    bar = tqdm(total=hp.epochs, initial=start_epoch, desc=f"finetune {data.name}".strip(), unit="epoch",
-               disable=not progress or not D.is_main())
-    for epoch in range(start_epoch, hp.epochs):
-        model.train()
-        aug_seed = epoch_draw_seed(seed, epoch, rank + 1)
-        torch.manual_seed(aug_seed)  # augmentation (num_workers=0) and dropout
+    # -- the epochs: train, evaluate on test every eval_every, checkpoint
+    bar = tqdm(total=hp.epochs, initial=run.epoch, desc=f"finetune {data.name}".strip(), unit="epoch",
+               disable=not progress or not dist.is_main())
+    for epoch in range(run.epoch, hp.epochs):
         batches = epoch_batches(n, batch_size, seed, epoch)
-        loader = DataLoader(data.train_aug, batch_sampler=[b[rank::world].tolist() for b in batches],
-                            num_workers=num_workers, pin_memory=device.type == "cuda",
-                            generator=torch.Generator().manual_seed(aug_seed))
-        loss_sum = torch.zeros((), device=device)
-        for x, y in tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not progress or not D.is_main()):
-            scheduler.step_update(num_updates=step)
-            x, y = x.to(device, non_blocking=True), torch.as_tensor(y).to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = net(x)
-            loss = loss_fn(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if hp.clip_grad:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), hp.clip_grad)
-            optimizer.step()
-            step += 1
-            loss_sum += loss.detach()
-        entry = {"epoch": epoch + 1, "train_loss": float(loss_sum) / max(len(batches), 1),
-                 "lr": optimizer.param_groups[0]["lr"]}
-        if not math.isfinite(entry["train_loss"]):  # before this epoch's checkpoint: the last good one stays
-            raise SyncoError(f"fine-tuning diverged in epoch {epoch + 1} (train loss {entry['train_loss']}): every "
-                             "number after it would be meaningless. Lower lr (or clip_grad); nothing was written "
-                             "for this epoch, and finetune.json is not.")
+        loader = augmented_loader(data.train_aug, batches, epoch_draw_seed(seed, epoch, dist.rank() + 1),
+                                  num_workers, device)
+        bar_kw = dict(desc=f"epoch {epoch + 1}", leave=False, disable=not progress or not dist.is_main())
+        entry = {"epoch": epoch + 1, "train_loss": run.train_epoch(loader, bar_kw) / max(len(batches), 1),
+                 "lr": run.optimizer.param_groups[0]["lr"]}
+        _check_finite_loss(entry)  # before this epoch's checkpoint: the last good one stays
         if (epoch + 1) % hp.eval_every == 0 or epoch + 1 == hp.epochs:
-            model.eval()
-            logits, y = predict(model, data.test, batch_size, num_workers, device, "test", progress)
-            entry["test"] = {k: v[0] for k, v in head_metrics(logits[:, None, :], y, data.multilabel).items()}
-            history.append(entry)
+            entry["test"] = run.test_metrics(data, batch_size, num_workers, progress)
+            run.history.append(entry)
             bar.set_postfix_str(f"test {metric} {entry['test'][metric]:.1f}")
-        if D.is_main():
-            out.mkdir(parents=True, exist_ok=True)
-            atomic_save({"version": 1, "fingerprint": fp, "epoch": epoch + 1, "step": step,
-                         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "history": history},
-                        ckpt_path)
+        run.epoch = epoch + 1
+        if dist.is_main():
+            run.save(ckpt_path, fp)
         bar.update(1)
         if on_epoch is not None:  # after the epoch's checkpoint: a kill here loses nothing
             on_epoch(epoch + 1)
     bar.close()
+    return _finetune_result(run.history, metric, data, meta, checkpoint, n, hp, batch_size, lr, t0)
 
+
+class _FinetuneRun:
+    """One fine-tuning in memory: the model (every weight trained), its optimizer, schedule and loss, and where
+    it stands (epochs done, optimizer steps, the evaluated epochs' numbers)."""
+
+    def __init__(self, backbone: nn.Module, data: ProbeData, hp: FinetuneHParams, lr: float, steps: int, seed: int,
+                 device: torch.device):
+        backbone.requires_grad_(True)
+        model = FinetuneModel(backbone, len(data.classes), hp.dropout, seed).to(device)
+        if dist.world_size() > 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.model = self.net = model  # net: what the batches go through (the model, or its DDP wrapper)
+        self.optimizer = build_optimizer(model, hp, lr)
+        self.scheduler = build_scheduler(self.optimizer, hp.epochs * steps, hp.warmup_epochs * steps)
+        self.loss_fn = _loss_function(data.multilabel, hp.label_smoothing)
+        self.hp, self.device = hp, device
+        self.epoch, self.step, self.history = 0, 0, []
+
+    def resume(self, path: Path, fp: dict) -> None:
+        state = resume_state(path, fp, self.hp.resume, {"model": dict, "optimizer": dict, "epoch": int, "step": int,
+                                                        "history": list})
+        if state is not None:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.epoch, self.step, self.history = int(state["epoch"]), int(state["step"]), list(state["history"])
+
+    def distribute(self) -> None:
+        """Under torchrun, DistributedDataParallel: after the resume, so that every process starts from the
+        weights rank 0 broadcasts."""
+        if dist.world_size() > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.net = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def train_epoch(self, loader, bar_kw: dict) -> float:
+        """One epoch of optimizer steps; the summed loss."""
+        self.model.train()
+        bf16 = self.device.type == "cuda"
+        loss_sum = torch.zeros((), device=self.device)
+        for x, y in tqdm(loader, **bar_kw):
+            self.scheduler.step_update(num_updates=self.step)
+            x, y = x.to(self.device, non_blocking=True), torch.as_tensor(y).to(self.device, non_blocking=True)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = self.net(x)
+            loss = self.loss_fn(logits.float(), y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.hp.clip_grad:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.hp.clip_grad)
+            self.optimizer.step()
+            self.step += 1
+            loss_sum += loss.detach()
+        return float(loss_sum)
+
+    def test_metrics(self, data: ProbeData, batch_size: int, num_workers: int, progress: bool) -> dict:
+        self.model.eval()
+        logits, y = predict(self.model, data.test, batch_size, num_workers, self.device, "test", progress)
+        return {k: v[0] for k, v in head_metrics(logits[:, None, :], y, data.multilabel).items()}
+
+    def save(self, path: Path, fp: dict) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save({"version": 1, "fingerprint": fp, "epoch": self.epoch, "step": self.step,
+                     "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "history": self.history}, path)
+
+
+def _loss_function(multilabel: bool, label_smoothing: float) -> Callable:
+    if multilabel:
+        def loss_fn(logits, y):
+            return F.binary_cross_entropy_with_logits(logits, y.float())
+
+        return loss_fn
+    ce = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+    def loss_fn(logits, y):
+        return ce(logits, y.long())
+
+    return loss_fn
+
+
+def _check_finite_loss(entry: dict) -> None:
+    if not math.isfinite(entry["train_loss"]):
+        raise SyncoError(f"fine-tuning diverged in epoch {entry['epoch']} (train loss {entry['train_loss']}): every "
+                         "number after it would be meaningless. Lower lr (or clip_grad); nothing was written "
+                         "for this epoch, and finetune.json is not.")
+
+
+def _finetune_result(history: list, metric: str, data: ProbeData, meta: dict, checkpoint: str, n: int,
+                     hp: FinetuneHParams, batch_size: int, lr: float, t0: float) -> dict:
+    """The last evaluated epoch (the number to quote: no selection on test) and, for information, the best."""
     evaluated = [h for h in history if "test" in h]
     last = evaluated[-1]
     best = max(evaluated, key=lambda h: (h["test"][metric], h["epoch"]))
@@ -237,7 +280,7 @@ def run_finetune(checkpoint: str, out: Path, opts: FinetuneOptions, progress: bo
     result = finetune(backbone, meta, data, Path(out), opts, progress=progress, **kwargs)
     result["options"] = asdict(opts)
     result["report"] = report_columns(result, "Fine-tune")
-    if D.is_main():
+    if dist.is_main():
         save_result(out, "finetune", result)
         print(result_table(result))
     return result

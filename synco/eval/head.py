@@ -74,28 +74,28 @@ def load_head(path: str | Path, expect_dim: Optional[int] = None) -> tuple[Linea
 def check_head_state(state, path) -> None:
     """A head file as :func:`save_head` writes it: ``weight`` [C, D], ``bias`` [C], BatchNorm statistics [D] or
     None, all finite. Anything else would crash later or score with a head that predicts nothing."""
-    def bad(why: str):
+    def refuse(why: str):
         raise SyncoError(f"linear head '{path}' {why}; it is damaged or not written by `synco eval linear`. "
                          "Train it again with `synco eval linear`.")
 
     if not isinstance(state, dict):
-        bad("is not a mapping of tensors")
+        refuse("is not a mapping of tensors")
     weight, bias = state.get("weight"), state.get("bias")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or 0 in weight.shape:
-        bad(f"has no 2-D 'weight' [classes, features] (got {_shape(weight)})")
+        refuse(f"has no 2-D 'weight' [classes, features] (got {_shape(weight)})")
     if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],):
-        bad(f"has a 'bias' of shape {_shape(bias)}, not [{weight.shape[0]}]")
+        refuse(f"has a 'bias' of shape {_shape(bias)}, not [{weight.shape[0]}]")
     tensors = {"weight": weight, "bias": bias}
     if state.get("bn_mean") is not None or state.get("bn_var") is not None:
         for key in ("bn_mean", "bn_var"):
             t = state.get(key)
             if not isinstance(t, torch.Tensor) or tuple(t.shape) != (weight.shape[1],):
-                bad(f"has a '{key}' of shape {_shape(t)}, not [{weight.shape[1]}]")
+                refuse(f"has a '{key}' of shape {_shape(t)}, not [{weight.shape[1]}]")
             tensors[key] = t
     nonfinite = [k for k, t in tensors.items() if not bool(torch.isfinite(t.float()).all())]
     if nonfinite:
-        bad(f"holds values that are not finite (NaN or inf) in {', '.join(nonfinite)}: its training diverged, so "
-            "every accuracy measured with it would be meaningless")
+        refuse(f"holds values that are not finite (NaN or inf) in {', '.join(nonfinite)}: its training diverged, so "
+               "every accuracy measured with it would be meaningless")
 
 
 def _shape(t) -> str:

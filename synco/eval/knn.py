@@ -17,8 +17,8 @@ from .features import ShardSampler, extract_features, feature_loader, predict  #
 
 def check_knn_inputs(ks: Sequence[int], temperature: float, num_classes: Optional[int] = None) -> None:
     """Reject settings whose numbers would be meaningless (k < 1, a non-positive temperature, one class)."""
-    bad = [k for k in ks if isinstance(k, bool) or not isinstance(k, int) or k < 1]
-    if not len(ks) or bad:
+    invalid = [k for k in ks if isinstance(k, bool) or not isinstance(k, int) or k < 1]
+    if not len(ks) or invalid:
         raise SyncoError(f"k-NN: every k must be an integer >= 1 (got k={list(ks)}); e.g. k=[10, 20, 100, 200].")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise SyncoError(f"k-NN: the temperature must be a finite number > 0, got {temperature!r}.")

@@ -1,4 +1,5 @@
-"""`synco eval knn`: weighted k-NN on frozen features, features cached next to the result."""
+"""The k-NN protocol (the maths is in knn.py): `synco eval knn`, with its features cached next to the result, and
+the k-NN of a pretraining run: the monitor that gives it a learning curve, and the end-of-run evaluation."""
 
 from __future__ import annotations
 
@@ -8,11 +9,15 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
+from torch.utils.data import Subset
 
-from ..engine import dist as D
+from ..engine import dist
+from ..errors import SyncoError
 from ..io import atomic_save
+from ..models.backbone import backbone_from_config
 from ..options import opt
 from .common import (  # noqa: F401 (weights_digest is re-exported)
     EvalOptions,
@@ -22,7 +27,7 @@ from .common import (  # noqa: F401 (weights_digest is re-exported)
     resolve_device,
     weights_digest,
 )
-from .knn import check_knn_inputs, extract_features, feature_loader, knn_classify, knn_table
+from .knn import check_knn_inputs, extract_features, feature_loader, knn_classify, knn_table, nearest_k, top1_at
 from .results import save_result
 
 logger = logging.getLogger("synco.eval")
@@ -100,7 +105,7 @@ def run_knn(checkpoint: str, out: Path, opts: KnnOptions, progress: bool = True)
                                     desc="test features", progress=progress)
         feats = {"key": key, "train": ftr.cpu(), "train_labels": ytr.cpu(), "test": fte.cpu(),
                  "test_labels": yte.cpu()}
-        if opts.cache and D.is_main():
+        if opts.cache and dist.is_main():
             Path(out).mkdir(parents=True, exist_ok=True)
             atomic_save(feats, cache)
     res = knn_classify(feats["train"].to(device), feats["train_labels"].to(device), feats["test"].to(device),
@@ -109,7 +114,100 @@ def run_knn(checkpoint: str, out: Path, opts: KnnOptions, progress: bool = True)
     result = {"protocol": "knn", "checkpoint": checkpoint, "backbone": meta["backbone"], "backbone_meta": meta,
               "dataset": opts.dataset, "n_train": len(train), "n_test": len(test),
               "results": {str(k): v for k, v in res.items()}, "options": asdict(opts)}
-    if D.is_main():
+    if dist.is_main():
         save_result(out, "knn", result)
         print(knn_table(res))
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# The k-NN of a pretraining run: its data, the monitor (every ``knn_every`` epochs, k-NN top-1 of the online
+# backbone on the held-out split, so a run has a learning curve, as solo-learn's online k-NN callback gives, not
+# just an end point), and the end-of-run evaluation (the trained backbone vs the same backbone untrained vs raw
+# pixels on built-in data).
+
+
+def knn_datasets(cfg):
+    """(train, test) labelled datasets with the evaluation transform, or None when k-NN cannot be measured:
+    no val split next to the training data, or a single class (100 % by construction)."""
+    return _knn_sets(cfg)[0]
+
+
+def _knn_sets(cfg):
+    """((train, test) or None, why not)."""
+    d = cfg.data
+    opts = EvalOptions(dataset=d.dataset, root=d.root, class_list=d.class_list, image_size=d.image_size)
+    try:
+        train, test = eval_datasets(opts, d.image_size)
+    except SyncoError as e:  # no val split, or one whose class folders differ from train's: say which
+        return None, f"k-NN skipped: {e}"
+    if len(train.classes) < 2:
+        return None, (f"the data has {len(train.classes)} class: k-NN accuracy would be 100 % by construction, "
+                      "so it was skipped")
+    return (_cap(train, cfg.knn.max_train, cfg.seed), _cap(test, cfg.knn.max_test, cfg.seed)), None
+
+
+def _cap(ds, n, seed):
+    if not n or n >= len(ds):
+        return ds
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    sub = Subset(ds, idx.tolist())
+    sub.classes = ds.classes
+    return sub
+
+
+def knn_of(model, train, test, cfg, device, progress=True, tag=""):
+    ftr, ytr = extract_features(model, feature_loader(train, num_workers=cfg.data.num_workers), device,
+                                desc=f"k-NN train {tag}", progress=progress)
+    fte, yte = extract_features(model, feature_loader(test, num_workers=cfg.data.num_workers), device,
+                                desc=f"k-NN test {tag}", progress=progress)
+    return knn_classify(ftr, ytr, fte, yte, ks=cfg.knn.k, temperature=cfg.knn.temperature,
+                        num_classes=len(train.classes))
+
+
+def knn_monitor(cfg) -> Optional[callable]:
+    """An epoch hook for :class:`synco.engine.train.Trainer`, or None when off or the data has no val split."""
+    if cfg.knn_every <= 0:
+        return None
+    sets = knn_datasets(cfg)  # built once: only the features change between calls
+    if sets is None:
+        return None
+    train, test = sets
+
+    def hook(trainer, epoch: int) -> Optional[dict]:
+        if (epoch + 1) % cfg.knn_every and epoch + 1 != cfg.epochs:
+            return None
+        results = knn_of(trainer.model.online.backbone, train, test, cfg, trainer.device, progress=False)
+        return {"knn_top1": top1_at(results, 20)}
+
+    return hook
+
+
+class _Pixels(torch.nn.Module):
+    def forward(self, x):
+        return x.flatten(1)
+
+
+@torch.no_grad()
+def evaluate_run(cfg, backbone: torch.nn.Module, device, progress: bool = True) -> dict:
+    sets, why_not = _knn_sets(cfg)
+    if sets is None:
+        return {"knn_note": why_not}
+    train, test = sets
+    was_training = backbone.training
+    trained = knn_of(backbone, train, test, cfg, device, progress, "trained")
+    torch.manual_seed(cfg.seed)  # the same initial weights the run started from
+    random_init = backbone_from_config(cfg.model).to(device)
+    untrained = knn_of(random_init, train, test, cfg, device, progress, "random init")
+    k20 = nearest_k(trained, 20)  # the papers' k=20, or the evaluated k closest to it
+    out = {"knn_k": list(cfg.knn.k), "knn": {str(k): v for k, v in trained.items()},
+           "knn_top1": top1_at(trained, k20), "knn_top5": trained[k20]["top5"], "knn_top1_k": int(k20),
+           "knn_random_init": {str(k): v for k, v in untrained.items()},
+           "knn_top1_random_init": top1_at(untrained, k20)}
+    if cfg.data.dataset == "digits":
+        pixels = knn_of(_Pixels(), train, test, cfg, device, progress, "pixels")
+        out["knn_pixels"] = {str(k): v for k, v in pixels.items()}
+        out["knn_top1_pixels"] = top1_at(pixels, k20)
+    backbone.train(was_training)
+    dist.barrier()
+    return out

@@ -44,10 +44,10 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
-from ..engine import dist as D
+from ..engine import dist
 from ..errors import SyncoError
 from ..io import atomic_save
 from ..options import opt
@@ -57,6 +57,7 @@ from .grid import GridTrainer, grid_table, select_best, selection_key, summarize
 from .head import head_from_state, save_head
 from .probe import (
     ProbeData,
+    augmented_loader,
     batch_scaled_lr,
     check_recipe,
     epoch_batches,
@@ -143,116 +144,167 @@ def linear_probe(backbone: nn.Module, meta: dict, data: ProbeData, out: Path, hp
     t0 = time.perf_counter()
     out = Path(out)
     check_hparams(hp)
-    backbone.eval()
-    for p in backbone.parameters():
-        p.requires_grad_(False)
+    backbone.eval().requires_grad_(False)  # frozen: no BatchNorm statistics update, drop path off, no gradient
     metric = "map" if data.multilabel else "top1"
-    n_all = len(data.train_aug)
-    if len(data.train_eval) != n_all:
-        raise SyncoError("internal: the train split differs between its two transforms.")
-    train_idx, val_idx = heldout_split(n_all, hp.val_fraction, seed, data.targets)
+    train_idx, val_idx = _train_heldout_split(data, hp.val_fraction, seed)
     use_heldout = bool(val_idx)
     lrs = [batch_scaled_lr(v, batch_size, hp.lr_batch_ref) for v in hp.lrs]
-    steps = steps_per_epoch(len(train_idx), batch_size)
     dim = int(meta.get("num_features") or backbone.num_features)
-    trainer = GridTrainer(dim, len(data.classes), lrs, hp, steps, device, data.multilabel, seed=seed)
+    trainer = GridTrainer(dim, len(data.classes), lrs, hp, steps_per_epoch(len(train_idx), batch_size), device,
+                          data.multilabel, seed=seed)
 
+    # -- resume: a killed run of the same fingerprint goes on after its last finished epoch
     ckpt_path = out / ckpt_name
     # Keyed by the weights' hash, not the checkpoint's path: a run that trained further is another backbone.
     fp = fingerprint(hp, {**(fp_extra or {}), "weights": weights_digest(backbone), "batch_size": batch_size,
-                          "seed": seed, "n_train": n_all, "image_size": image_size})
-    start_epoch, history, snapshots = 0, [], {}
-    state = resume_state(ckpt_path, fp, hp.resume, {"trainer": dict, "epoch": int, "history": list,
-                                                    "snapshots": dict})
-    if state is not None:
-        trainer.load_state_dict(state["trainer"])
-        start_epoch, history = int(state["epoch"]), list(state["history"])
-        snapshots = {int(k): v for k, v in state["snapshots"].items()}
+                          "seed": seed, "n_train": len(data.train_aug), "image_size": image_size})
+    state = _GridState(trainer, ckpt_path, fp)
+    state.resume(hp.resume)
 
-    if start_epoch < hp.epochs:
-        # Held-out and test features never change (frozen backbone, fixed transform): extract them once.
-        eval_feats = {}
-        if use_heldout:
-            eval_feats["heldout"] = predict(backbone, Subset(data.train_eval, val_idx), batch_size, num_workers,
-                                            device, "held-out features", progress)
-        eval_feats["test"] = predict(backbone, data.test, batch_size, num_workers, device, "test features", progress)
-        cached = None
-        if hp.cache_features:
-            cached = predict(backbone, Subset(data.train_eval, train_idx), batch_size, num_workers, device,
-                             "train features", progress)
-        bar = tqdm(total=hp.epochs, initial=start_epoch, desc=f"linear {data.name}".strip(), unit="epoch",
-                   disable=not progress or not D.is_main())
-        for epoch in range(start_epoch, hp.epochs):
+    # -- the epochs: every head on the same batches; evaluate, keep each head's best, checkpoint
+    if state.epoch < hp.epochs:
+        eval_feats, cached = _fixed_features(backbone, data, train_idx, val_idx, hp.cache_features, batch_size,
+                                             num_workers, device, progress)
+        bar = tqdm(total=hp.epochs, initial=state.epoch, desc=f"linear {data.name}".strip(), unit="epoch",
+                   disable=not progress or not dist.is_main())
+        for epoch in range(state.epoch, hp.epochs):
             batches = epoch_batches(len(train_idx), batch_size, seed, epoch)
-            bar_kw = dict(desc=f"epoch {epoch + 1}", leave=False, disable=not progress or not D.is_main())
-            if cached is not None:
-                for b in tqdm(batches, **bar_kw):
-                    b = b.to(cached[0].device)
-                    trainer.step(cached[0][b], cached[1][b])
-            else:
-                _train_augmented_epoch(trainer, backbone, Subset(data.train_aug, train_idx), batches,
-                                       epoch_draw_seed(seed, epoch, D.rank() + 1), num_workers, device, bar_kw)
+            bar_kw = dict(desc=f"epoch {epoch + 1}", leave=False, disable=not progress or not dist.is_main())
+            _train_epoch(trainer, backbone, cached, Subset(data.train_aug, train_idx), batches,
+                         epoch_draw_seed(seed, epoch, dist.rank() + 1), num_workers, device, bar_kw)
             entry = {"epoch": epoch + 1, "train_loss": trainer.pop_train_loss()}
             if (epoch + 1) % hp.eval_every == 0 or epoch + 1 == hp.epochs:
-                for split, (f, y) in eval_feats.items():
-                    entry[split] = trainer.evaluate(f, y)
-                history.append(entry)
-                for g in range(len(lrs)):
-                    split = "heldout" if use_heldout else "test"
-                    key = (list(selection_key(entry[split], metric, g, entry["epoch"])) if use_heldout
-                           else [entry["epoch"]])
-                    if g not in snapshots or key > snapshots[g]["key"]:
-                        snapshots[g] = {"key": key, **trainer.model.head_state(g)}
-            if D.is_main():
-                out.mkdir(parents=True, exist_ok=True)
-                atomic_save({"version": 1, "fingerprint": fp, "epoch": epoch + 1, "trainer": trainer.state_dict(),
-                             "history": history, "snapshots": snapshots}, ckpt_path)
-            bar.update(1)
-            if history and history[-1]["epoch"] == epoch + 1:
-                last = history[-1]["heldout" if use_heldout else "test"][metric]
-                bar.set_postfix_str(f"best {'held-out' if use_heldout else 'test'} {metric} {max(last):.1f}")
+                state.record(entry, eval_feats, metric, use_heldout)
+            state.epoch = epoch + 1
+            if dist.is_main():
+                state.save(out)
+            _show_progress(bar, state.history, epoch + 1, metric, use_heldout)
             if on_epoch is not None:  # after the epoch's checkpoint: a kill here loses nothing
                 on_epoch(epoch + 1)
         bar.close()
 
-    g, epoch = select_best(history, metric, use_heldout)
-    result = summarize(history, hp.lrs, lrs, g, epoch, metric, use_heldout, data.multilabel)
-    result = {
-        "protocol": "linear", "checkpoint": checkpoint, "backbone": meta["backbone"], "backbone_meta": meta,
-        "dataset": data.name, "num_classes": len(data.classes), "multilabel": data.multilabel, "metric": metric,
-        "n_train": len(train_idx), "n_heldout": len(val_idx), "n_test": len(data.test),
-        "epochs": hp.epochs, "batch_size": batch_size, "lr_scale": lrs[0] / float(hp.lrs[0]),
-        "mode": "cached features (no augmentation)" if hp.cache_features else "augmented every epoch",
-        "selected_on": "heldout" if use_heldout else "test", **result,
-        "history": history, "seconds": time.perf_counter() - t0,
-    }
-    chosen = [snapshots[g][k] for k in ("weight", "bias", "bn_mean", "bn_var") if snapshots[g].get(k) is not None]
-    if not all(bool(torch.isfinite(t).all()) for t in chosen):  # a head robustness/adversarial would score with
-        raise SyncoError(f"the linear probe diverged: the selected head (base lr {hp.lrs[g]}) holds NaN or inf "
-                         "weights, so its numbers are meaningless. Use smaller lrs=; no head or result was written.")
-    if head_name and D.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        save_head(head_from_state(snapshots[g]), out / head_name, data.classes, meta, image_size)
+    # -- the selected (head, epoch)
+    g, epoch = select_best(state.history, metric, use_heldout)
+    result = _probe_result(state.history, hp, lrs, g, epoch, metric, use_heldout, data, meta, checkpoint,
+                           len(train_idx), len(val_idx), batch_size, t0)
+    _check_finite_head(state.snapshots[g], hp.lrs[g])
+    if head_name and dist.is_main():
+        _save_selected_head(state.snapshots[g], out / head_name, data, meta, image_size)
     return result
 
 
-def _train_augmented_epoch(trainer: GridTrainer, backbone: nn.Module, train: Subset, batches: list,
-                           aug_seed: int, num_workers: int, device: torch.device, bar_kw: dict) -> None:
-    """One epoch on freshly augmented images: every process encodes its share of each global batch and
-    every process steps its copy of the heads on the gathered features."""
-    rank, world = D.rank(), D.world_size()
-    torch.manual_seed(aug_seed)  # augmentation in the main process (num_workers=0)
-    loader = DataLoader(train, batch_sampler=[b[rank::world].tolist() for b in batches],
-                        num_workers=num_workers, pin_memory=device.type == "cuda",
-                        generator=torch.Generator().manual_seed(aug_seed))
+def _train_heldout_split(data: ProbeData, fraction: float, seed: int) -> tuple[list, list]:
+    n_all = len(data.train_aug)
+    if len(data.train_eval) != n_all:
+        raise SyncoError("internal: the train split differs between its two transforms.")
+    return heldout_split(n_all, fraction, seed, data.targets)
+
+
+class _GridState:
+    """What a killed probe resumes from: the heads (their optimizer and schedule), the epochs done, the evaluated
+    epochs' numbers and each head's best weights so far."""
+
+    def __init__(self, trainer: GridTrainer, path: Path, fp: dict):
+        self.trainer, self.path, self.fp = trainer, path, fp
+        self.epoch, self.history, self.snapshots = 0, [], {}
+
+    def resume(self, resume: bool) -> None:
+        state = resume_state(self.path, self.fp, resume, {"trainer": dict, "epoch": int, "history": list,
+                                                          "snapshots": dict})
+        if state is not None:
+            self.trainer.load_state_dict(state["trainer"])
+            self.epoch, self.history = int(state["epoch"]), list(state["history"])
+            self.snapshots = {int(k): v for k, v in state["snapshots"].items()}
+
+    def record(self, entry: dict, eval_feats: dict, metric: str, use_heldout: bool) -> None:
+        """Score every head on the fixed features, and keep each head's weights where its selection key beats
+        its best so far (held-out numbers, or the latest epoch when selecting on test)."""
+        for split, (f, y) in eval_feats.items():
+            entry[split] = self.trainer.evaluate(f, y)
+        self.history.append(entry)
+        for g in range(len(self.trainer.lrs)):
+            split = "heldout" if use_heldout else "test"
+            key = (list(selection_key(entry[split], metric, g, entry["epoch"])) if use_heldout
+                   else [entry["epoch"]])
+            if g not in self.snapshots or key > self.snapshots[g]["key"]:
+                self.snapshots[g] = {"key": key, **self.trainer.model.head_state(g)}
+
+    def save(self, out: Path) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_save({"version": 1, "fingerprint": self.fp, "epoch": self.epoch, "trainer": self.trainer.state_dict(),
+                     "history": self.history, "snapshots": self.snapshots}, self.path)
+
+
+def _fixed_features(backbone: nn.Module, data: ProbeData, train_idx: list, val_idx: list, cache: bool,
+                    batch_size: int, num_workers: int, device: torch.device, progress: bool) -> tuple[dict, tuple]:
+    """(held-out and test features, cached training features or None). The backbone is frozen and these use the
+    test transform, so they never change between epochs: extracted once."""
+    eval_feats = {}
+    if val_idx:
+        eval_feats["heldout"] = predict(backbone, Subset(data.train_eval, val_idx), batch_size, num_workers,
+                                        device, "held-out features", progress)
+    eval_feats["test"] = predict(backbone, data.test, batch_size, num_workers, device, "test features", progress)
+    cached = None
+    if cache:
+        cached = predict(backbone, Subset(data.train_eval, train_idx), batch_size, num_workers, device,
+                         "train features", progress)
+    return eval_feats, cached
+
+
+def _train_epoch(trainer: GridTrainer, backbone: nn.Module, cached: Optional[tuple], train: Subset, batches: list,
+                 aug_seed: int, num_workers: int, device: torch.device, bar_kw: dict) -> None:
+    """One epoch of every head: on the cached training features when there are (no augmentation), else on
+    freshly augmented images, each process encoding its share of each global batch and stepping its copy of the
+    heads on the gathered features."""
+    if cached is not None:
+        for b in tqdm(batches, **bar_kw):
+            b = b.to(cached[0].device)
+            trainer.step(cached[0][b], cached[1][b])
+        return
+    loader = augmented_loader(train, batches, aug_seed, num_workers, device)
     bf16 = device.type == "cuda"
     for x, y in tqdm(loader, **bar_kw):
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             f = backbone(x.to(device, non_blocking=True))
         f, y = f.float(), torch.as_tensor(y).to(device)
-        if world > 1:
-            f, y = D.all_gather_varsize(f), D.all_gather_varsize(y)
+        if dist.world_size() > 1:
+            f, y = dist.all_gather_varsize(f), dist.all_gather_varsize(y)
         trainer.step(f, y)
+
+
+def _show_progress(bar, history: list, epochs_done: int, metric: str, use_heldout: bool) -> None:
+    bar.update(1)
+    if history and history[-1]["epoch"] == epochs_done:
+        last = history[-1]["heldout" if use_heldout else "test"][metric]
+        bar.set_postfix_str(f"best {'held-out' if use_heldout else 'test'} {metric} {max(last):.1f}")
+
+
+def _probe_result(history: list, hp: LinearHParams, lrs: list, g: int, epoch: int, metric: str, use_heldout: bool,
+                  data: ProbeData, meta: dict, checkpoint: str, n_train: int, n_heldout: int, batch_size: int,
+                  t0: float) -> dict:
+    summary = summarize(history, hp.lrs, lrs, g, epoch, metric, use_heldout, data.multilabel)
+    return {
+        "protocol": "linear", "checkpoint": checkpoint, "backbone": meta["backbone"], "backbone_meta": meta,
+        "dataset": data.name, "num_classes": len(data.classes), "multilabel": data.multilabel, "metric": metric,
+        "n_train": n_train, "n_heldout": n_heldout, "n_test": len(data.test),
+        "epochs": hp.epochs, "batch_size": batch_size, "lr_scale": lrs[0] / float(hp.lrs[0]),
+        "mode": "cached features (no augmentation)" if hp.cache_features else "augmented every epoch",
+        "selected_on": "heldout" if use_heldout else "test", **summary,
+        "history": history, "seconds": time.perf_counter() - t0,
+    }
+
+
+def _save_selected_head(snapshot: dict, path: Path, data: ProbeData, meta: dict, image_size: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_head(head_from_state(snapshot), path, data.classes, meta, image_size)
+
+
+def _check_finite_head(snapshot: dict, base_lr: float) -> None:
+    """The selected head is the one robustness and adversarial would score with: NaN or inf weights are refused."""
+    chosen = [snapshot[k] for k in ("weight", "bias", "bn_mean", "bn_var") if snapshot.get(k) is not None]
+    if not all(bool(torch.isfinite(t).all()) for t in chosen):
+        raise SyncoError(f"the linear probe diverged: the selected head (base lr {base_lr}) holds NaN or inf "
+                         "weights, so its numbers are meaningless. Use smaller lrs=; no head or result was written.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,7 +317,7 @@ def run_linear(checkpoint: str, out: Path, opts: LinearOptions, progress: bool =
     result = linear_probe(backbone, meta, data, Path(out), opts, progress=progress, **kwargs)
     result["options"] = asdict(opts)
     result["report"] = report_columns(result, "Linear")
-    if D.is_main():
+    if dist.is_main():
         save_result(out, "linear", result)
         print(grid_table(result))
         b = result["best"]

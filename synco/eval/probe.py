@@ -17,11 +17,11 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from ..data.transforms import train_classification_transform
 from ..device import resolve_device
-from ..engine import dist as D
+from ..engine import dist
 from ..errors import SyncoError, key_error
 from ..options import check_options
 from ..resume import config_differences
@@ -80,21 +80,21 @@ def check_recipe(h, prefix: str = "") -> None:
     """The checks every SGD recipe (``LinearHParams``, ``FinetuneHParams``) passes: each field's declared bounds
     (also when called as a library, without the command line), then the rules between fields."""
     check_options(h, prefix=prefix)
-    bad = key_error("option", prefix)
+    refuse = key_error("option", prefix)
     if h.warmup_epochs > h.epochs:
-        bad("warmup_epochs", f"must be in [0, epochs={h.epochs}], got {h.warmup_epochs}.")
+        refuse("warmup_epochs", f"must be in [0, epochs={h.epochs}], got {h.warmup_epochs}.")
     if h.nesterov and h.momentum == 0:
-        bad("nesterov", "Nesterov momentum needs momentum > 0.")
+        refuse("nesterov", "Nesterov momentum needs momentum > 0.")
     if h.crop_scale[0] > h.crop_scale[1]:
-        bad("crop_scale", f"must be [min, max] with min <= max, got {h.crop_scale}.")
+        refuse("crop_scale", f"must be [min, max] with min <= max, got {h.crop_scale}.")
 
 
 def check_eval_options(o: EvalOptions) -> None:
     """The batch against the processes of this launch (the fields' own bounds are declared on EvalOptions)."""
     check_options(o)
-    if o.batch_size < D.world_size():
+    if o.batch_size < dist.world_size():
         raise SyncoError(f"option 'batch_size': the total batch {o.batch_size} is smaller than the "
-                         f"{D.world_size()} processes; raise batch_size.")
+                         f"{dist.world_size()} processes; raise batch_size.")
 
 
 def batch_scaled_lr(value: float, batch_size: int, ref: int) -> float:
@@ -123,6 +123,16 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
     return max(1, n // batch_size)
+
+
+def augmented_loader(dataset: Dataset, batches: list[torch.Tensor], aug_seed: int, num_workers: int,
+                     device: torch.device) -> DataLoader:
+    """This process's share (``rank::world``) of each global batch, augmented from ``aug_seed``. The global seed
+    is set too: augmentation in the main process (num_workers=0) and dropout draw from it."""
+    rank, world = dist.rank(), dist.world_size()
+    torch.manual_seed(aug_seed)
+    return DataLoader(dataset, batch_sampler=[b[rank::world].tolist() for b in batches], num_workers=num_workers,
+                      pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(aug_seed))
 
 
 # ---------------------------------------------------------------------------------------------

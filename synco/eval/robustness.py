@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from ..data.folder import SafeImageFolder
 from ..device import resolve_device
-from ..engine import dist as D
+from ..engine import dist
 from ..errors import SyncoError
 from ..options import check_options, opt
 from .benchmarks import BENCHMARKS, BY_KEY, GROUPS, BenchmarkSpec, find_v2_variants, specs_to_run
@@ -79,7 +79,7 @@ def evaluate_loader(model: torch.nn.Module, loader: DataLoader, device: torch.de
     model.eval()
     correct, n, scores = 0, 0, []
     use_bf16 = device.type == "cuda"
-    for x, y in tqdm(loader, desc=desc, disable=not progress or not D.is_main(), leave=False):
+    for x, y in tqdm(loader, desc=desc, disable=not progress or not dist.is_main(), leave=False):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             logits = model(x.to(device, non_blocking=True))
         logits = logits.float()
@@ -328,11 +328,11 @@ def run_robustness(checkpoint: str, head_path: str, out: Path, opts: RobustnessO
     device = resolve_device(opts.device)
     torch.manual_seed(opts.seed)
     model, classes, size, meta, _ = load_classifier(checkpoint, head_path, opts, device)
-    log = print if D.is_main() else (lambda s: None)
+    log = print if dist.is_main() else (lambda s: None)
     summary = RobustnessEvaluator(model, classes, opts, size, device, progress=progress, log=log).run()
     result = {"protocol": "robustness", "checkpoint": checkpoint, "linear_head": str(head_path),
               "backbone": meta["backbone"], "image_size": size, **summary, "options": asdict(opts)}
-    if D.is_main():
+    if dist.is_main():
         save_result(out, "robustness", result)
         print(robustness_tables(result))
     return result

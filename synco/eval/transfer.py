@@ -23,20 +23,14 @@ JSON (a finished one is not re-run); ``<out>/transfer.json`` collects them.
 from __future__ import annotations
 
 import json
-import logging
 import time
-import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
-import torch
-from torch.utils.data import Dataset
-
-from ..data.folder import MAX_SKIPS
 from ..data.transforms import eval_transform, train_classification_transform
 from ..device import resolve_device
-from ..engine import dist as D
+from ..engine import dist
 from ..errors import SyncoError
 from ..options import opt
 from .common import EvalOptions, eval_image_size, load_eval_backbone, weights_digest
@@ -44,11 +38,19 @@ from .finetune import FinetuneHParams, check_finetune_hparams, finetune
 from .linear import LinearHParams, check_hparams, linear_probe
 from .probe import ProbeData, check_eval_options
 from .results import markdown_table, save_result
+from .transfer_data import (
+    VOC_CLASSES,
+    SplitView,
+    check_mat_files,
+    dataset_labels,
+    per_class_split,
+    sun397_split,
+    voc_image,
+    voc_labels,
+    whole_view,
+)
 
-VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
-               "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]
 MODES = ("linear", "finetune")
-data_logger = logging.getLogger("synco.data")
 
 
 @dataclass(frozen=True)
@@ -122,144 +124,6 @@ def missing_message(root: Path, specs: list[TransferSpec]) -> str:
 # Datasets
 
 
-class ToRGB:
-    def __call__(self, img):
-        return img.convert("RGB") if hasattr(img, "convert") else img
-
-
-def _base_image(base, j):
-    return base[j][0]
-
-
-class SplitView(Dataset):
-    """Samples ``(base, index)`` of torchvision datasets, as RGB images through ``transform``, with the
-    given targets (class index, or a multi-hot float vector for VOC)."""
-
-    def __init__(self, items: list, targets: list, classes: list, transform=None,
-                 load: Optional[Callable] = None):
-        self.items, self.targets, self.classes, self.transform = items, targets, classes, transform
-        self.load = load or _base_image
-        self._rgb = ToRGB()
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def with_transform(self, transform) -> SplitView:
-        return SplitView(self.items, self.targets, self.classes, transform, self.load)
-
-    def __getitem__(self, i: int):
-        """Sample ``i``; an image that is missing or cannot be decoded is logged (``synco.data``, as
-        :class:`~synco.data.folder.SafeImageFolder` does) and the next readable sample, with its own target,
-        is returned instead: one bad file among thousands must not stop a training hours in."""
-        for attempt in range(MAX_SKIPS):
-            k = (i + attempt) % len(self.items)
-            base, j = self.items[k]
-            try:
-                img = self._rgb(self.load(base, j))
-                img.load()
-            except Exception as exc:  # noqa: BLE001 - decoders raise many types (OSError, SyntaxError, ...)
-                data_logger.warning("skipping unreadable image %s (%s: %s)", _image_path(base, j),
-                                    type(exc).__name__, exc)
-                continue
-            if self.transform is not None:
-                img = self.transform(img)
-            t = self.targets[k]
-            return img, (torch.as_tensor(t, dtype=torch.float32) if isinstance(t, list) else t)
-        raise SyncoError(f"{MAX_SKIPS} consecutive images from sample {i} on could not be read (the first: "
-                         f"{_image_path(*self.items[i])}); the dataset is damaged or incomplete.")
-
-
-def _image_path(base, j) -> str:
-    """The file behind sample ``j`` of a torchvision dataset, for messages (its index when unknown)."""
-    for attr in ("_image_files", "_images", "images", "_samples", "samples"):
-        seq = getattr(base, attr, None)
-        if isinstance(seq, (list, tuple)) and j < len(seq):
-            item = seq[j]
-            return str(item[0] if isinstance(item, tuple) else item)
-    return f"{type(base).__name__}[{j}]"
-
-
-def _labels(ds) -> list[int]:
-    for attr in ("targets", "_labels", "y"):
-        if hasattr(ds, attr):
-            return [int(t) for t in getattr(ds, attr)]
-    if hasattr(ds, "_samples"):  # StanfordCars
-        return [int(t) for _, t in ds._samples]
-    return [int(ds[i][1]) for i in range(len(ds))]
-
-
-def _view(parts: list, classes: list) -> SplitView:
-    items, targets = [], []
-    for ds in parts:
-        labels = _labels(ds)
-        items += [(ds, j) for j in range(len(ds))]
-        targets += labels
-    return SplitView(items, targets, classes)
-
-
-def _per_class_split(labels: list[int], per_class: int, seed: int) -> tuple[list, list]:
-    g = torch.Generator().manual_seed(seed)
-    by_class: dict[int, list] = {}
-    for i, t in enumerate(labels):
-        by_class.setdefault(t, []).append(i)
-    train, test = [], []
-    for t in sorted(by_class):
-        idx = by_class[t]
-        perm = torch.randperm(len(idx), generator=g).tolist()
-        train += [idx[p] for p in perm[:per_class]]
-        test += [idx[p] for p in perm[per_class:]]
-    return sorted(train), sorted(test)
-
-
-def _voc_labels(xml_path: str) -> list:
-    """The multi-hot target of one VOC annotation; a file that is not well-formed XML, or an object without a
-    name, is one paragraph naming the file (the label of every image must be known)."""
-    try:
-        objects = list(ET.parse(xml_path).getroot().iter("object"))
-    except (ET.ParseError, OSError) as e:
-        raise SyncoError(f"VOC2007: the annotation '{xml_path}' cannot be read ({e.__class__.__name__}: {e}). "
-                         "Extract it again from the official VOCtrainval/VOCtest archives.") from None
-    names = {(o.findtext("name") or "").strip() for o in objects}
-    if "" in names:
-        raise SyncoError(f"VOC2007: the annotation '{xml_path}' has an <object> without a <name>, so its labels "
-                         "are unknown. Extract it again from the official VOCtrainval/VOCtest archives.")
-    return [1.0 if c in names else 0.0 for c in VOC_CLASSES]
-
-
-# MATLAB files torchvision reads, under each dataset's folder, with a variable each must hold: checked up front,
-# so that a truncated or foreign file is named (scipy's errors do not name it, and a short file fails later
-# with an IndexError).
-MAT_FILES = {
-    "cars": {"devkit/cars_meta.mat": "class_names", "devkit/cars_train_annos.mat": "annotations",
-             "cars_test_annos_withlabels.mat": "annotations"},
-    "flowers102": {"imagelabels.mat": "labels", "setid.mat": "trnid"},
-}
-
-
-def _check_mat_files(name: str, folder: Path) -> None:
-    import scipy.io as sio
-
-    for rel, key in MAT_FILES.get(name, {}).items():
-        path = folder / rel
-        if not path.is_file():
-            continue  # torchvision reports the missing file
-        try:
-            ok = key in sio.loadmat(str(path), squeeze_me=True, variable_names=[key])
-        except Exception as e:  # noqa: BLE001 - scipy raises MatReadError, ValueError, TypeError, ...
-            raise SyncoError(f"{SPECS[name].title}: '{path}' cannot be read as a MATLAB file ({e.__class__.__name__}:"
-                             f" {str(e)[:200]}); it is truncated or damaged. Extract it again from the official "
-                             "archive.") from None
-        if not ok:
-            raise SyncoError(f"{SPECS[name].title}: '{path}' holds no '{key}' variable; it is not the file of the "
-                             "official archive. Extract it again.")
-
-
-def _voc_image(base, j):
-    from PIL import Image
-
-    return Image.open(base.images[j])
-
-
 def build_transfer_split(name: str, root, opts: Optional[TransferOptions] = None) -> tuple[SplitView, SplitView]:
     """(train, test) views of dataset ``name`` without transforms (set them with ``with_transform``)."""
     import torchvision.datasets as tvd
@@ -269,47 +133,47 @@ def build_transfer_split(name: str, root, opts: Optional[TransferOptions] = None
     root = str(root)
     if not expected_path(Path(root), spec).exists():
         raise SyncoError(missing_message(Path(root), [spec]))
-    _check_mat_files(name, expected_path(Path(root), spec))
+    check_mat_files(name, expected_path(Path(root), spec), spec.title)
     try:
         if name in ("cifar10", "cifar100"):
             cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
             tr, te = cls(root, train=True, download=False), cls(root, train=False, download=False)
-            return _view([tr], tr.classes), _view([te], tr.classes)
+            return whole_view([tr], tr.classes), whole_view([te], tr.classes)
         if name == "flowers102":
             parts = [tvd.Flowers102(root, split=s, download=False) for s in ("train", "val", "test")]
             classes = list(getattr(parts[0], "classes", [str(i) for i in range(102)]))
-            return _view(parts[:2], classes), _view(parts[2:], classes)
+            return whole_view(parts[:2], classes), whole_view(parts[2:], classes)
         if name == "pets":
             tr = tvd.OxfordIIITPet(root, split="trainval", target_types="category", download=False)
             te = tvd.OxfordIIITPet(root, split="test", target_types="category", download=False)
-            return _view([tr], tr.classes), _view([te], tr.classes)
+            return whole_view([tr], tr.classes), whole_view([te], tr.classes)
         if name == "food101":
             tr, te = (tvd.Food101(root, split=s, download=False) for s in ("train", "test"))
-            return _view([tr], tr.classes), _view([te], tr.classes)
+            return whole_view([tr], tr.classes), whole_view([te], tr.classes)
         if name == "cars":
             tr, te = (tvd.StanfordCars(root, split=s, download=False) for s in ("train", "test"))
-            return _view([tr], tr.classes), _view([te], tr.classes)
+            return whole_view([tr], tr.classes), whole_view([te], tr.classes)
         if name == "caltech101":
             ds = tvd.Caltech101(root, target_type="category", download=False)
-            labels = _labels(ds)
-            tr, te = _per_class_split(labels, opts.caltech_train_per_class, opts.seed)
+            labels = dataset_labels(ds)
+            tr, te = per_class_split(labels, opts.caltech_train_per_class, opts.seed)
             return (SplitView([(ds, i) for i in tr], [labels[i] for i in tr], ds.categories),
                     SplitView([(ds, i) for i in te], [labels[i] for i in te], ds.categories))
         if name == "dtd":
             parts = [tvd.DTD(root, split=s, partition=1, download=False) for s in ("train", "val", "test")]
-            return _view(parts[:2], parts[0].classes), _view(parts[2:], parts[0].classes)
+            return whole_view(parts[:2], parts[0].classes), whole_view(parts[2:], parts[0].classes)
         if name == "aircraft":
             tr, te = (tvd.FGVCAircraft(root, split=s, annotation_level="variant", download=False)
                       for s in ("trainval", "test"))
-            return _view([tr], tr.classes), _view([te], tr.classes)
+            return whole_view([tr], tr.classes), whole_view([te], tr.classes)
         if name == "sun397":
-            return _sun397(tvd.SUN397(root, download=False), Path(root), opts)
+            return sun397_split(tvd.SUN397(root, download=False), Path(root), opts)
         if name == "voc2007":
             views = []
             for s in ("trainval", "test"):
                 ds = tvd.VOCDetection(root, year="2007", image_set=s, download=False)
-                views.append(SplitView([(ds, j) for j in range(len(ds))], [_voc_labels(a) for a in ds.annotations],
-                                       list(VOC_CLASSES), load=_voc_image))
+                views.append(SplitView([(ds, j) for j in range(len(ds))], [voc_labels(a) for a in ds.annotations],
+                                       list(VOC_CLASSES), load=voc_image))
             return views[0], views[1]
     except SyncoError:
         raise
@@ -318,37 +182,6 @@ def build_transfer_split(name: str, root, opts: Optional[TransferOptions] = None
                          f"{expected_path(Path(root), spec)} ({e.__class__.__name__}: {str(e)[:200]}). It should "
                          f"hold {spec.contents}, as extracted from the official archives.") from None
     raise SyncoError(f"unknown transfer dataset '{name}'")
-
-
-def _sun397(ds, root: Path, opts: TransferOptions) -> tuple[SplitView, SplitView]:
-    # torchvision lists the images with an unsorted rglob: the order, hence the seeded fallback split, would
-    # depend on the file system. Sort them (and their labels) by path first.
-    order = sorted(range(len(ds._image_files)), key=lambda i: str(ds._image_files[i]))
-    ds._image_files = [ds._image_files[i] for i in order]
-    ds._labels = [ds._labels[i] for i in order]
-    labels = _labels(ds)
-    for folder in (root / "SUN397", root):
-        tr_f, te_f = folder / "Training_01.txt", folder / "Testing_01.txt"
-        if tr_f.is_file() and te_f.is_file():
-            pos = {"/" + p.relative_to(ds._data_dir).as_posix(): i for i, p in enumerate(ds._image_files)}
-            tr = [pos[line.strip()] for line in tr_f.read_text().splitlines() if line.strip() in pos]
-            te = [pos[line.strip()] for line in te_f.read_text().splitlines() if line.strip() in pos]
-            break
-    else:
-        tr, te = _per_class_split(labels, opts.sun397_train_per_class, opts.seed)
-        te = _cap_per_class(te, labels, opts.sun397_train_per_class)
-    return (SplitView([(ds, i) for i in tr], [labels[i] for i in tr], ds.classes),
-            SplitView([(ds, i) for i in te], [labels[i] for i in te], ds.classes))
-
-
-def _cap_per_class(idx: list, labels: list, cap: int) -> list:
-    seen: dict[int, int] = {}
-    out = []
-    for i in idx:
-        if seen.get(labels[i], 0) < cap:
-            seen[labels[i]] = seen.get(labels[i], 0) + 1
-            out.append(i)
-    return out
 
 
 def transfer_probe_data(name: str, root, size: int, crop_scale, opts: Optional[TransferOptions] = None) -> ProbeData:
@@ -374,9 +207,9 @@ def _done(path: Path, fp: dict) -> Optional[dict]:
     return res if res.get("fingerprint") == fp else None
 
 
-def run_transfer(checkpoint: str, out: Path, opts: TransferOptions, progress: bool = True) -> dict:
-    t0 = time.perf_counter()
-    out = Path(out)
+def _check_transfer_options(opts: TransferOptions) -> None:
+    """Every setting, and every dataset asked for present under ``root``, before any training; the names of
+    ``datasets`` and ``modes`` are made canonical in place."""
     names = parse_names(opts.datasets, list(SPECS), "transfer dataset(s)")
     modes = parse_names(opts.modes, list(MODES), "transfer mode(s)")
     opts.datasets, opts.modes = names, modes
@@ -389,35 +222,49 @@ def run_transfer(checkpoint: str, out: Path, opts: TransferOptions, progress: bo
     missing = [SPECS[n] for n in names if not expected_path(Path(opts.root), SPECS[n]).exists()]
     if missing:
         raise SyncoError(missing_message(Path(opts.root), missing))
+
+
+def _transfer_one(checkpoint: str, opts: TransferOptions, name: str, mode: str, sub: Path, device,
+                  progress: bool) -> tuple[dict, dict]:
+    """(result, backbone meta) of one (dataset, mode) on fresh weights; a finished result with the same
+    fingerprint in ``sub`` is read back instead of trained again."""
+    backbone, meta = load_eval_backbone(checkpoint, opts, device)  # fresh weights for every run
+    size = eval_image_size(opts, backbone)
+    hp = opts.linear if mode == "linear" else opts.finetune
+    fp = {"weights": weights_digest(backbone), "dataset": name, "root": str(opts.root), "image_size": size,
+          "batch_size": opts.batch_size, "seed": opts.seed, "hp": asdict(hp),
+          "split": [opts.caltech_train_per_class, opts.sun397_train_per_class]}
+    fp = json.loads(json.dumps(fp, default=str, sort_keys=True))
+    res = _done(sub / f"{mode}.json", fp)
+    if res is not None:
+        return res, meta
+    if dist.is_main():
+        print(f"transfer: {SPECS[name].title} ({mode})", flush=True)
+    data = transfer_probe_data(name, opts.root, size, hp.crop_scale, opts)
+    common = dict(batch_size=opts.batch_size, num_workers=opts.num_workers, seed=opts.seed, device=device,
+                  image_size=size, checkpoint=checkpoint, progress=progress, fp_extra=fp)
+    if mode == "linear":
+        res = linear_probe(backbone, meta, data, sub, hp, head_name="linear_head.pt", **common)
+    else:
+        res = finetune(backbone, meta, data, sub, hp, **common)
+    res.update(part_of="transfer", fingerprint=fp)
+    if dist.is_main():
+        save_result(sub, mode, res)
+    return res, meta
+
+
+def run_transfer(checkpoint: str, out: Path, opts: TransferOptions, progress: bool = True) -> dict:
+    t0 = time.perf_counter()
+    out = Path(out)
+    _check_transfer_options(opts)
+    names, modes = opts.datasets, opts.modes
     device = resolve_device(opts.device)
     results: dict = {}
     meta = None
     for name in names:
-        spec = SPECS[name]
-        sub = out / "transfer" / name
         results[name] = {}
         for mode in modes:
-            backbone, meta = load_eval_backbone(checkpoint, opts, device)  # fresh weights for every run
-            size = eval_image_size(opts, backbone)
-            hp = opts.linear if mode == "linear" else opts.finetune
-            fp = {"weights": weights_digest(backbone), "dataset": name, "root": str(opts.root), "image_size": size,
-                  "batch_size": opts.batch_size, "seed": opts.seed, "hp": asdict(hp),
-                  "split": [opts.caltech_train_per_class, opts.sun397_train_per_class]}
-            fp = json.loads(json.dumps(fp, default=str, sort_keys=True))
-            res = _done(sub / f"{mode}.json", fp)
-            if res is None:
-                if D.is_main():
-                    print(f"transfer: {spec.title} ({mode})", flush=True)
-                data = transfer_probe_data(name, opts.root, size, hp.crop_scale, opts)
-                common = dict(batch_size=opts.batch_size, num_workers=opts.num_workers, seed=opts.seed, device=device,
-                              image_size=size, checkpoint=checkpoint, progress=progress, fp_extra=fp)
-                if mode == "linear":
-                    res = linear_probe(backbone, meta, data, sub, hp, head_name="linear_head.pt", **common)
-                else:
-                    res = finetune(backbone, meta, data, sub, hp, **common)
-                res.update(part_of="transfer", fingerprint=fp)
-                if D.is_main():
-                    save_result(sub, mode, res)
+            res, meta = _transfer_one(checkpoint, opts, name, mode, out / "transfer" / name, device, progress)
             metric = res["metric"]
             # Transfer has no held-out split: the number is the last epoch's test score.
             value = res["last"][metric] if mode == "linear" else res[metric]
@@ -429,7 +276,7 @@ def run_transfer(checkpoint: str, out: Path, opts: TransferOptions, progress: bo
     result = {"protocol": "transfer", "checkpoint": checkpoint, "backbone": meta["backbone"] if meta else None,
               "backbone_meta": meta, "dataset": "transfer", "datasets": names, "modes": modes, "results": results,
               "report": report, "options": asdict(opts), "seconds": time.perf_counter() - t0}
-    if D.is_main():
+    if dist.is_main():
         save_result(out, "transfer", result)
         print(transfer_table(result))
     return result

@@ -16,9 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import METHOD_SPECS, method_spec, negatives_kwargs, strategy_kwargs
 from ..hard_negatives import detect_false_negatives
 from ..losses import Strategy, byol_loss, info_nce
+from ..methods import METHOD_SPECS, method_spec, negatives_kwargs, strategy_kwargs
 from ..negatives import SyntheticNegatives
 from .backbone import TokenBatchNorm, backbone_kwargs, create_backbone
 from .heads import MLPHead
@@ -37,10 +37,9 @@ class Encoder(nn.Module):
         self.backbone = backbone
         self.projector = projector
         self.predictor = predictor
-        # Without BatchNorm in the backbone, one batched call over both views is the same maths (and the same
-        # drop-path draws as every committed result). On CPU it is as fast as two calls, for the cpu-demo ViT and
-        # for DeiT-S at 224 px once freed memory is kept (synco.device.keep_freed_memory; it was 8 % slower
-        # before); on GPU it is unmeasured. The heads always see one view at a time, so their BatchNorm
+        # Without BatchNorm in the backbone, one batched call over both views is the same maths, with the drop-path
+        # draws of every committed result (two calls would draw differently); its speed against two calls is in
+        # docs/results (speed of the loop). The heads always see one view at a time, so their BatchNorm
         # statistics are per view as in MoBY.
         self.batch_views = not _has_batchnorm(backbone)
 

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..viz.curves import new_figure, save_png
-from .spec import Dimension
+from .axes import Dimension
 
 
 def _finite(v) -> bool:
@@ -137,63 +137,18 @@ def paired_plot(ax, paired: list[dict], label: str) -> None:
 
 def sweep_plots(spec, rows: list[dict], paired: list[dict], metrics: list[str], out: Path,
                 labels: dict[str, str]) -> list[Path]:
+    """Per metric: its figure (a line, grouped series or bars, by the sweep's dimensions; a heat map too for two
+    dimensions) and the paired differences when the spec compares levels."""
     files = []
-    dims = spec.dims
     for m in metrics:
         mrows = [r for r in rows if r["metric"] == m]
         if not mrows:
             continue
         ylabel = labels.get(m, m)
-        title = f"{spec.name}: {ylabel}, mean and 95 % CI over seeds"
-        if len(dims) == 1 and dims[0].numeric:
-            fig = new_figure(6, 4)
-            ax = fig.add_subplot()
-            xs, log = _numeric_x(dims[0])
-            line(ax, [xs[r["index"][0]] for r in mrows], mrows, log=log)
-            ax.set_xlabel(dims[0].name)
-            ax.set_ylabel(ylabel)
-            _tight_ylim(ax, mrows)
-        elif len(dims) == 2:
-            d0, d1 = dims
-            hfig = new_figure(1.3 * len(d1.rows) + 2.6, 0.9 * len(d0.rows) + 1.8)
-            hax = hfig.add_subplot()
-            heatmap(hfig, hax, d0, d1, mrows, ylabel)
-            hax.set_title(f"{spec.name}: {ylabel}", fontsize=9)
-            files.append(save_png(hfig, out / f"sweep_{m}_heatmap.png"))
-            fig = new_figure(max(6, 0.8 * len(d0.rows) * len(d1.rows) + 2), 4)
-            ax = fig.add_subplot()
-            if d0.numeric:
-                xs, log = _numeric_x(d0)
-                for j, lab in enumerate(d1.labels):
-                    sub = sorted((r for r in mrows if r["index"][1] == j), key=lambda r: r["index"][0])
-                    line(ax, [xs[r["index"][0]] for r in sub], sub, label=f"{d1.name}={lab}", color=f"C{j % 10}",
-                         log=log)
-                ax.set_xlabel(d0.name)
-            else:
-                width = 0.8 / len(d1.rows)
-                for j, lab in enumerate(d1.labels):
-                    sub = sorted((r for r in mrows if r["index"][1] == j), key=lambda r: r["index"][0])
-                    xs = np.array([r["index"][0] for r in sub]) + (j - (len(d1.rows) - 1) / 2) * width
-                    st = [r["stats"] for r in sub]
-                    ax.bar(xs, [s.mean if _finite(s.mean) else 0 for s in st], width=width, yerr=_yerr(st),
-                           capsize=3, color=f"C{j % 10}", alpha=0.75, edgecolor="k", linewidth=0.5,
-                           label=f"{d1.name}={lab}")
-                    _seed_dots(ax, xs, sub)
-                ax.set_xticks(range(len(d0.rows)))
-                ax.set_xticklabels(d0.labels, fontsize=8)
-                ax.set_xlabel(d0.name)
-                ax.grid(axis="y", alpha=0.3)
-            ax.set_ylabel(ylabel)
-            _tight_ylim(ax, mrows)
-            ax.legend(fontsize=7)
-        else:
-            fig = new_figure(max(5, 0.7 * len(mrows) + 2), 4)
-            ax = fig.add_subplot()
-            names = [", ".join(r["levels"].values()) or r["point"] for r in mrows]
-            bars(ax, names, mrows, ylabel)
-            if len(dims) == 1:
-                ax.set_xlabel(dims[0].name)
-        ax.set_title(title, fontsize=9)
+        if len(spec.dims) == 2:
+            files.append(save_png(_heatmap_figure(spec, mrows, ylabel), out / f"sweep_{m}_heatmap.png"))
+        fig, ax = _metric_figure(spec.dims, mrows, ylabel)
+        ax.set_title(f"{spec.name}: {ylabel}, mean and 95 % CI over seeds", fontsize=9)
         files.append(save_png(fig, out / f"sweep_{m}.png"))
         prow = [p for p in paired if p["metric"] == m and p["stats"].n]
         if prow:
@@ -202,3 +157,67 @@ def sweep_plots(spec, rows: list[dict], paired: list[dict], metrics: list[str], 
             fig.axes[0].set_title(f"{spec.name}: paired differences over common seeds", fontsize=9)
             files.append(save_png(fig, out / f"sweep_paired_{m}.png"))
     return files
+
+
+def _metric_figure(dims: list[Dimension], mrows: list[dict], ylabel: str):
+    """(figure, axes) of one metric: a line over one numeric dimension, series over two, else bars."""
+    if len(dims) == 1 and dims[0].numeric:
+        fig = new_figure(6, 4)
+        ax = fig.add_subplot()
+        xs, log = _numeric_x(dims[0])
+        line(ax, [xs[r["index"][0]] for r in mrows], mrows, log=log)
+        ax.set_xlabel(dims[0].name)
+        ax.set_ylabel(ylabel)
+        _tight_ylim(ax, mrows)
+    elif len(dims) == 2:
+        d0, d1 = dims
+        fig = new_figure(max(6, 0.8 * len(d0.rows) * len(d1.rows) + 2), 4)
+        ax = fig.add_subplot()
+        (_grouped_lines if d0.numeric else _grouped_bars)(ax, d0, d1, mrows)
+        ax.set_xlabel(d0.name)
+        ax.set_ylabel(ylabel)
+        _tight_ylim(ax, mrows)
+        ax.legend(fontsize=7)
+    else:
+        fig = new_figure(max(5, 0.7 * len(mrows) + 2), 4)
+        ax = fig.add_subplot()
+        names = [", ".join(r["levels"].values()) or r["point"] for r in mrows]
+        bars(ax, names, mrows, ylabel)
+        if len(dims) == 1:
+            ax.set_xlabel(dims[0].name)
+    return fig, ax
+
+
+def _heatmap_figure(spec, mrows: list[dict], ylabel: str):
+    d0, d1 = spec.dims
+    fig = new_figure(1.3 * len(d1.rows) + 2.6, 0.9 * len(d0.rows) + 1.8)
+    ax = fig.add_subplot()
+    heatmap(fig, ax, d0, d1, mrows, ylabel)
+    ax.set_title(f"{spec.name}: {ylabel}", fontsize=9)
+    return fig
+
+
+def _series(mrows: list[dict], j: int) -> list[dict]:
+    """The rows at level ``j`` of the second dimension, in the first dimension's order."""
+    return sorted((r for r in mrows if r["index"][1] == j), key=lambda r: r["index"][0])
+
+
+def _grouped_lines(ax, d0: Dimension, d1: Dimension, mrows: list[dict]) -> None:
+    xs, log = _numeric_x(d0)
+    for j, lab in enumerate(d1.labels):
+        sub = _series(mrows, j)
+        line(ax, [xs[r["index"][0]] for r in sub], sub, label=f"{d1.name}={lab}", color=f"C{j % 10}", log=log)
+
+
+def _grouped_bars(ax, d0: Dimension, d1: Dimension, mrows: list[dict]) -> None:
+    width = 0.8 / len(d1.rows)
+    for j, lab in enumerate(d1.labels):
+        sub = _series(mrows, j)
+        xs = np.array([r["index"][0] for r in sub]) + (j - (len(d1.rows) - 1) / 2) * width
+        st = [r["stats"] for r in sub]
+        ax.bar(xs, [s.mean if _finite(s.mean) else 0 for s in st], width=width, yerr=_yerr(st), capsize=3,
+               color=f"C{j % 10}", alpha=0.75, edgecolor="k", linewidth=0.5, label=f"{d1.name}={lab}")
+        _seed_dots(ax, xs, sub)
+    ax.set_xticks(range(len(d0.rows)))
+    ax.set_xticklabels(d0.labels, fontsize=8)
+    ax.grid(axis="y", alpha=0.3)

@@ -36,9 +36,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
-import math
-import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -48,41 +45,16 @@ import yaml
 
 from ..config import load_yaml
 from ..errors import SyncoError
+from ..io import find_yaml
+from .axes import Dimension, override_text, parse_axes, slugify
 
 SPEC_KEYS = ("name", "description", "base", "overrides", "axes", "seeds", "compare", "slurm", "linear", "metrics")
-AXES_KEYS = ("grid", "zip", "labels", "names")
 SLURM_KEYS = ("cluster", "partition", "time", "gpus", "cpus", "mem_gb", "extra")
 MAX_NAME = 120
 
 
 # ---------------------------------------------------------------------------------------------
 # Data
-
-
-@dataclass
-class Dimension:
-    """One axis of the sweep: a grid key (one key) or the zip group (several keys taken together)."""
-
-    name: str
-    keys: list[str]
-    rows: list[tuple]  # one tuple of values (one per key) per level
-    labels: list[str]  # display name of each level
-    slugs: list[str]  # filesystem-safe name of each level
-    labelled: bool = False  # the spec gave the labels
-
-    @property
-    def numeric(self) -> bool:
-        """A single key whose values are all numbers (not booleans): plotted as a line."""
-        return len(self.keys) == 1 and all(_is_number(r[0]) for r in self.rows)
-
-    def level_index(self, level: Any) -> Optional[int]:
-        """Index of a level given by label, value (a single-key dimension) or the value's text."""
-        for i, (row, label) in enumerate(zip(self.rows, self.labels)):
-            if str(level) == label:
-                return i
-            if len(row) == 1 and (_same_value(level, row[0]) or str(level) == value_text(row[0])):
-                return i
-        return None
 
 
 @dataclass
@@ -133,52 +105,6 @@ class SweepSpec:
 # Helpers
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _same_value(a: Any, b: Any) -> bool:
-    if isinstance(a, bool) or isinstance(b, bool):
-        return a is b
-    if _is_number(a) and _is_number(b):
-        return math.isclose(float(a), float(b), rel_tol=1e-12, abs_tol=0.0)
-    return a == b
-
-
-def value_text(v: Any) -> str:
-    """Compact text of a value: ``0.2``, ``true``, ``[4,4,4,4,4,4]``, ``moby``."""
-    if isinstance(v, str):
-        return v
-    return json.dumps(v, separators=(",", ":"))
-
-
-def override_text(key: str, value: Any) -> str:
-    """``key=value`` with the value as JSON, which the config's YAML parser reads back unchanged."""
-    return f"{key}={json.dumps(value)}"
-
-
-def slugify(text: str) -> str:
-    s = re.sub(r"[^A-Za-z0-9._+-]+", "_", str(text)).strip("_")
-    s = s.lstrip(".") or "x"
-    if len(s) > 40:
-        s = s[:32] + "-" + hashlib.sha1(s.encode()).hexdigest()[:6]
-    return s
-
-
-def _value_slug(v: Any) -> str:
-    if isinstance(v, (list, tuple)):
-        return "_".join(_value_slug(x) for x in v) or "empty"
-    if isinstance(v, dict):
-        return "_".join(f"{k}_{_value_slug(x)}" for k, x in v.items()) or "empty"
-    return slugify(value_text(v))
-
-
-def short_names(keys: list[str]) -> dict[str, str]:
-    """The last component of each dotted key, or the whole key where two last components clash."""
-    last = [k.split(".")[-1] for k in keys]
-    return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last)}
-
-
 def parse_override_list(value: Any, where: str) -> list[str]:
     """A list of ``key=value`` strings, or a mapping ``{key: value}``, as ``key=value`` strings."""
     if value is None:
@@ -205,17 +131,16 @@ def spec_names() -> list[str]:
 
 def read_spec(path_or_name: str) -> tuple[dict, str, str]:
     """(data, origin, name) of a spec given by path or by the name of a shipped spec."""
-    path = Path(path_or_name)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise SyncoError(f"sweep spec '{path}' does not exist.")
-        text, origin, name = path.read_text(), str(path), path.stem
+    found, is_path = find_yaml(path_or_name, "synco.sweeps")
+    if is_path:
+        if not found.is_file():
+            raise SyncoError(f"sweep spec '{found}' does not exist.")
+        text, origin, name = found.read_text(), str(found), found.stem
+    elif found is None:
+        raise SyncoError(f"unknown sweep spec '{path_or_name}'. Shipped specs: {', '.join(spec_names())}; "
+                         "or give the path of a YAML file.")
     else:
-        res = resources.files("synco.sweeps") / f"{path_or_name}.yaml"
-        if not res.is_file():
-            raise SyncoError(f"unknown sweep spec '{path_or_name}'. Shipped specs: {', '.join(spec_names())}; "
-                             "or give the path of a YAML file.")
-        text, origin, name = res.read_text(), f"sweep spec {path_or_name}", path_or_name
+        text, origin, name = found.read_text(), f"sweep spec {path_or_name}", path_or_name
     try:
         data = load_yaml(text)
     except yaml.YAMLError as e:
@@ -263,105 +188,6 @@ def parse_seeds_arg(text: str) -> list[int]:
     except yaml.YAMLError:
         value = text
     return _parse_seeds(value, "--seeds")
-
-
-def _check_key(key: Any, where: str) -> str:
-    if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
-        raise SyncoError(f"{where}: axis key {key!r} is not a dotted config key like contrast.temperature.")
-    if key == "seed":
-        raise SyncoError(f"{where}: 'seed' cannot be an axis; list the seeds under 'seeds:' instead.")
-    return key
-
-
-def _labels_for(labels: Any, n: int, where: str) -> Optional[list[str]]:
-    if labels is None:
-        return None
-    if not isinstance(labels, list) or len(labels) != n or not all(isinstance(x, (str, int, float)) for x in labels):
-        raise SyncoError(f"{where} must be a list of {n} names (one per level), got {labels!r}.")
-    out = [str(x) for x in labels]
-    if len(set(out)) != n:
-        raise SyncoError(f"{where} names a level twice: {out}.")
-    return out
-
-
-def _dimension(name: str, keys: list[str], rows: list[tuple], labels: Optional[list[str]]) -> Dimension:
-    if labels is not None:
-        slugs = [slugify(x) for x in labels]
-        text = labels
-    else:
-        text = [", ".join(value_text(v) for v in row) for row in rows]
-        slugs = ["-".join(_value_slug(v) for v in row) for row in rows]
-    return Dimension(name, keys, rows, list(text), slugs, labelled=labels is not None)
-
-
-def parse_axes(axes: Any, origin: str) -> list[Dimension]:
-    where = f"{origin}: axes"
-    if axes is None:
-        return []
-    if not isinstance(axes, dict):
-        raise SyncoError(f"{where} must be a mapping with 'grid:' and/or 'zip:' (key -> list of values).")
-    unknown = sorted(set(axes) - set(AXES_KEYS))
-    if unknown:
-        raise SyncoError(f"{where}: unknown entry {', '.join(map(repr, unknown))} (valid: {', '.join(AXES_KEYS)}). "
-                         "Put the swept keys under 'grid:' or 'zip:'.")
-    grid, zipped = axes.get("grid") or {}, axes.get("zip") or {}
-    labels = axes.get("labels") or {}
-    for section, value in (("grid", grid), ("zip", zipped)):
-        if not isinstance(value, dict):
-            raise SyncoError(f"{where}.{section} must be a mapping of config key -> list of values, got {value!r}.")
-    if not isinstance(labels, (dict, list)):
-        raise SyncoError(f"{where}.labels must be a mapping (axis key -> names), got {labels!r}.")
-    if isinstance(labels, list):
-        if grid or not zipped:
-            raise SyncoError(f"{where}.labels is a list, which is only allowed for a zip alone; use a mapping "
-                             "(grid key -> names, 'zip' -> names).")
-        labels = {"zip": labels}
-    names = axes.get("names") or {}
-    if not isinstance(names, dict) or not all(isinstance(v, str) and v for v in names.values()):
-        raise SyncoError(f"{where}.names must be a mapping (grid key or 'zip') -> dimension name, got {names!r}.")
-    clash = sorted(set(grid) & set(zipped))
-    if clash:
-        raise SyncoError(f"{where}: key {clash[0]} is both in grid and in zip.")
-    shorts = short_names(list(grid) + list(zipped))
-    dims = []
-    for key, values in grid.items():
-        _check_key(key, where)
-        if not isinstance(values, list) or not values:
-            raise SyncoError(f"{where}.grid.{key} must be a non-empty list of values, got {values!r} "
-                             f"(a list-valued key takes a list of lists, e.g. [[4,4,4,4,4,4], [8,8,8,8,8,8]]).")
-        for a, b in itertools.combinations(values, 2):
-            if _same_value(a, b):
-                raise SyncoError(f"{where}.grid.{key} lists the value {value_text(a)} twice.")
-        lab = _labels_for(labels.get(key), len(values), f"{where}.labels.{key}")
-        dims.append(_dimension(names.get(key, shorts[key]), [key], [(v,) for v in values], lab))
-    if zipped:
-        lengths = {}
-        for key, values in zipped.items():
-            _check_key(key, where)
-            if not isinstance(values, list) or not values:
-                raise SyncoError(f"{where}.zip.{key} must be a non-empty list of values, got {values!r}.")
-            lengths[key] = len(values)
-        if len(set(lengths.values())) != 1:
-            raise SyncoError(f"{where}.zip: the lists must have equal lengths, got "
-                             f"{', '.join(f'{k}: {n}' for k, n in lengths.items())}.")
-        keys = list(zipped)
-        rows = [tuple(zipped[k][i] for k in keys) for i in range(len(zipped[keys[0]]))]
-        for a, b in itertools.combinations(rows, 2):
-            if all(_same_value(x, y) for x, y in zip(a, b)):
-                raise SyncoError(f"{where}.zip lists the same row twice: {', '.join(map(value_text, a))}.")
-        name = names.get("zip") or (shorts[keys[0]] if len(keys) == 1 else "+".join(shorts[k] for k in keys))
-        lab = _labels_for(labels.get("zip"), len(rows), f"{where}.labels.zip")
-        dims.append(_dimension(name, keys, rows, lab))
-    for section, mapping in (("labels", labels), ("names", names)):
-        stray = sorted(set(mapping) - set(grid) - ({"zip"} if zipped else set()))
-        if stray:
-            raise SyncoError(f"{where}.{section} names {stray[0]!r}, which is not a grid key"
-                             f"{' nor zip' if zipped else ''}.")
-    dim_names = [d.name for d in dims]
-    if len(set(dim_names)) != len(dim_names):
-        raise SyncoError(f"{where}: two dimensions have the same name ({', '.join(dim_names)}); rename one with "
-                         "axes.names.")
-    return dims
 
 
 def parse_compare(value: Any, dims: list[Dimension], origin: str) -> Optional[Compare]:

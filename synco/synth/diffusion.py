@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -90,16 +90,16 @@ RESUMABLE_KEYS = {"steps", "device", "threads", "num_workers", "log_every", "ckp
 def validate_train_config(cfg: DiffusionTrainConfig) -> None:
     """Each field's declared bounds, then the rules between fields."""
     check_options(cfg)
-    bad = key_error(DiffusionTrainConfig.OWNER)
+    refuse = key_error(DiffusionTrainConfig.OWNER)
     if 0 < cfg.image_size < 4:
-        bad("image_size", "must be >= 4 (or 0 for the dataset default).")
+        refuse("image_size", "must be >= 4 (or 0 for the dataset default).")
     if len(cfg.attention) != len(cfg.block_out_channels):
-        bad("attention", f"needs one true/false per UNet level ({len(cfg.block_out_channels)} levels, "
-                         f"from block_out_channels).")
+        refuse("attention", f"needs one true/false per UNet level ({len(cfg.block_out_channels)} levels, "
+                            f"from block_out_channels).")
     if any(c % cfg.norm_num_groups for c in cfg.block_out_channels):
-        bad("norm_num_groups", f"must divide every entry of block_out_channels {cfg.block_out_channels}.")
+        refuse("norm_num_groups", f"must divide every entry of block_out_channels {cfg.block_out_channels}.")
     if cfg.guidance != 1.0 and cfg.p_uncond == 0:
-        bad("guidance", "classifier-free guidance needs a model trained with p_uncond > 0.")
+        refuse("guidance", "classifier-free guidance needs a model trained with p_uncond > 0.")
 
 
 def build_noise_scheduler(cfg: DiffusionTrainConfig):
@@ -306,6 +306,42 @@ def _resume(run: _Training, path: Path, cfg: DiffusionTrainConfig, data: str, de
     print(f"synco: resuming diffusion training in {path.parent} at step {run.step}", file=sys.stderr)
 
 
+def _train_steps(run: _Training, batches, cfg: DiffusionTrainConfig, null_class: int, device: torch.device,
+                 amp: bool, out: Path, data: str, seconds: Callable[[], float], progress: bool) -> None:
+    """Step ``run`` up to ``cfg.steps``: the mean loss logged to ``train_log.jsonl`` every ``log_every`` steps, the
+    state saved every ``ckpt_every``."""
+    from tqdm.auto import tqdm
+
+    log_path = out / "train_log.jsonl"
+    trim_jsonl(log_path, run.step)
+    bar = tqdm(total=cfg.steps, initial=run.step, desc="diffusion", unit="step", disable=not progress,
+               dynamic_ncols=True)
+    loss_sum, loss_n = 0.0, 0
+    run.unet.train()
+    while run.step < cfg.steps:
+        loss_sum, loss_n = loss_sum + _train_step(run, batches, cfg, null_class, device, amp), loss_n + 1
+        bar.update(1)
+        if run.step % cfg.log_every == 0 or run.step == cfg.steps:
+            run.loss = loss_sum / loss_n
+            bar.set_postfix(loss=f"{run.loss:.4f}")
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"step": run.step, "loss": run.loss, "lr": run.lr_sched.get_last_lr()[0],
+                                    "seconds": seconds()}) + "\n")
+            loss_sum, loss_n = 0.0, 0
+        if cfg.ckpt_every and run.step % cfg.ckpt_every == 0 and run.step < cfg.steps:
+            _save_state(run, out / STATE_FILE, cfg, data, seconds())
+    bar.close()
+
+
+def _write_model(run: _Training, meta: dict, out: Path, cfg: DiffusionTrainConfig, device: torch.device) -> None:
+    run.ema.copy_to(run.unet.parameters())  # the saved model carries the EMA weights
+    run.unet.eval()
+    model = SmallDiffusion(run.unet, run.noise_scheduler, meta, out)
+    if cfg.preview:
+        write_preview(model, out / "preview.png", device=device)
+    save_model(model, out)
+
+
 def train_diffusion(data: str, out, cfg: Optional[DiffusionTrainConfig] = None, progress: bool = True) -> dict:
     """Train a class-conditional diffusion model on ``data`` ('digits' or an image folder) into ``out``.
 
@@ -313,8 +349,6 @@ def train_diffusion(data: str, out, cfg: Optional[DiffusionTrainConfig] = None, 
     is written); a finished one is refused (choose a new ``out``).
     Returns a summary dict (also in ``synco_diffusion.json``).
     """
-    from tqdm.auto import tqdm
-
     cfg = cfg or DiffusionTrainConfig()
     validate_train_config(cfg)
     out = Path(out)
@@ -325,6 +359,8 @@ def train_diffusion(data: str, out, cfg: Optional[DiffusionTrainConfig] = None, 
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     amp = use_bf16(cfg.precision, device)
+
+    # -- the data and the model, resumed where a killed run with the same settings stopped
     batches, classes, size, channels, resolution, described = load_training_data(data, cfg)
     run = _setup_training(cfg, size, channels, len(classes), device)
     state_path = out / STATE_FILE
@@ -335,46 +371,25 @@ def train_diffusion(data: str, out, cfg: Optional[DiffusionTrainConfig] = None, 
     print(f"synco: training a {n_params / 1e6:.2f}M-parameter class-conditional UNet ({len(classes)} classes, "
           f"{channels}x{size}x{size}) on {described} for {cfg.steps} steps on {device}", file=sys.stderr)
 
-    log_path = out / "train_log.jsonl"
-    trim_jsonl(log_path, run.step)
-    bar = tqdm(total=cfg.steps, initial=run.step, desc="diffusion", unit="step", disable=not progress,
-               dynamic_ncols=True)
+    # -- the steps
     t0, cpu0 = time.perf_counter(), time.process_time()
 
     def seconds() -> float:  # over every process of this run, killed ones included
         return run.seconds_before + time.perf_counter() - t0
 
-    loss_sum, loss_n = 0.0, 0
-    run.unet.train()
-    while run.step < cfg.steps:
-        loss_sum, loss_n = loss_sum + _train_step(run, batches, cfg, len(classes), device, amp), loss_n + 1
-        bar.update(1)
-        if run.step % cfg.log_every == 0 or run.step == cfg.steps:
-            run.loss = loss_sum / loss_n
-            bar.set_postfix(loss=f"{run.loss:.4f}")
-            with open(log_path, "a") as f:
-                f.write(json.dumps({"step": run.step, "loss": run.loss, "lr": run.lr_sched.get_last_lr()[0],
-                                    "seconds": seconds()}) + "\n")
-            loss_sum, loss_n = 0.0, 0
-        if cfg.ckpt_every and run.step % cfg.ckpt_every == 0 and run.step < cfg.steps:
-            _save_state(run, state_path, cfg, data, seconds())
-    bar.close()
+    _train_steps(run, batches, cfg, len(classes), device, amp, out, data, seconds, progress)
     total_seconds = seconds()
     cpu_seconds = time.process_time() - cpu0  # this process only: tells a busy machine from a slow model
     _save_state(run, state_path, cfg, data, seconds())  # a kill while the model is written resumes here
 
-    run.ema.copy_to(run.unet.parameters())  # the saved model carries the EMA weights
-    run.unet.eval()
+    # -- the model, with its EMA weights; the state goes once the model is written
     meta = {"format": FORMAT, "version": 1, "classes": classes, "null_class": len(classes),
             "image_size": size, "channels": channels, "resolution": resolution, "data": data,
             "sampler": cfg.sampler, "sample_steps": cfg.sample_steps, "guidance": cfg.guidance,
             "p_uncond": cfg.p_uncond, "train_steps": run.step, "train_seconds": round(total_seconds, 2),
             "train_cpu_seconds_last_run": round(cpu_seconds, 2),
             "final_loss": run.loss, "parameters": n_params, "device": str(device), "config": asdict(cfg)}
-    model = SmallDiffusion(run.unet, run.noise_scheduler, meta, out)
-    if cfg.preview:
-        write_preview(model, out / "preview.png", device=device)
-    save_model(model, out)
+    _write_model(run, meta, out, cfg, device)
     state_path.unlink()
     print(f"synco: trained in {total_seconds:.1f} s ({run.step / max(total_seconds, 1e-9):.1f} steps/s), final loss "
           f"{run.loss:.4f} -> {out}", file=sys.stderr)

@@ -89,12 +89,8 @@ def visualize(checkpoints: list[str], out: Path, opts: VizOptions, images: Optio
               labels: Optional[list[str]] = None) -> dict:
     """Run every view for every checkpoint, write the PNGs and ``metrics.json``; returns the JSON dict."""
     from ..device import resolve_device
-    from ..eval.common import load_eval_backbone
-    from ..eval.head import load_head
-    from ..models.backbone import input_size
-    from .figure import HEAT, MASK, Column, grid_figure
-    from .images import denormalize, load_images, load_masks, masks_to_model_geometry, to_model_input
-    from .metrics import centre_box_mask
+    from ..io import atomic_write_text
+    from .images import load_images
 
     check_options(opts)  # also when called as a library, without the command line
     _check_cmap(opts.cmap)
@@ -107,75 +103,122 @@ def visualize(checkpoints: list[str], out: Path, opts: VizOptions, images: Optio
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
-    results, size = [], None
+    # -- every view of every checkpoint, on the same images
+    results, inputs = _analyse_checkpoints(checkpoints, heads, labels, photos, mask, views, opts, device)
+
+    # -- one figure per view: a row per image, a column per checkpoint
+    names = [p.name for p in photos]
+    written = _write_figures(out, results, views, inputs.display, names, opts)
+
+    report = {
+        "images": names, "image_size": inputs.size, "mask": inputs.mask_desc,
+        "mask_area_fraction": rounded(inputs.fg.float().mean(dim=(-2, -1)).mean()),
+        "threshold": opts.threshold, "views": list(written), "figures": written,
+        "entropy_units": "nats (max = log(num_patches))",
+        "checkpoints": [{"label": r["label"], **r["meta"], **r["metrics"]} for r in results],
+        "options": asdict(opts),
+    }
+    atomic_write_text(json.dumps(report, indent=2), out / "metrics.json")
+    return report
+
+
+@dataclass
+class _Inputs:
+    """The images as every checkpoint of one figure takes them (the first checkpoint's input size)."""
+
+    size: int
+    x: object  # [B, 3, size, size], normalised, on the CPU
+    fg: object  # foreground masks [B, size, size]
+    mask_desc: str
+    display: object  # the images as shown under the maps
+
+
+def _model_inputs(photos: list, size: int, mask: Optional[str], mask_box: float) -> _Inputs:
+    from .images import denormalize, load_masks, masks_to_model_geometry, to_model_input
+    from .metrics import centre_box_mask
+
+    x = to_model_input(photos, size)
+    if mask:
+        fg = masks_to_model_geometry(load_masks(mask, photos), size)
+        mask_desc = str(mask)
+    else:
+        fg = centre_box_mask(size, size, mask_box).expand(len(photos), size, size)
+        mask_desc = f"centre box, sides {mask_box} of the image"
+    return _Inputs(size, x, fg, mask_desc, denormalize(x))
+
+
+def _analyse_checkpoints(checkpoints: list[str], heads: list, labels: Optional[list[str]], photos: list,
+                         mask: Optional[str], views, opts: VizOptions, device) -> tuple[list[dict], _Inputs]:
+    """Each checkpoint's maps, notes, metrics, label and metadata, one model in memory at a time."""
+    from ..eval.common import load_eval_backbone
+    from ..eval.head import load_head
+    from ..models.backbone import input_size
+
+    results, inputs = [], None
     for i, ckpt in enumerate(checkpoints):
         model, meta = load_eval_backbone(ckpt, opts, device)
         s = input_size(model)
-        if size is None:
-            size = s
-            x_cpu = to_model_input(photos, size)
-            if mask:
-                fg = masks_to_model_geometry(load_masks(mask, photos), size)
-                mask_desc = str(mask)
-            else:
-                fg = centre_box_mask(size, size, opts.mask_box).expand(len(photos), size, size)
-                mask_desc = f"centre box, sides {opts.mask_box} of the image"
-            display = denormalize(x_cpu)
-        elif s != size:
-            raise SyncoError(f"checkpoint '{ckpt}' takes {s}px inputs but the first one takes {size}px: "
+        if inputs is None:
+            inputs = _model_inputs(photos, s, mask, opts.mask_box)
+        elif s != inputs.size:
+            raise SyncoError(f"checkpoint '{ckpt}' takes {s}px inputs but the first one takes {inputs.size}px: "
                              "compare backbones with the same input size in one figure.")
         head = None
         if heads[i] and heads[i].lower() != "none":
             head, _ = load_head(heads[i], expect_dim=meta["num_features"])
             head = head.to(device)
-        r = analyse_checkpoint(model, x_cpu.to(device), fg.to(device), views, block=opts.block,
+        r = analyse_checkpoint(model, inputs.x.to(device), inputs.fg.to(device), views, block=opts.block,
                                threshold=opts.threshold, head=head)
         r["label"] = labels[i] if labels else _label(ckpt, meta)
         r["meta"] = {k: meta.get(k) for k in ("backbone", "backbone_kwargs", "method", "epoch", "source")}
         r["meta"]["linear_head"] = heads[i]
         results.append(r)
         del model
-    col_labels = _unique([r["label"] for r in results])
-    for r, lab in zip(results, col_labels):
+    for r, lab in zip(results, _unique([r["label"] for r in results])):
         r["label"] = lab
+    return results, inputs
 
-    names = [p.name for p in photos]
-    present = [v for v in ALL_VIEWS if any(v in r["maps"] for r in results)]
-    written = {}
+
+FIGURE_NAMES = {"cls": "cls_attention", "patch": "patch_attention", "threshold": "cls_threshold",
+                "heads": "cls_heads"}
+
+
+def _write_figures(out: Path, results: list[dict], views, display, names: list[str], opts: VizOptions) -> dict:
+    """view -> the PNG written for it, for every view asked for that some checkpoint has."""
+    from .figure import HEAT, MASK, Column, grid_figure
+
     titles = {
         "cls": "[CLS] attention, last block, mean over heads",
         "threshold": f"[CLS] attention: patches holding {opts.threshold:.0%} of the mass",
         "patch": "patch self-attention (received from other patches, [CLS] excluded)",
         "gradcam": "Grad-CAM, last feature map", "saliency": "gradient saliency |dy/dx|",
+        "heads": "[CLS] attention per head, last block",
     }
+    present = [v for v in ALL_VIEWS if any(v in r["maps"] for r in results)]
+    written = {}
     for view in (v for v in present if v in (views or DEFAULT_VIEWS)):
         if view == "heads":
-            cols = []
-            for r in results:
-                hm = r["maps"].get("heads")
-                if hm is None:
-                    cols.append(Column(r["label"], None))
-                    continue
-                hn = r["notes"].get("heads")
-                cols += [Column(f"{r['label']} h{h}", hm[:, h], notes=[row[h] for row in hn] if hn else None)
-                         for h in range(hm.shape[1])]
-            path = grid_figure(out / "cls_heads.png", display, cols, names, kind=HEAT, alpha=opts.alpha,
-                               cmap=opts.cmap, dpi=opts.dpi, title="[CLS] attention per head, last block")
+            cols = _head_columns(results)
         else:
             cols = [Column(r["label"], r["maps"].get(view), notes=r["notes"].get(view)) for r in results]
-            fname = {"cls": "cls_attention", "patch": "patch_attention", "threshold": "cls_threshold"}.get(view, view)
-            path = grid_figure(out / f"{fname}.png", display, cols, names,
-                               kind=MASK if view == "threshold" else HEAT, alpha=opts.alpha, cmap=opts.cmap,
-                               dpi=opts.dpi, title=titles[view])
+        path = grid_figure(out / f"{FIGURE_NAMES.get(view, view)}.png", display, cols, names,
+                           kind=MASK if view == "threshold" else HEAT, alpha=opts.alpha, cmap=opts.cmap,
+                           dpi=opts.dpi, title=titles[view])
         written[view] = str(path)
+    return written
 
-    report = {
-        "images": names, "image_size": size, "mask": mask_desc,
-        "mask_area_fraction": rounded(fg.float().mean(dim=(-2, -1)).mean()),
-        "threshold": opts.threshold, "views": list(written), "figures": written,
-        "entropy_units": "nats (max = log(num_patches))",
-        "checkpoints": [{"label": r["label"], **r["meta"], **r["metrics"]} for r in results],
-        "options": asdict(opts),
-    }
-    (out / "metrics.json").write_text(json.dumps(report, indent=2))
-    return report
+
+def _head_columns(results: list[dict]) -> list:
+    """One column per head of each checkpoint (a blank one for a checkpoint without attention heads)."""
+    from .figure import Column
+
+    cols = []
+    for r in results:
+        hm = r["maps"].get("heads")
+        if hm is None:
+            cols.append(Column(r["label"], None))
+            continue
+        hn = r["notes"].get("heads")
+        cols += [Column(f"{r['label']} h{h}", hm[:, h], notes=[row[h] for row in hn] if hn else None)
+                 for h in range(hm.shape[1])]
+    return cols

@@ -11,7 +11,6 @@ the last epoch's length past the last one, e.g. in a run still going); a record 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -49,12 +48,12 @@ def new_figure(width: float, height: float):
 
 
 def save_png(fig, path) -> Path:
-    """Render to a temp file in the same folder, then rename: readers never see half a PNG."""
+    """Render through a temp file in the same folder, then rename: readers never see half a PNG."""
+    from ..io import atomic_write_bytes_with  # torch comes with it: wait until a figure is written
+
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     fig.tight_layout()
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    atomic_write_bytes_with(path, lambda tmp: fig.savefig(tmp, format="png"))
     return path
 
 
