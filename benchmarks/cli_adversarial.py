@@ -547,12 +547,16 @@ def run_knn_small_temperature(env: Env) -> tuple[int, str]:
 
 
 def run_nan_head(env: Env) -> tuple[int, str]:
-    head = _readback_head(env, bias=torch.full((10,), float("nan")))
+    return _robustness_keeps_earlier(env, _readback_head(env, bias=torch.full((10,), float("nan"))), [])
+
+
+def _robustness_keeps_earlier(env: Env, head: str, extra: list) -> tuple[int, str]:
+    """``eval robustness`` with ``head`` into an --out holding an earlier result, which must survive a refusal."""
     out = env.out()
     out.mkdir()
     (out / "robustness.json").write_text('{"kept": true}')
     rc, err = call(["eval", "robustness", "--checkpoint", env.data["run"], "--linear-head", head, "--out", out,
-                    *KNN[:3]])
+                    *KNN[:3], *extra])
     if json.loads((out / "robustness.json").read_text()) != {"kept": True}:
         return -2, "the earlier robustness.json was overwritten\n" + err
     return rc, err
@@ -852,14 +856,7 @@ def run_pickled_head(env: Env) -> tuple[int, str]:
 
 def run_robustness_asked(extra: list):
     def runner(env: Env) -> tuple[int, str]:
-        head, out = _readback_head(env), env.out()
-        out.mkdir()
-        (out / "robustness.json").write_text('{"kept": true}')
-        rc, err = call(["eval", "robustness", "--checkpoint", env.data["run"], "--linear-head", head, "--out", out,
-                        *KNN[:3], *[a.format(tmp=env.tmp) for a in extra]])
-        if json.loads((out / "robustness.json").read_text()) != {"kept": True}:
-            return -2, "the earlier robustness.json was overwritten\n" + err
-        return rc, err
+        return _robustness_keeps_earlier(env, _readback_head(env), [a.format(tmp=env.tmp) for a in extra])
     return runner
 
 

@@ -166,6 +166,17 @@ def update_gap(got: torch.Tensor, ref: torch.Tensor, init: torch.Tensor) -> floa
     return ((got - ref).double().norm() / step).item() if step > 0 else math.inf
 
 
+def _exact_or_queue(key: str, got: torch.Tensor, ref: torch.Tensor, queue_atol: float) -> bool:
+    """Compare what needs no update analysis: integer buffers exactly, queues to ``queue_atol``. True if done."""
+    if not ref.is_floating_point():
+        assert torch.equal(got, ref), key
+        return True
+    if key.startswith("queue."):
+        torch.testing.assert_close(got, ref, rtol=0, atol=queue_atol, msg=key)
+        return True
+    return False
+
+
 def assert_same_training(got: dict, ref: dict, init: dict, *, atol: float, max_gap: float, noise_atol: float,
                          queue_atol: float) -> None:
     """Two trainings of the same maths from the same ``init`` ended at the same model state ``got`` and ``ref``.
@@ -178,11 +189,7 @@ def assert_same_training(got: dict, ref: dict, init: dict, *, atol: float, max_g
     assert got.keys() == ref.keys() == init.keys()
     for k, r in ref.items():
         g, i = got[k], init[k]
-        if not r.is_floating_point():
-            assert torch.equal(g, r), k
-            continue
-        if k.startswith("queue."):
-            torch.testing.assert_close(g, r, rtol=0, atol=queue_atol, msg=k)
+        if _exact_or_queue(k, g, r, queue_atol):
             continue
         noisy = noise_mask(k, r.shape)
         tight = torch.ones(r.shape, dtype=torch.bool) if noisy is None else ~noisy
@@ -266,11 +273,7 @@ def assert_same_first_step(got: dict, ref: dict, cfg, *, grad_gap: float, atol: 
     params = dict(fresh.named_parameters())
     for k, r in ref["model"].items():
         g, i = got["model"][k], init[k]
-        if not r.is_floating_point():
-            assert torch.equal(g, r), k
-            continue
-        if k.startswith("queue."):
-            torch.testing.assert_close(g, r, rtol=0, atol=queue_atol, msg=k)
+        if _exact_or_queue(k, g, r, queue_atol):
             continue
         if k not in params:  # a buffer: BatchNorm running statistics
             torch.testing.assert_close(g, r, rtol=0, atol=buffer_atol, msg=k)

@@ -10,14 +10,13 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-import synco.eval.linear as L
 from synco.cli.main import main
 from synco.data.transforms import eval_transform, train_classification_transform
 from synco.errors import SyncoError
 from synco.eval.grid import GridTrainer, select_best
 from synco.eval.head import Classifier, load_head
 from synco.eval.linear import LinearHParams, linear_probe
-from synco.eval.probe import ProbeData, batch_scaled_lr, epoch_batches, steps_per_epoch
+from synco.eval.probe import ProbeData, batch_scaled_lr, check_recipe, epoch_batches, steps_per_epoch
 from synco.io import load_torch_file as load_ckpt
 
 CPU = torch.device("cpu")
@@ -215,9 +214,9 @@ def test_cached_features_mode_and_selection_on_test(tmp_path):
 
 def test_options_are_checked():
     with pytest.raises(SyncoError, match="'lrs'"):
-        L.check_hparams(LinearHParams(lrs=[]))
+        check_recipe(LinearHParams(lrs=[]))
     with pytest.raises(SyncoError, match="'warmup_epochs'"):
-        L.check_hparams(LinearHParams(epochs=2, warmup_epochs=5))
+        check_recipe(LinearHParams(epochs=2, warmup_epochs=5))
     assert batch_scaled_lr(1.0, 512, 256) == 2.0 and batch_scaled_lr(1.0, 512, 0) == 1.0
 
 

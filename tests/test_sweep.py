@@ -118,7 +118,7 @@ def test_seeds_and_compare_forms():
     ({"base": "cpu-demo", "seeds": 2, "overrides": "epochs=2"}, "list of key=value"),
     ({"base": "cpu-demo", "seeds": 2, "axes": {"grid": {"epochs": [1, 2]}, "labels": {"epochs": ["a b", "a_b"]}}},
      "same folder name"),
-    ({"base": "cpu-demo", "seeds": 2, "slurm": {"gpu": 1}}, "slurm.gpu is unknown"),
+    ({"base": "cpu-demo", "seeds": 2, "slurm": {"gpu": 1}}, "slurm: unknown entry 'gpu'"),
 ])
 def test_bad_specs_are_one_paragraph(data, needle):
     with pytest.raises(SyncoError, match=None) as e:

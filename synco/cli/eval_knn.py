@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .evaluate import common_arguments, finish, options_from
+from .evaluate import common_arguments, run_protocol
 
 
 def register_protocols(psub) -> None:
@@ -14,7 +14,4 @@ def register_protocols(psub) -> None:
 def run(args) -> int:
     from ..eval.knn_protocol import KnnOptions, run_knn
 
-    opts, out = options_from(args, KnnOptions)
-    run_knn(args.checkpoint, out, opts, progress=not args.no_progress)
-    finish()
-    return 0
+    return run_protocol(args, KnnOptions, run_knn)

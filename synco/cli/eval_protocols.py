@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .evaluate import common_arguments, finish, options_from
+from .evaluate import common_arguments, finish, options_from, run_protocol
 
 
 def register_protocols(psub) -> None:
@@ -42,19 +42,13 @@ def register_protocols(psub) -> None:
 def run_linear(args) -> int:
     from ..eval.linear import LinearOptions, run_linear as run
 
-    opts, out = options_from(args, LinearOptions)
-    run(args.checkpoint, out, opts, progress=not args.no_progress)
-    finish()
-    return 0
+    return run_protocol(args, LinearOptions, run)
 
 
 def run_finetune(args) -> int:
     from ..eval.finetune import FinetuneOptions, run_finetune as run
 
-    opts, out = options_from(args, FinetuneOptions)
-    run(args.checkpoint, out, opts, progress=not args.no_progress)
-    finish()
-    return 0
+    return run_protocol(args, FinetuneOptions, run)
 
 
 def run_transfer(args) -> int:

@@ -7,6 +7,13 @@ from pathlib import Path
 from .evaluate import common_arguments, finish, options_from
 
 
+def _head_protocol_arguments(p, max_images_help: str) -> None:
+    """The flags of the protocols that test a frozen backbone with its linear head."""
+    common_arguments(p)
+    p.add_argument("--linear-head", required=True, help="linear_head.pt from `synco eval linear` (or its dir)")
+    p.add_argument("--max-images", type=int, default=None, help=max_images_help)
+
+
 def register_protocols(psub) -> None:
     p = psub.add_parser(
         "robustness", help="ImageNet-v2/-C/-A/-W/-Sketch/-R top-1 and ImageNet-O FPR95 with a frozen linear head",
@@ -19,20 +26,16 @@ def register_protocols(psub) -> None:
                     "corruptions=[...], severities=[1,...,5], benchmarks=[clean,v2,c,a,w,sketch,r,o], "
                     "corruption_on_the_fly, watermark_on_the_fly, max_images, crop_ratio, batch_size, "
                     "num_workers, device. Writes robustness.json.")
-    common_arguments(p)
-    p.add_argument("--linear-head", required=True, help="linear_head.pt from `synco eval linear` (or its dir)")
-    p.add_argument("--max-images", type=int, default=None, help="at most this many images per evaluated set")
+    _head_protocol_arguments(p, "at most this many images per evaluated set")
     p.set_defaults(func=run_robustness)
 
     p = psub.add_parser("adversarial", help="FGSM/PGD/C&W/Square/AutoAttack/TIFGSM/OnePixel top-1 (torchattacks)",
                         description="Untargeted attacks with the SynCo-v2 settings (section 8.3) on [0, 1] images, "
                                     "normalisation inside the attacked model, on the clean validation set "
                                     "(dataset=, root=). Writes adversarial.json.")
-    common_arguments(p)
-    p.add_argument("--linear-head", required=True, help="linear_head.pt from `synco eval linear` (or its dir)")
+    _head_protocol_arguments(p, "attack a fixed random subset of this many images")
     p.add_argument("--attacks", default=None,
                    help="comma-separated subset of fgsm,pgd,cw,square,autoattack,tifgsm,onepixel (default: all)")
-    p.add_argument("--max-images", type=int, default=None, help="attack a fixed random subset of this many images")
     p.set_defaults(func=run_adversarial)
 
     p = psub.add_parser("efficiency", help="params, memory and time per epoch of synco/moby/byol (Table 15)",

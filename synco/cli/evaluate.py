@@ -155,5 +155,14 @@ def require_two_classes(opts) -> None:
                          "accuracy would be 100 % by construction. Evaluate on data with at least two classes.")
 
 
+def run_protocol(args, options_cls, protocol) -> int:
+    """The shape of every protocol command: options from the flags and ``key=value``, the protocol on the
+    checkpoint into ``--out``, then the common wind-down."""
+    opts, out = options_from(args, options_cls)
+    protocol(args.checkpoint, out, opts, progress=not args.no_progress)
+    finish()
+    return 0
+
+
 def finish() -> None:
     D.cleanup()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -38,6 +38,7 @@ from .common import EvalOptions, weights_digest
 from .features import predict
 from .probe import (
     ProbeData,
+    SGDRecipe,
     augmented_loader,
     batch_scaled_lr,
     check_recipe,
@@ -45,40 +46,28 @@ from .probe import (
     epoch_draw_seed,
     fingerprint,
     head_metrics,
-    protocol_inputs,
-    report_columns,
     resume_state,
+    run_probe,
     steps_per_epoch,
 )
-from .results import markdown_table, save_result
+from .results import markdown_table
 
 
 @dataclass
-class FinetuneHParams:
-    epochs: int = opt(100, ge=1)
+class FinetuneHParams(SGDRecipe):
+    """SynCo-v2's fine-tuning recipe (section 7.6): the whole backbone and a dropout + linear classifier."""
+
     warmup_epochs: int = opt(10, ge=0)
     lr: float = opt(1e-3, gt=0)
-    lr_batch_ref: int = opt(256, ge=0, why="0 = no batch-size scaling")  # lr x batch_size / lr_batch_ref
-    momentum: float = opt(0.9, ge=0, lt=1)
-    nesterov: bool = False
     weight_decay: float = opt(1e-4, ge=0)
-    label_smoothing: float = opt(0.1, ge=0, lt=1)
     dropout: float = opt(0.1, ge=0, lt=1)  # before the classifier
     # max gradient norm (null = no clipping)
     clip_grad: Optional[float] = opt(1.0, gt=0, why="or null for no clipping")
-    crop_scale: list[float] = opt(factory=lambda: [0.08, 1.0], length=2, gt=0, le=1, why="[min, max]")
-    eval_every: int = opt(1, ge=1)
-    resume: bool = True  # continue from <out>/finetune_ckpt.pt when it exists
 
 
 @dataclass
 class FinetuneOptions(FinetuneHParams, EvalOptions):
     pass
-
-
-def check_finetune_hparams(h, prefix: str = "") -> None:
-    """The recipe's checks (each field's bounds are declared above; check_recipe relates them)."""
-    check_recipe(h, prefix)
 
 
 class FinetuneModel(nn.Module):
@@ -118,7 +107,7 @@ def finetune(backbone: nn.Module, meta: dict, data: ProbeData, out: Path, hp: Fi
     exactly)."""
     t0 = time.perf_counter()
     out = Path(out)
-    check_finetune_hparams(hp)
+    check_recipe(hp)
     n = len(data.train_aug)
     steps = steps_per_epoch(n, batch_size)
     lr = batch_scaled_lr(hp.lr, batch_size, hp.lr_batch_ref)
@@ -275,12 +264,4 @@ def result_table(result: dict) -> str:
 
 
 def run_finetune(checkpoint: str, out: Path, opts: FinetuneOptions, progress: bool = True) -> dict:
-    check_finetune_hparams(opts)
-    backbone, meta, data, kwargs = protocol_inputs(checkpoint, opts)
-    result = finetune(backbone, meta, data, Path(out), opts, progress=progress, **kwargs)
-    result["options"] = asdict(opts)
-    result["report"] = report_columns(result, "Fine-tune")
-    if dist.is_main():
-        save_result(out, "finetune", result)
-        print(result_table(result))
-    return result
+    return run_probe(checkpoint, out, opts, finetune, "finetune", "Fine-tune", result_table, progress)

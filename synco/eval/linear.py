@@ -38,7 +38,7 @@ gathered so that every process applies the same update to its copy of the (small
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -57,52 +57,36 @@ from .grid import GridTrainer, grid_table, select_best, selection_key, summarize
 from .head import head_from_state, save_head
 from .probe import (
     ProbeData,
+    SGDRecipe,
     augmented_loader,
     batch_scaled_lr,
     check_recipe,
     epoch_batches,
     epoch_draw_seed,
     fingerprint,
-    protocol_inputs,
-    report_columns,
     resume_state,
+    run_probe,
     steps_per_epoch,
 )
-from .results import save_result
 
 PAPER_LRS = [0.1, 0.5, 0.75, 1.0, 1.25, 1.5]
 
 
 @dataclass
-class LinearHParams:
-    """The linear-probe recipe (also used per dataset by ``synco eval transfer``)."""
+class LinearHParams(SGDRecipe):
+    """The linear-probe recipe (also used per dataset by ``synco eval transfer``): the paper's grid of learning rates,
+    trained in one pass, the best head picked on a held-out share of train."""
 
-    epochs: int = opt(100, ge=1)
-    warmup_epochs: int = opt(5, ge=0)
     lrs: list[float] = opt(factory=lambda: list(PAPER_LRS), nonempty=True, gt=0)
-    # lr = grid value x batch_size / lr_batch_ref; 0 = grid values as given
-    lr_batch_ref: int = opt(256, ge=0, why="0 = no batch-size scaling")
-    momentum: float = opt(0.9, ge=0, lt=1)
-    nesterov: bool = False
-    weight_decay: float = opt(0.0, ge=0)
-    label_smoothing: float = opt(0.1, ge=0, lt=1)
     bn: bool = False  # parameter-free BatchNorm on the features before the linear layer
     # held-out share of train used to select the head (0 = select on test)
     val_fraction: float = opt(0.1, ge=0, lt=1)
-    crop_scale: list[float] = opt(factory=lambda: [0.08, 1.0], length=2, gt=0, le=1, why="[min, max]")
     cache_features: bool = False  # train on features extracted once without augmentation (fast, not the paper's)
-    eval_every: int = opt(1, ge=1)  # evaluate every head on held-out and test every N epochs (and at the end)
-    resume: bool = True  # continue from <out>/linear_ckpt.pt when it exists
 
 
 @dataclass
 class LinearOptions(LinearHParams, EvalOptions):
     pass
-
-
-def check_hparams(h, prefix: str = "") -> None:
-    """The recipe's checks (each field's bounds are declared above; check_recipe relates them)."""
-    check_recipe(h, prefix)
 
 
 def heldout_split(n: int, fraction: float, seed: int, targets: Optional[list] = None) -> tuple[list, list]:
@@ -143,7 +127,7 @@ def linear_probe(backbone: nn.Module, meta: dict, data: ProbeData, out: Path, hp
     called after epoch ``n`` is checkpointed (progress reporting; a kill raised there resumes exactly)."""
     t0 = time.perf_counter()
     out = Path(out)
-    check_hparams(hp)
+    check_recipe(hp)
     backbone.eval().requires_grad_(False)  # frozen: no BatchNorm statistics update, drop path off, no gradient
     metric = "map" if data.multilabel else "top1"
     train_idx, val_idx = _train_heldout_split(data, hp.val_fraction, seed)
@@ -312,15 +296,10 @@ def _check_finite_head(snapshot: dict, base_lr: float) -> None:
 
 
 def run_linear(checkpoint: str, out: Path, opts: LinearOptions, progress: bool = True) -> dict:
-    check_hparams(opts)
-    backbone, meta, data, kwargs = protocol_inputs(checkpoint, opts)
-    result = linear_probe(backbone, meta, data, Path(out), opts, progress=progress, **kwargs)
-    result["options"] = asdict(opts)
-    result["report"] = report_columns(result, "Linear")
-    if dist.is_main():
-        save_result(out, "linear", result)
-        print(grid_table(result))
-        b = result["best"]
-        print(f"linear: top-1 {b['top1']:.2f}  top-5 {b['top5']:.2f}  (base lr {b['base_lr']:g}, epoch {b['epoch']}, "
-              f"selected on {result['selected_on']}; last epoch {result['last']['top1']:.2f})")
-    return result
+    return run_probe(checkpoint, out, opts, linear_probe, "linear", "Linear", _summary, progress)
+
+
+def _summary(result: dict) -> str:
+    b = result["best"]
+    return (grid_table(result) + f"\nlinear: top-1 {b['top1']:.2f}  top-5 {b['top5']:.2f}  (base lr {b['base_lr']:g}, "
+            f"epoch {b['epoch']}, selected on {result['selected_on']}; last epoch {result['last']['top1']:.2f})")

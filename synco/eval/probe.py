@@ -23,7 +23,7 @@ from ..data.transforms import train_classification_transform
 from ..device import resolve_device
 from ..engine import dist
 from ..errors import SyncoError, key_error
-from ..options import check_options
+from ..options import check_options, opt
 from ..resume import config_differences
 from .common import EvalOptions, eval_datasets, eval_image_size, load_eval_backbone
 
@@ -74,6 +74,25 @@ def protocol_inputs(checkpoint: str, opts) -> tuple[nn.Module, dict, ProbeData, 
 
 # ---------------------------------------------------------------------------------------------
 # Checks and the learning rate
+
+
+@dataclass
+class SGDRecipe:
+    """What the linear probe and fine-tuning share: SGD with warm-up and cosine, label smoothing, random resized
+    crops, evaluation cadence and resume (each protocol adds its own fields, and its own defaults where they
+    differ: ``LinearHParams``, ``FinetuneHParams``)."""
+
+    epochs: int = opt(100, ge=1)
+    warmup_epochs: int = opt(5, ge=0)
+    # lr = lr x batch_size / lr_batch_ref (the linear scaling rule); 0 = the lr as given
+    lr_batch_ref: int = opt(256, ge=0, why="0 = no batch-size scaling")
+    momentum: float = opt(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = opt(0.0, ge=0)
+    label_smoothing: float = opt(0.1, ge=0, lt=1)
+    crop_scale: list[float] = opt(factory=lambda: [0.08, 1.0], length=2, gt=0, le=1, why="[min, max]")
+    eval_every: int = opt(1, ge=1)  # evaluate every N epochs (and at the end)
+    resume: bool = True  # continue from the protocol's own checkpoint in --out when it exists
 
 
 def check_recipe(h, prefix: str = "") -> None:
@@ -219,3 +238,19 @@ def report_columns(result: dict, prefix: str) -> dict:
     if "top5" in result:
         cols[f"{prefix} top-5"] = result["top5"]
     return cols
+
+
+def run_probe(checkpoint: str, out: Path, opts, train, name: str, label: str, summary, progress: bool = True) -> dict:
+    """One probe command (linear, finetune): check the recipe, load the backbone and data, ``train`` them, record
+    ``<name>.json`` with the options and the report columns (``label``), and print ``summary(result)`` (rank 0)."""
+    from .results import save_result
+
+    check_recipe(opts)
+    backbone, meta, data, kwargs = protocol_inputs(checkpoint, opts)
+    result = train(backbone, meta, data, Path(out), opts, progress=progress, **kwargs)
+    result["options"] = asdict(opts)
+    result["report"] = report_columns(result, label)
+    if dist.is_main():
+        save_result(out, name, result)
+        print(summary(result))
+    return result

@@ -34,9 +34,9 @@ from ..engine import dist
 from ..errors import SyncoError
 from ..options import opt
 from .common import EvalOptions, eval_image_size, load_eval_backbone, weights_digest
-from .finetune import FinetuneHParams, check_finetune_hparams, finetune
-from .linear import LinearHParams, check_hparams, linear_probe
-from .probe import ProbeData, check_eval_options
+from .finetune import FinetuneHParams, finetune
+from .linear import LinearHParams, linear_probe
+from .probe import ProbeData, check_eval_options, check_recipe
 from .results import markdown_table, save_result
 from .transfer_data import (
     VOC_CLASSES,
@@ -213,8 +213,8 @@ def _check_transfer_options(opts: TransferOptions) -> None:
     names = parse_names(opts.datasets, list(SPECS), "transfer dataset(s)")
     modes = parse_names(opts.modes, list(MODES), "transfer mode(s)")
     opts.datasets, opts.modes = names, modes
-    check_hparams(opts.linear, "linear.")
-    check_finetune_hparams(opts.finetune, "finetune.")
+    check_recipe(opts.linear, "linear.")
+    check_recipe(opts.finetune, "finetune.")
     check_eval_options(opts)
     if not opts.root:
         raise SyncoError("synco eval transfer needs root=DIR, the folder holding the datasets "

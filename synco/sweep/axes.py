@@ -142,14 +142,20 @@ def parse_axes(axes: Any, origin: str) -> list[Dimension]:
     return dims
 
 
+def check_section(value: Any, keys: tuple, where: str, shape: str, hint: str) -> None:
+    """A spec section is a mapping of known keys: ``shape`` says what a mapping of it looks like, ``hint`` where an
+    unknown key belongs."""
+    if not isinstance(value, dict):
+        raise SyncoError(f"{where} must be a mapping {shape}.")
+    unknown = sorted(set(value) - set(keys), key=str)
+    if unknown:
+        raise SyncoError(f"{where}: unknown entry {', '.join(map(repr, unknown))} (valid: {', '.join(keys)}). {hint}")
+
+
 def _axes_sections(axes: Any, where: str) -> tuple[dict, dict, dict, dict]:
     """(grid, zip, labels, names) of ``axes:``, each a mapping (labels given as a list belong to a zip alone)."""
-    if not isinstance(axes, dict):
-        raise SyncoError(f"{where} must be a mapping with 'grid:' and/or 'zip:' (key -> list of values).")
-    unknown = sorted(set(axes) - set(AXES_KEYS))
-    if unknown:
-        raise SyncoError(f"{where}: unknown entry {', '.join(map(repr, unknown))} (valid: {', '.join(AXES_KEYS)}). "
-                         "Put the swept keys under 'grid:' or 'zip:'.")
+    check_section(axes, AXES_KEYS, where, "with 'grid:' and/or 'zip:' (key -> list of values)",
+                  "Put the swept keys under 'grid:' or 'zip:'.")
     grid, zipped = axes.get("grid") or {}, axes.get("zip") or {}
     labels = axes.get("labels") or {}
     for section, value in (("grid", grid), ("zip", zipped)):

@@ -39,7 +39,8 @@ def linear_options(run: Run, spec: SweepSpec) -> dict:
 def check_linear_options(spec: SweepSpec, runs: list[Run]) -> None:
     """The options each run's `synco eval linear` will get (the spec's linear: section over the run's data), checked
     as that command checks them: a typo or a bad value fails the plan, not the probe after all the pretraining."""
-    from ..eval.linear import LinearOptions, check_hparams
+    from ..eval.linear import LinearOptions
+    from ..eval.probe import check_recipe
     from ..options import apply_dict
 
     seen = set()
@@ -50,7 +51,7 @@ def check_linear_options(spec: SweepSpec, runs: list[Run]) -> None:
             continue
         seen.add(key)
         try:
-            check_hparams(apply_dict(LinearOptions(), values))
+            check_recipe(apply_dict(LinearOptions(), values))
         except SyncoError as e:
             raise SyncoError(f"{spec.origin}, linear: section (the options of `synco eval linear`): {e}") from None
 

@@ -46,7 +46,7 @@ import yaml
 from ..config import load_yaml
 from ..errors import SyncoError
 from ..io import find_yaml
-from .axes import Dimension, override_text, parse_axes, slugify
+from .axes import Dimension, check_section, override_text, parse_axes, slugify
 
 SPEC_KEYS = ("name", "description", "base", "overrides", "axes", "seeds", "compare", "slurm", "linear", "metrics")
 SLURM_KEYS = ("cluster", "partition", "time", "gpus", "cpus", "mem_gb", "extra")
@@ -234,12 +234,8 @@ def parse_compare(value: Any, dims: list[Dimension], origin: str) -> Optional[Co
 def _parse_slurm(value: Any, origin: str) -> dict:
     if value is None:
         return {}
-    if not isinstance(value, dict):
-        raise SyncoError(f"{origin}: slurm must be a mapping like {{partition: gpu, time: 600, gpus: 1, cpus: 8}}.")
-    unknown = sorted(set(value) - set(SLURM_KEYS))
-    if unknown:
-        raise SyncoError(f"{origin}: slurm.{unknown[0]} is unknown (valid: {', '.join(SLURM_KEYS)}; "
-                         "other submitit parameters go under slurm.extra, e.g. {slurm_account: abc}).")
+    check_section(value, SLURM_KEYS, f"{origin}: slurm", "like {partition: gpu, time: 600, gpus: 1, cpus: 8}",
+                  "Other submitit parameters go under slurm.extra, e.g. {slurm_account: abc}.")
     for key in ("time", "gpus", "cpus"):
         v = value.get(key)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < (1 if key == "time" else 0)):
