@@ -4,12 +4,14 @@
   see half a file. A failed write removes its temp file; a full disk says ``disk full: N bytes needed at
   PATH``. Temp files leaked by a killed process are removed by :func:`remove_stale_temps`.
 * :func:`check_output_dir` refuses an output location that cannot be written before any work is done.
-* :class:`DirLock` keeps two runs out of one output folder (a lock file holding the owner's PID).
+* :class:`DirLock` keeps two runs out of one output folder (a lock file holding the owner's PID and command);
+  :func:`claimed_output_dir` checks a folder and holds its lock for a block.
 * :func:`find_yaml` says where an argument that is "a YAML path or a shipped name" (presets, sweep specs) points.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -229,6 +231,39 @@ def check_output_dir(path, what: str = "--out") -> Path:
     return path
 
 
+def _missing_folders(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, deepest first (what a mkdir -p would create)."""
+    missing = []
+    try:
+        for folder in (path, *path.parents):
+            if folder.exists():
+                break
+            missing.append(folder)
+    except OSError:  # a name the file system refuses: check_output_dir says why
+        return []
+    return missing
+
+
+@contextlib.contextmanager
+def claimed_output_dir(path, what: str, name: str = "--out"):
+    """``check_output_dir`` then ``DirLock(path, what)`` for the whole block. When the block fails, the folders this
+    call created are removed again if they are still empty: a command refused (a missing model, a bad class list)
+    leaves no empty --out behind, while one that wrote something keeps it (it resumes from there)."""
+    path = Path(path)
+    created = _missing_folders(path)
+    check_output_dir(path, name)
+    try:
+        with DirLock(path, what):
+            yield path
+    except BaseException:
+        for folder in created:
+            try:
+                folder.rmdir()  # only an empty folder goes
+            except OSError:
+                break
+        raise
+
+
 # ---------------------------------------------------------------------------------------------
 # A YAML path or a shipped name
 
@@ -263,9 +298,10 @@ def _start_time(pid: int) -> Optional[str]:
 
 
 class DirLock:
-    """``DIR/.synco.lock`` holding the owner's PID, host and start time, created atomically.
+    """``DIR/.synco.lock`` holding the owner's PID, host, start time and command (``what``), created atomically.
 
-    A second run on the same folder is refused, naming the PID. A lock left by a killed run (its PID gone,
+    A second run on the same folder is refused, naming the PID and the holder's command (not the refused one's:
+    a k-NN refused by a running fine-tune must say the fine-tune is there). A lock left by a killed run (its PID gone,
     or reused by another process) is taken over, so the same command resumes after a crash."""
 
     NAME = ".synco.lock"
@@ -296,7 +332,7 @@ class DirLock:
         return started is not None and now is not None and started != now
 
     def acquire(self) -> DirLock:
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _start_time(os.getpid())}
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _start_time(os.getpid()), "what": self.what}
         for _ in range(5):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -316,8 +352,9 @@ class DirLock:
                     continue
                 host = owner.get("host")
                 where = f" on {host}" if host and host != socket.gethostname() else ""
+                holder = owner.get("what") if isinstance(owner.get("what"), str) else "process"  # older locks: none
                 raise SyncoError(
-                    f"'{self.path.parent}' is in use by another synco {self.what} (PID {owner.get('pid')}{where}); "
+                    f"'{self.path.parent}' is in use by another synco {holder} (PID {owner.get('pid')}{where}); "
                     f"wait for it to finish or choose another --out. If no such process is running any more, "
                     f"delete {self.path}.") from None
             except OSError as e:

@@ -161,9 +161,38 @@ def set_option(obj: Any, dotted: str, value: Any, owner: Optional[str] = None) -
             setattr(node, part, _coerce(owner, dotted, value, typing.get_type_hints(type(node))[part]))
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping that gives one key twice. YAML requires unique keys; PyYAML keeps the last value silently, which
+    drops the first (``seeds: 1`` then ``seeds: 3`` would run 3 seeds without a word)."""
+
+
 class _Yaml12Loader(yaml.SafeLoader):
-    """PyYAML's safe loader with YAML 1.2's booleans: only true/false. YAML 1.1 also reads on/off/yes/no as
-    booleans, which would turn the key ``data.augment.on:`` into ``True``."""
+    """PyYAML's safe loader with YAML 1.2's booleans (only true/false: YAML 1.1 also reads on/off/yes/no as
+    booleans, which would turn the key ``data.augment.on:`` into ``True``) and unique mapping keys."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            _refuse_duplicate_keys(self, node)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _refuse_duplicate_keys(loader: yaml.SafeLoader, node: yaml.MappingNode) -> None:
+    """A DuplicateKeyError naming the key and both lines; keys brought in by a merge (``<<: *base``) may be
+    given again (that is what a merge is for), so only the mapping's own keys are compared."""
+    seen: dict = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        try:
+            if key in seen:
+                raise DuplicateKeyError(f"the key '{key}' is given twice in one mapping (line {seen[key]} and line "
+                                        f"{line}); YAML keeps only the last value, which would silently drop the "
+                                        "other. Give it once.")
+            seen[key] = line
+        except TypeError:  # an unhashable key (a list): PyYAML's own error says so
+            continue
 
 
 _Yaml12Loader.yaml_implicit_resolvers = {
@@ -174,7 +203,9 @@ _Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:t
 
 
 def load_yaml(text: str) -> Any:
-    """Every YAML synco reads from users (presets, overrides, sweep specs): safe, with YAML 1.2 booleans."""
+    """Every YAML synco reads (presets, config files, overrides, sweep specs, a run's config.yaml): safe, with YAML
+    1.2 booleans, a key given twice in one mapping refused (DuplicateKeyError, a yaml.YAMLError whose text names the
+    key and both lines: callers put the file's name in front)."""
     return yaml.load(text, Loader=_Yaml12Loader)
 
 
@@ -191,15 +222,52 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     try:
         value = load_yaml(raw) if raw.strip() != "" else None
+    except DuplicateKeyError as e:
+        raise SyncoError(f"override '{text}': {e}") from None
     except yaml.YAMLError as e:
         raise SyncoError(f"override '{text}': cannot parse value ({e.__class__.__name__}).") from None
     return key, value
 
 
-def apply_overrides(obj: Any, overrides: list[str], owner: Optional[str] = None) -> Any:
-    """Apply ``key=value`` strings (values parsed as YAML) to any dataclass of options."""
+def _parsed_overrides(overrides: list[str], owner: str) -> dict[str, tuple[str, Any]]:
+    """key -> (text, value) of one list of ``key=value`` strings. The same key twice with different values is an
+    error: taking the last one silently (``k=[1,20] ... k=[5]``) runs something else than half the command says.
+    The same key twice with the same value is harmless and kept once."""
+    parsed: dict[str, tuple[str, Any]] = {}
     for text in overrides:
         key, value = parse_override(text)
+        if key in parsed and not _same_value(parsed[key][1], value):
+            raise SyncoError(f"{owner} '{key}' is given twice with different values ('{parsed[key][0]}' and "
+                             f"'{text}'); give it once.")
+        parsed.setdefault(key, (text, value))
+    return parsed
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Equal as parsed values, and of the same kind (``1`` and ``true`` compare equal in Python, not here)."""
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    return (type(a) is type(b) or (number(a) and number(b))) and a == b
+
+
+def layer_overrides(*layers: list[str], owner: str = DEFAULT_OWNER) -> list[str]:
+    """Lists of ``key=value`` strings merged where a later list is meant to replace keys of an earlier one (a sweep:
+    the spec's overrides, then the command line's, then the point's): one string per key, the last layer's. Each
+    list is checked by itself (a key twice in one list with different values is still an error)."""
+    merged: dict[str, str] = {}
+    for layer in layers:
+        for key, (text, _) in _parsed_overrides(list(layer), owner).items():
+            merged.pop(key, None)  # keep the order in which the keys are finally set
+            merged[key] = text
+    return list(merged.values())
+
+
+def apply_overrides(obj: Any, overrides: list[str], owner: Optional[str] = None) -> Any:
+    """Apply ``key=value`` strings (values parsed as YAML) to any dataclass of options; a key given twice with
+    different values is refused (see :func:`layer_overrides` for lists meant to replace each other's keys)."""
+    owner = owner or owner_of(obj)
+    for key, (_, value) in _parsed_overrides(list(overrides), owner).items():
         set_option(obj, key, value, owner)
     return obj
 

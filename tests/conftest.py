@@ -92,6 +92,14 @@ def tiny_overrides():
     return list(TINY_OVERRIDES)
 
 
+def later_wins(overrides: list[str]) -> list[str]:
+    """A flat key=value list in which a later key replaces an earlier one: how a test layers the tiny config, a
+    file's shared keys and its own (synco itself refuses one key given twice with different values)."""
+    from synco.options import layer_overrides
+
+    return layer_overrides(*([o] for o in overrides))
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread for tests that time or compare runs on this shared 2-core machine."""

@@ -22,6 +22,7 @@ import torch
 from synco.config import load_config
 from synco.engine.train import Trainer
 from synco.io import load_torch_file
+from synco.options import layer_overrides
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -35,7 +36,7 @@ def _losses(out) -> list[float]:
 def _train(tmp_path, name, overrides) -> tuple[list[float], dict]:
     from conftest import TINY_OVERRIDES
 
-    cfg = load_config("cpu-demo", TINY_OVERRIDES + SHORT + overrides)
+    cfg = load_config("cpu-demo", layer_overrides(TINY_OVERRIDES, SHORT, overrides))
     Trainer(cfg, tmp_path / name, progress=False).train()
     return _losses(tmp_path / name), load_torch_file(tmp_path / name / "checkpoint.pt")["model"]
 
@@ -66,7 +67,7 @@ def test_a_steady_state_step_never_syncs(tmp_path, method):
     """Views on the GPU from a loader batch, then whole optimizer steps, under sync-debug mode "error"."""
     from conftest import TINY_OVERRIDES
 
-    cfg = load_config("cpu-demo", TINY_OVERRIDES + SHORT + [f"method={method}", "precision=bf16"])
+    cfg = load_config("cpu-demo", layer_overrides(TINY_OVERRIDES, SHORT, [f"method={method}", "precision=bf16"]))
     trainer = Trainer(cfg, tmp_path / "run", progress=False)
     trainer.model.train()
     loader = trainer.data.loader(0)
@@ -88,13 +89,15 @@ def test_a_steady_state_step_never_syncs(tmp_path, method):
 def test_two_gpus_equal_one_gpu_with_double_batch(tmp_path):
     from conftest import TINY_OVERRIDES
 
-    base = TINY_OVERRIDES + ["method=moby", "model.drop_path_online=0.0", "epochs=2", "contrast.queue_size=64",
-                             "device=cuda", "precision=fp32", "data.num_workers=0"]
+    base = layer_overrides(TINY_OVERRIDES, ["method=moby", "model.drop_path_online=0.0", "epochs=2",
+                                            "contrast.queue_size=64", "device=cuda", "precision=fp32",
+                                            "data.num_workers=0"])
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     one, two = tmp_path / "one", tmp_path / "two"
     for out, nproc, batch in ((one, 1, 32), (two, 2, 16)):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
-               "synco", "pretrain", "--no-progress", "--out", str(out), *base, f"optim.batch_size={batch}"]
+               "synco", "pretrain", "--no-progress", "--out", str(out),
+               *layer_overrides(base, [f"optim.batch_size={batch}"])]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
     assert _losses(two) == pytest.approx(_losses(one), rel=1e-4)  # NCCL sums in another order

@@ -12,6 +12,7 @@ from conftest import assert_same_training, initial_state, logged_lrs
 from synco.config import load_config
 from synco.engine.train import Trainer, stop_at_step
 from synco.io import load_torch_file as load
+from synco.options import layer_overrides
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
@@ -55,10 +56,10 @@ def steps(path):
 
 
 def test_two_processes_equal_one_process_with_double_batch(tmp_path, tiny_overrides):
-    base = tiny_overrides + EQUIV
+    base = layer_overrides(tiny_overrides, EQUIV)
     one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
-    run(["pretrain", "--no-progress", "--out", str(one), *base, "optim.batch_size=32"])
-    run(["pretrain", "--no-progress", "--out", str(two), *base, "optim.batch_size=16"], nproc=2)
+    run(["pretrain", "--no-progress", "--out", str(one), *layer_overrides(base, ["optim.batch_size=32"])])
+    run(["pretrain", "--no-progress", "--out", str(two), *layer_overrides(base, ["optim.batch_size=16"])], nproc=2)
     a, b = load(one / "checkpoint.pt"), load(two / "checkpoint.pt")
     assert (a["step"], a["epoch"], a["global_batch"]) == (b["step"], b["epoch"], b["global_batch"]) == (8, 2, 32)
     assert b["world_size"] == 2
@@ -72,9 +73,9 @@ def test_two_processes_equal_one_process_with_double_batch(tmp_path, tiny_overri
         assert ra["momentum"] == pytest.approx(rb["momentum"], rel=1e-12)
 
     # resume a 1-process checkpoint with 2 processes (same global batch): same end point
-    cfg = load_config("cpu-demo", base + ["optim.batch_size=32"])
+    cfg = load_config("cpu-demo", layer_overrides(base, ["optim.batch_size=32"]))
     Trainer(cfg, resumed, progress=False, step_hooks=(stop_at_step(4),)).train()
-    run(["pretrain", "--no-progress", "--out", str(resumed), *base, "optim.batch_size=16"], nproc=2)
+    run(["pretrain", "--no-progress", "--out", str(resumed), *layer_overrides(base, ["optim.batch_size=16"])], nproc=2)
     c = load(resumed / "checkpoint.pt")
     assert_same_weights(c["model"], a["model"], init, one)
 
@@ -93,10 +94,10 @@ def test_two_processes_equal_one_process_with_double_batch(tmp_path, tiny_overri
 
 def test_device_augmentation_two_processes_equal_one(tmp_path, tiny_overrides):
     """Views made on the device from (seed, epoch, index) streams: 2 x b is the run 1 x 2b is."""
-    base = tiny_overrides + EQUIV + ["data.augment.on=device", "epochs=1"]
+    base = layer_overrides(tiny_overrides, EQUIV, ["data.augment.on=device", "epochs=1"])
     one, two = tmp_path / "one", tmp_path / "two"
-    run(["pretrain", "--no-progress", "--out", str(one), *base, "optim.batch_size=32"])
-    run(["pretrain", "--no-progress", "--out", str(two), *base, "optim.batch_size=16"], nproc=2)
+    run(["pretrain", "--no-progress", "--out", str(one), *layer_overrides(base, ["optim.batch_size=32"])])
+    run(["pretrain", "--no-progress", "--out", str(two), *layer_overrides(base, ["optim.batch_size=16"])], nproc=2)
     a, b = load(one / "checkpoint.pt"), load(two / "checkpoint.pt")
     assert_same_weights(b["model"], a["model"], initial_state(load_config("cpu-demo", base)), one)
     for ra, rb in zip(steps(one), steps(two)):

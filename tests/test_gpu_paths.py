@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_OVERRIDES, assert_same_first_step, initial_state, zero_grad_mask
+from conftest import TINY_OVERRIDES, assert_same_first_step, initial_state, later_wins, zero_grad_mask
 
 from synco.config import load_config
 from synco.engine.optim import build_optimizer, fused_adamw_supported
@@ -50,6 +50,11 @@ SHORT = ["epochs=1", "data.max_images=64", "data.num_workers=0", "model.drop_pat
 EQUIV = ["method=moby", "contrast.queue_size=64"]
 
 
+def tiny_config(overrides: list[str]):
+    """The cpu-demo config with ``overrides``, layered (a later key replaces an earlier one: conftest.later_wins)."""
+    return load_config("cpu-demo", later_wins(overrides))
+
+
 def losses(out_dir) -> list[float]:
     return [json.loads(x)["loss"] for x in (out_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
 
@@ -57,7 +62,7 @@ def losses(out_dir) -> list[float]:
 def train(tmp_path, name, overrides, steps: int | None = 1) -> Path:
     """Train ``overrides`` into ``tmp_path / name``, stopping with a checkpoint after ``steps`` optimizer steps
     (None: to the end)."""
-    cfg = load_config("cpu-demo", overrides)
+    cfg = tiny_config(overrides)
     hooks = (stop_at_step(steps),) if steps else ()
     Trainer(cfg, tmp_path / name, progress=False, step_hooks=hooks).train()
     return tmp_path / name
@@ -79,7 +84,7 @@ def test_zero_gradient_parameters_are_exactly_the_shifts_that_cancel(tiny_overri
     and without, at depths 1 and 2."""
     deeper = "model.backbone_kwargs={img_size: 16, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}"
     for extra in (["method=synco"], ["method=byol", deeper]):
-        cfg = load_config("cpu-demo", tiny_overrides + SHORT + extra)
+        cfg = tiny_config(tiny_overrides + SHORT + extra)
         torch.manual_seed(0)
         model = create_model(cfg).double().train()
         if model.queue is not None:
@@ -120,12 +125,12 @@ def test_bf16_autocast_is_close_to_fp32(tmp_path, fp32_eager):
     # Gradients: BF16_GRAD_GAP. Weights: the elements whose step the gradients decide agree to 1e-6 (seen 5e-7;
     # ~1,700 of ~50,000 trained elements have a gradient within bf16's error of 0 and may step either way).
     # BatchNorm statistics and keys come from bf16 activations: seen 8e-4 and 2e-2 apart.
-    assert_same_first_step(load(out / "checkpoint.pt"), load(ref_dir / "checkpoint.pt"), load_config("cpu-demo", base),
+    assert_same_first_step(load(out / "checkpoint.pt"), load(ref_dir / "checkpoint.pt"), tiny_config(base),
                            grad_gap=BF16_GRAD_GAP, buffer_atol=1e-2, queue_atol=5e-2)
 
 
 def test_bf16_autocast_runs_matmuls_in_bf16(tiny_overrides):
-    cfg = load_config("cpu-demo", tiny_overrides)
+    cfg = tiny_config(tiny_overrides)
     torch.manual_seed(0)
     model = create_model(cfg).train()
     x = torch.randn(8, 3, 16, 16)
@@ -145,7 +150,7 @@ def test_bf16_autocast_runs_matmuls_in_bf16(tiny_overrides):
 def test_fused_adamw_equals_foreach(tiny_overrides):
     assert fused_adamw_supported(torch.device("cpu")) and fused_adamw_supported(torch.device("cuda"))
     assert not fused_adamw_supported(torch.device("meta"))
-    cfg = load_config("cpu-demo", tiny_overrides)
+    cfg = tiny_config(tiny_overrides)
     torch.manual_seed(0)
     model = create_model(cfg).train()
     twin = create_model(cfg).train()
@@ -246,7 +251,7 @@ def run_plan(plan: list) -> None:
 
     for out, overrides in plan:
         try:
-            Trainer(load_config("cpu-demo", overrides), out, progress=False, step_hooks=(stop_at_step(1),)).train()
+            Trainer(tiny_config(overrides), out, progress=False, step_hooks=(stop_at_step(1),)).train()
         except BaseException:
             Path(out).mkdir(parents=True, exist_ok=True)
             (Path(out) / "error.txt").write_text(traceback.format_exc())
@@ -308,7 +313,7 @@ def check_ddp(tmp_path, case: str, two_dir) -> None:
     state = load(two_dir / "checkpoint.pt")
     assert state["world_size"] == 2 and state["global_batch"] == 32 and state["step"] == 1
     assert all(g["fused"] for g in state["optimizer"]["param_groups"])  # fused AdamW in every case on CPU
-    assert_same_first_step(state, load(one_dir / "checkpoint.pt"), load_config("cpu-demo", ddp_case(case)),
+    assert_same_first_step(state, load(one_dir / "checkpoint.pt"), tiny_config(ddp_case(case)),
                            grad_gap=grad_gap, buffer_atol=stats_atol, queue_atol=stats_atol)
 
 
@@ -344,7 +349,7 @@ def _synco_rank(env: dict, out: str, overrides: list) -> None:
     from synco.engine import train as train_module
 
     try:
-        cfg = load_config("cpu-demo", overrides)
+        cfg = tiny_config(overrides)
         trainer = Trainer(cfg, out, progress=False)
         draws, original = [], trainer.model.negatives.__call__
 
@@ -378,7 +383,7 @@ def test_synco_on_two_processes_shares_its_queue_and_draws_per_rank_streams(tmp_
     codes = launch_ranks(_synco_rank, (str(out), overrides))
     errors = "".join(p.read_text() for p in out.glob("error*.txt"))
     assert codes == [0, 0] and not errors, (codes, errors)
-    cfg = load_config("cpu-demo", overrides)
+    cfg = tiny_config(overrides)
     init = initial_state(cfg)
     r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2))
     saved = load(out / "checkpoint.pt")["model"]
@@ -411,7 +416,7 @@ def test_compile_matches_eager(tmp_path, fp32_eager):
     # Same maths, other kernels (fused elementwise ops, other summation orders): seen 2e-6 apart; gradients 9e-6,
     # weights 5e-8, BatchNorm statistics 6e-8, keys 1.4e-6 (the defaults: weights 1e-6, statistics and keys 1e-5).
     assert got == pytest.approx(ref, abs=1e-4, rel=0)
-    assert_same_first_step(load(out / "checkpoint.pt"), load(ref_dir / "checkpoint.pt"), load_config("cpu-demo", base),
+    assert_same_first_step(load(out / "checkpoint.pt"), load(ref_dir / "checkpoint.pt"), tiny_config(base),
                            grad_gap=1e-4)
 
 

@@ -23,6 +23,7 @@ from synco.errors import SyncoError
 from synco.io import load_torch_file
 from synco.losses import info_nce
 from synco.models.method import create_model
+from synco.options import layer_overrides
 
 CPU = ["device=cpu", "precision=fp32"]
 
@@ -131,7 +132,7 @@ def test_training_step_reads_nothing_back_from_the_device(tiny_overrides, meta_d
     """Forward, synthetic negatives, loss, backward, clipping, AdamW, the EMA and the enqueue of a whole optimizer
     step (with gradient accumulation) on the meta device: the step issues no host sync of device values (on CUDA,
     what ``torch.cuda.set_sync_debug_mode('error')`` checks; tests/test_cuda.py does that on a GPU)."""
-    cfg = load_config("cpu-demo", tiny_overrides + CPU + [f"method={method}"])
+    cfg = load_config("cpu-demo", layer_overrides(tiny_overrides, CPU, [f"method={method}"]))
     model = create_model(cfg).to(meta_device).train()
     optimizer = torch.optim.AdamW(model.online.parameters(), lr=1e-3, foreach=False)  # no meta kernels for fused
     x = torch.empty(8, 3, 16, 16, device=meta_device)
@@ -220,8 +221,8 @@ class _CountingTrainer(Trainer):
     (1e-9, 3, [(3, 3), (4, 0), (6, 2), (8, 0)]),  # the clock is read at logged steps only
 ])
 def test_timed_checkpoints_at_logged_steps(tmp_path, tiny_overrides, minutes, log_every, expected):
-    cfg = load_config("cpu-demo", tiny_overrides + CPU + ["method=moby",
-                                                          f"ckpt_every_minutes={minutes}", f"log_every={log_every}"])
+    cfg = load_config("cpu-demo", layer_overrides(tiny_overrides, CPU, ["method=moby",
+                                                          f"ckpt_every_minutes={minutes}", f"log_every={log_every}"]))
     trainer = _CountingTrainer(cfg, tmp_path / "run", progress=False)
     trainer.train()
     assert trainer.saved_steps == expected
@@ -229,7 +230,7 @@ def test_timed_checkpoints_at_logged_steps(tmp_path, tiny_overrides, minutes, lo
 
 
 def test_a_run_stopped_by_a_hook_has_its_checkpoint_on_disk(tmp_path, tiny_overrides):
-    cfg = load_config("cpu-demo", tiny_overrides + CPU + ["method=moby"])
+    cfg = load_config("cpu-demo", layer_overrides(tiny_overrides, CPU, ["method=moby"]))
     trainer = Trainer(cfg, tmp_path / "run", progress=False, step_hooks=(stop_at_step(2),))
     trainer.train()
     assert load_torch_file(tmp_path / "run" / "checkpoint.pt")["step"] == 2  # written before train() returned
@@ -270,7 +271,7 @@ def test_compile_covers_the_target_and_the_loss(tmp_path, tiny_overrides):
     the EMA pairs, are unchanged) and the loss functions. Nothing runs here: compiling is lazy."""
     from torch._dynamo.eval_frame import OptimizedModule
 
-    cfg = load_config("cpu-demo", tiny_overrides + CPU + ["compile=true"])
+    cfg = load_config("cpu-demo", layer_overrides(tiny_overrides, CPU, ["compile=true"]))
     trainer = Trainer(cfg, tmp_path / "run", progress=False)
     assert isinstance(trainer.online, OptimizedModule)
     assert trainer.model.target._compiled_call_impl is not None
@@ -284,7 +285,7 @@ def test_summary_records_the_environment(tmp_path, tiny_overrides):
 
     from synco.pretrain import pretrain
 
-    cfg = load_config("cpu-demo", tiny_overrides + CPU + ["epochs=1"])
+    cfg = load_config("cpu-demo", layer_overrides(tiny_overrides, CPU, ["epochs=1"]))
     pretrain(cfg, tmp_path / "run", progress=False)
     env = json.loads((tmp_path / "run" / "summary.json").read_text())["environment"]
     assert env["device"] == "cpu" and env["torch"] == torch.__version__ and env["world_size"] == 1
@@ -383,7 +384,7 @@ def test_an_image_that_fails_to_convert_is_skipped(tmp_path, monkeypatch):
 
 
 def test_a_failed_checkpoint_write_does_not_hide_the_error_that_stopped_training(tmp_path, tiny_overrides, caplog):
-    cfg = load_config("cpu-demo", tiny_overrides + CPU + ["method=moby"])
+    cfg = load_config("cpu-demo", layer_overrides(tiny_overrides, CPU, ["method=moby"]))
     trainer = Trainer(cfg, tmp_path / "run", progress=False)
 
     def failed_write():

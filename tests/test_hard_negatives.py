@@ -22,6 +22,7 @@ from synco.hard_negatives import (
 from synco.losses import Strategy, info_nce
 from synco.methods import negatives_kwargs
 from synco.negatives import SyntheticNegatives
+from synco.options import layer_overrides
 
 CPU = ["device=cpu", "precision=fp32"]
 
@@ -257,8 +258,8 @@ def test_class_diagnostics_on_a_hand_made_queue():
 def test_model_strategy_from_the_config(tiny_overrides):
     from synco.models.method import create_model
 
-    cfg = load_config("cpu-demo", tiny_overrides + CPU + ["method=moby", "contrast.reweight=debiased",
-                                                          "fnc.cancel=eliminate", "fnc.top_k=2"])
+    cfg = load_config("cpu-demo", layer_overrides(tiny_overrides, CPU, ["method=moby", "contrast.reweight=debiased",
+                                                          "fnc.cancel=eliminate", "fnc.top_k=2"]))
     model = create_model(cfg).train()
     assert model.strategy == Strategy("debiased", 0.0, 0.1, "eliminate", 2, 0.7, False)
     x1, x2 = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
@@ -270,8 +271,8 @@ def test_model_strategy_from_the_config(tiny_overrides):
 def test_filtered_hard_set_uses_the_detector(tiny_overrides, monkeypatch):
     from synco.models.method import create_model
 
-    cfg = load_config("cpu-demo", tiny_overrides + CPU + ["fnc.filter_hard_set=true", "fnc.top_k=3",
-                                                          "fnc.threshold=null"])
+    cfg = load_config("cpu-demo", layer_overrides(tiny_overrides, CPU, ["fnc.filter_hard_set=true", "fnc.top_k=3",
+                                                          "fnc.threshold=null"]))
     model = create_model(cfg).train()
     seen = []
     real = model.negatives.__call__
@@ -310,7 +311,7 @@ def test_each_strategy_trains_and_logs_its_diagnostics(tmp_path, tiny_overrides,
 
     from synco.engine.train import Trainer
 
-    cfg = load_config("cpu-demo", tiny_overrides + CPU + ["epochs=1", "log_every=2"] + strategy)
+    cfg = load_config("cpu-demo", layer_overrides(tiny_overrides, CPU, ["epochs=1", "log_every=2"], strategy))
     Trainer(cfg, tmp_path / "run", progress=False).train()
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]

@@ -7,10 +7,11 @@ from synco.config import load_config
 from synco.engine.optim import build_optimizer
 from synco.models.backbone import TokenBatchNorm
 from synco.models.method import create_model
+from synco.options import layer_overrides
 
 
 def make(tiny_overrides, *extra):
-    cfg = load_config("cpu-demo", tiny_overrides + list(extra))
+    cfg = load_config("cpu-demo", layer_overrides(tiny_overrides, list(extra)))
     torch.manual_seed(0)
     return cfg, create_model(cfg)
 

@@ -14,6 +14,7 @@ from synco.cli.main import main
 from synco.config import load_config
 from synco.engine.train import Trainer, stop_at_step
 from synco.io import load_torch_file as load
+from synco.options import layer_overrides
 from synco.pretrain import pretrain
 
 
@@ -51,8 +52,8 @@ def test_cli_run_writes_every_output(tmp_path, tiny_overrides, capsys):
 
 
 def test_knn_monitor_logs_a_learning_curve(tmp_path, tiny_overrides):
-    cfg = load_config("cpu-demo", tiny_overrides + ["epochs=3", "knn_every=2", "knn_at_end=true", "knn.max_train=64",
-                                                    "knn.max_test=32", "knn.k=[5]"])
+    cfg = load_config("cpu-demo", layer_overrides(tiny_overrides, ["epochs=3", "knn_every=2", "knn_at_end=true", "knn.max_train=64",
+                                                    "knn.max_test=32", "knn.k=[5]"]))
     pretrain(cfg, tmp_path, progress=False)
     recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     curve = [(r["epoch"], r["knn_top1"]) for r in recs if "knn_top1" in r]
@@ -69,8 +70,8 @@ def test_knn_monitor_logs_a_learning_curve(tmp_path, tiny_overrides):
 
 
 def test_synthetic_window_in_metrics(tmp_path, tiny_overrides):
-    cfg = load_config("cpu-demo", tiny_overrides + ["epochs=4", "negatives.warmup_epochs=1",
-                                                    "negatives.cooldown_epochs=1"])
+    cfg = load_config("cpu-demo", layer_overrides(tiny_overrides, ["epochs=4", "negatives.warmup_epochs=1",
+                                                    "negatives.cooldown_epochs=1"]))
     Trainer(cfg, tmp_path, progress=False).train()
     recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     active = {r["epoch"]: r["synthetic"] for r in recs if "loss" in r}
@@ -84,8 +85,8 @@ def _weights(path):
 
 @pytest.mark.parametrize("stop_at,augment_on", [(4, "workers"), (6, "workers"), (6, "device")])  # epoch end, mid-epoch
 def test_resume_gives_the_same_weights_as_one_run(tmp_path, tiny_overrides, stop_at, augment_on):
-    over = tiny_overrides + ["epochs=3", "deterministic=true", "negatives.warmup_epochs=1", "optim.warmup_epochs=1",
-                             f"data.augment.on={augment_on}"]
+    over = layer_overrides(tiny_overrides, ["epochs=3", "deterministic=true", "negatives.warmup_epochs=1", "optim.warmup_epochs=1",
+                             f"data.augment.on={augment_on}"])
     cfg = load_config("cpu-demo", over)
     Trainer(cfg, tmp_path / "full", progress=False).train()
     split = Trainer(cfg, tmp_path / "split", progress=False, step_hooks=(stop_at_step(stop_at),))
@@ -111,7 +112,7 @@ def test_sigkill_then_same_command_resumes(tmp_path, tiny_overrides):
     from conftest import paused_synco, wait_for
 
     out = tmp_path / "run"
-    args = ["pretrain", "--no-progress", "--out", str(out), *tiny_overrides, "epochs=40", "data.max_images=64"]
+    args = ["pretrain", "--no-progress", "--out", str(out), *layer_overrides(tiny_overrides, ["epochs=40", "data.max_images=64"])]
     ckpt, ready = out / "checkpoint.pt", tmp_path / "paused"
     proc = paused_synco(args, step=5, until="kill", ready=ready, stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL)
@@ -145,7 +146,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_overrides,
         return (loss * float("nan") if calls["n"] > 5 else loss), stats, keys
 
     monkeypatch.setattr(method.SelfSupervisedModel, "loss", poisoned)
-    rc = run_cli("--out", str(tmp_path), *tiny_overrides, "epochs=3")
+    rc = run_cli("--out", str(tmp_path), *layer_overrides(tiny_overrides, ["epochs=3"]))
     err = capsys.readouterr().err
     assert rc == 2 and "NaN" in err and "epoch 1" in err and "Traceback" not in err
     state = load(tmp_path / "checkpoint.pt")
@@ -160,7 +161,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_overrides,
     (["negatives.n_hard=1000"], "negatives.n_hard"),
 ])
 def test_bad_input_is_one_paragraph_and_exit_2(tmp_path, tiny_overrides, capsys, overrides, needle):
-    rc = run_cli("--out", str(tmp_path / "r"), *tiny_overrides, *overrides)
+    rc = run_cli("--out", str(tmp_path / "r"), *layer_overrides(tiny_overrides, [*overrides]))
     err = capsys.readouterr().err
     assert rc == 2 and needle in err and "Traceback" not in err
 
@@ -174,18 +175,18 @@ def test_unknown_preset_and_empty_class_folder(tmp_path, tiny_overrides, capsys)
     from PIL import Image
 
     Image.new("RGB", (16, 16)).save(root / "a" / "x.png")
-    assert run_cli("--out", str(tmp_path / "r"), *tiny_overrides, "data.dataset=folder",
-                   f"data.root={tmp_path / 'data'}") == 2
+    assert run_cli("--out", str(tmp_path / "r"), *layer_overrides(tiny_overrides, ["data.dataset=folder",
+                   f"data.root={tmp_path / 'data'}"])) == 2
     assert "Class folder(s) b" in capsys.readouterr().err
 
 
 def test_resume_refuses_another_backbone_or_config(tmp_path, tiny_overrides, capsys):
-    assert run_cli("--out", str(tmp_path), *tiny_overrides, "epochs=1") == 0
-    rc = run_cli("--out", str(tmp_path), *tiny_overrides, "epochs=1", "model.backbone=vit_small_patch16_224")
+    assert run_cli("--out", str(tmp_path), *layer_overrides(tiny_overrides, ["epochs=1"])) == 0
+    rc = run_cli("--out", str(tmp_path), *layer_overrides(tiny_overrides, ["epochs=1", "model.backbone=vit_small_patch16_224"]))
     assert rc == 2 and "vit_small_patch16_224" in capsys.readouterr().err
-    rc = run_cli("--out", str(tmp_path), *tiny_overrides, "epochs=1", "contrast.temperature=0.1")
+    rc = run_cli("--out", str(tmp_path), *layer_overrides(tiny_overrides, ["epochs=1", "contrast.temperature=0.1"]))
     assert rc == 2 and "contrast.temperature" in capsys.readouterr().err
-    rc = run_cli("--out", str(tmp_path), *tiny_overrides, "epochs=1", "resume=false")
+    rc = run_cli("--out", str(tmp_path), *layer_overrides(tiny_overrides, ["epochs=1", "resume=false"]))
     assert rc == 2 and "already holds a checkpoint" in capsys.readouterr().err
 
 
@@ -196,7 +197,7 @@ def test_a_checkpoint_from_before_new_config_fields_resumes(tmp_path, tiny_overr
 
     from synco.io import atomic_save
 
-    cfg = load_config("cpu-demo", tiny_overrides + ["epochs=2"])
+    cfg = load_config("cpu-demo", layer_overrides(tiny_overrides, ["epochs=2"]))
     Trainer(cfg, tmp_path, progress=False, step_hooks=(stop_at_step(2),)).train()
     state = load(tmp_path / "checkpoint.pt")
     old = state["config"]
@@ -217,9 +218,9 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path, tiny_imagefolder, tiny_o
     shutil.copytree(tiny_imagefolder, root)
     victim = next((root / "train").rglob("*.jpg"))
     victim.write_bytes(b"garbage")
-    cfg = load_config("cpu-demo", tiny_overrides + [
+    cfg = load_config("cpu-demo", layer_overrides(tiny_overrides, [
         "data.dataset=folder", f"data.root={root}", "optim.batch_size=6", "contrast.queue_size=12",
-        "negatives.n_hard=4", "epochs=1", "knn_at_end=true", "knn.k=[3]"])
+        "negatives.n_hard=4", "epochs=1", "knn_at_end=true", "knn.k=[3]"]))
     summary = pretrain(cfg, tmp_path / "run", progress=False)
     assert summary["bad_images"] == 1 and 0 <= summary["knn_top1"] <= 100
     assert str(victim) in (tmp_path / "run" / "bad_images.txt").read_text()
@@ -265,7 +266,7 @@ def test_global_batches_are_the_same_for_any_number_of_processes():
 
 
 def test_gradient_accumulation_counts_optimizer_steps(tmp_path, tiny_overrides):
-    cfg = load_config("cpu-demo", tiny_overrides + ["optim.accum_steps=2", "optim.batch_size=16"])
+    cfg = load_config("cpu-demo", layer_overrides(tiny_overrides, ["optim.accum_steps=2", "optim.batch_size=16"]))
     trainer = Trainer(cfg, tmp_path, progress=False)
     result = trainer.train()
     # 128 images / 16 = 8 micro-batches per epoch -> 4 optimizer steps per epoch, 2 epochs
@@ -290,8 +291,8 @@ def _accumulation_case(tiny_overrides, method):
 
     from synco.models.method import create_model
 
-    cfg = load_config("cpu-demo", tiny_overrides + [f"method={method}", "model.drop_path_online=0.0",
-                                                    "contrast.queue_size=32"])
+    cfg = load_config("cpu-demo", layer_overrides(tiny_overrides, [f"method={method}", "model.drop_path_online=0.0",
+                                                    "contrast.queue_size=32"]))
     torch.manual_seed(0)
     model = create_model(cfg).train()
     g = torch.Generator().manual_seed(1)

@@ -23,6 +23,7 @@ from synco.cli.main import main
 from synco.config import load_config
 from synco.errors import Interrupted, SyncoError
 from synco.io import load_torch_file as load
+from synco.options import layer_overrides
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -45,7 +46,9 @@ def assert_clean_error(rc, err, *needles):
 
 
 def pretrain(capsys, out, tiny, *extra):
-    return cli(capsys, "pretrain", "--no-progress", "--out", str(out), *tiny, "data.num_workers=0", *extra)
+    # the tiny config, then the test's own keys replacing its values (one value per key reaches synco)
+    return cli(capsys, "pretrain", "--no-progress", "--out", str(out),
+               *layer_overrides(tiny, ["data.num_workers=0"], list(extra)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,6 +269,26 @@ def test_lock_of_a_reused_pid_or_garbage_is_stale(tmp_path):
     assert not lock_file.exists()
 
 
+def test_lock_refusal_names_the_holders_command_not_the_requesters(tmp_path):
+    """A fine-tune holds the folder; a k-NN refused there must say a fine-tune is there (it used to name its own
+    command: "in use by another synco evaluation (knn)")."""
+    from synco.io import DirLock
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from synco.io import DirLock; "
+                               f"DirLock({str(tmp_path)!r}, 'evaluation (finetune)').acquire(); "
+                               "print('held', flush=True); sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"  # a handshake, not a sleep
+        with pytest.raises(SyncoError) as e:
+            DirLock(tmp_path, "evaluation (knn)").acquire()
+        assert "another synco evaluation (finetune)" in str(e.value) and "(knn)" not in str(e.value)
+        assert f"PID {holder.pid}" in str(e.value)
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+
+
 # ---------------------------------------------------------------------------------------------
 # Throughput over resume segments (item 3)
 
@@ -273,7 +296,7 @@ def test_lock_of_a_reused_pid_or_garbage_is_stale(tmp_path):
 def test_rerun_and_resume_keep_the_whole_run_throughput(tmp_path, capsys, tiny_overrides):
     from synco.engine.train import Trainer, stop_at_step
 
-    cfg = load_config("cpu-demo", tiny_overrides + ["data.num_workers=0"])
+    cfg = load_config("cpu-demo", layer_overrides(tiny_overrides, ["data.num_workers=0"]))
     Trainer(cfg, tmp_path, progress=False, step_hooks=(stop_at_step(3),)).train()  # segment 1: steps 0..3, then "killed"
     rc, err = pretrain(capsys, tmp_path, tiny_overrides)  # segment 2: steps 3..8
     assert rc == 0, err
@@ -299,7 +322,7 @@ def test_signal_during_training_writes_a_checkpoint_at_the_step_and_resumes_exac
     from synco.engine.train import Trainer
     from synco.models import method
 
-    over = tiny_overrides + ["epochs=2", "deterministic=true", "data.num_workers=0"]
+    over = layer_overrides(tiny_overrides, ["epochs=2", "deterministic=true", "data.num_workers=0"])
     cfg = load_config("cpu-demo", over)
     Trainer(cfg, tmp_path / "full", progress=False).train()
 
@@ -337,8 +360,8 @@ def test_real_signal_to_pretrain_says_so_and_keeps_the_step(tmp_path, tiny_overr
     from conftest import paused_synco, wait_for
 
     out, ready = tmp_path / "run", tmp_path / "paused"
-    args = ["pretrain", "--no-progress", "--out", str(out), *tiny_overrides, "epochs=40", "data.max_images=64",
-            "data.num_workers=1"]
+    args = ["pretrain", "--no-progress", "--out", str(out), *layer_overrides(tiny_overrides, ["epochs=40", "data.max_images=64",
+            "data.num_workers=1"])]
     proc = paused_synco(args, step=5, until="signal", ready=ready, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                         text=True)
     try:
@@ -395,9 +418,8 @@ def test_all_images_corrupt_is_one_paragraph_not_a_worker_traceback(tmp_path, ca
         (tmp_path / "data" / "train" / cls).mkdir(parents=True)
         for i in range(8):
             (tmp_path / "data" / "train" / cls / f"{i}.png").write_bytes(b"not a png")
-    rc, err = cli(capsys, "pretrain", "--no-progress", "--out", str(tmp_path / "r"), *tiny_overrides,
-                  "data.dataset=folder", f"data.root={tmp_path / 'data'}", "data.num_workers=1",
-                  "optim.batch_size=4", "contrast.queue_size=16", "negatives.n_hard=4", "epochs=1")
+    rc, err = cli(capsys, "pretrain", "--no-progress", "--out", str(tmp_path / "r"), *layer_overrides(tiny_overrides, ["data.dataset=folder", f"data.root={tmp_path / 'data'}", "data.num_workers=1",
+                  "optim.batch_size=4", "contrast.queue_size=16", "negatives.n_hard=4", "epochs=1"]))
     assert_clean_error(rc, err, "could not be read")
     assert "worker process" not in err
 
@@ -411,9 +433,8 @@ def test_a_failed_run_with_workers_exits(tmp_path, tiny_overrides):
         (tmp_path / "data" / "train" / cls).mkdir(parents=True)
         for i in range(8):
             (tmp_path / "data" / "train" / cls / f"{i}.png").write_bytes(b"not a png")
-    cmd = [sys.executable, "-m", "synco", "pretrain", "--no-progress", "--out", str(tmp_path / "r"), *tiny_overrides,
-           "data.dataset=folder", f"data.root={tmp_path / 'data'}", "data.num_workers=1", "optim.batch_size=4",
-           "contrast.queue_size=16", "negatives.n_hard=4", "epochs=1"]
+    cmd = [sys.executable, "-m", "synco", "pretrain", "--no-progress", "--out", str(tmp_path / "r"), *layer_overrides(tiny_overrides, ["data.dataset=folder", f"data.root={tmp_path / 'data'}", "data.num_workers=1", "optim.batch_size=4",
+           "contrast.queue_size=16", "negatives.n_hard=4", "epochs=1"])]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)  # hung forever before the fix
     assert done.returncode == 2 and "could not be read" in done.stderr
 

@@ -305,6 +305,49 @@ def test_report_refuses_a_result_with_a_non_number(tmp_path, capsys):
     assert_clean_error(rc, err, "knn.json")
 
 
+@pytest.mark.parametrize("top1, shown", [(float("nan"), "nan"), (float("inf"), "inf"), (250.0, "250.0"),
+                                         (-5.0, "-5.0")])
+def test_report_refuses_a_percentage_that_is_not_one(tmp_path, capsys, top1, shown):
+    """NaN / Infinity (json.dumps writes them, json.loads reads them back) and an accuracy outside [0, 100] were
+    printed as numbers in the table: refused, naming the file and the key."""
+    bad = tmp_path / "run" / "eval" / "knn.json"
+    bad.parent.mkdir(parents=True)
+    bad.write_text(json.dumps(_knn_result("random", top1=top1)))
+    rc, err = cli(capsys, "report", tmp_path / "run", "--out", tmp_path / "rep")
+    assert_clean_error(rc, err, "knn.json", "top1", shown)
+    assert not (tmp_path / "rep" / "report.md").exists()
+
+
+def test_report_refuses_a_torn_result_naming_it(tmp_path, capsys):
+    """A knn.json cut in half (a killed write) next to a good one: refused naming it (it was skipped with a
+    warning and exit 0, a hole in the table that looks like a missing evaluation)."""
+    for run in ("a", "b"):
+        (tmp_path / run / "eval").mkdir(parents=True)
+        (tmp_path / run / "eval" / "knn.json").write_text(json.dumps(_knn_result("random")))
+    torn = tmp_path / "b" / "eval" / "knn.json"
+    torn.write_text(torn.read_text()[:40])
+    rc, err = cli(capsys, "report", tmp_path, "--out", tmp_path / "rep")
+    assert_clean_error(rc, err, str(torn))
+    assert not (tmp_path / "rep" / "report.md").exists()
+
+
+def test_report_leaves_efficiency_results_out_of_the_table(tmp_path, capsys):
+    """`eval efficiency` results (timings of a method, no checkpoint) beside an evaluated run: one row, the
+    run's, and a note, not an empty row with Run '?'."""
+    (tmp_path / "run" / "eval").mkdir(parents=True)
+    (tmp_path / "run" / "eval" / "knn.json").write_text(json.dumps(_knn_result("random", top1=61.0)))
+    (tmp_path / "efficiency").mkdir()
+    (tmp_path / "efficiency" / "efficiency.json").write_text(json.dumps(
+        {"protocol": "efficiency", "preset": "cpu-demo", "backbone": "vit_tiny", "methods": {"moby": {}}}))
+    rc, err = cli(capsys, "report", tmp_path, "--out", tmp_path / "rep")
+    assert rc == 0, err
+    rows = (tmp_path / "rep" / "report.csv").read_text().splitlines()[1:]
+    assert len(rows) == 1 and "61.0000" in rows[0], rows
+    assert "efficiency.json" in err and "left out" in err
+    rc, err = cli(capsys, "report", tmp_path / "efficiency", "--out", tmp_path / "rep2")
+    assert_clean_error(rc, err, "no result")
+
+
 # ---------------------------------------------------------------------------------------------
 # 10 and sweeps: data.root matters; an unreadable summary is not a finished run
 
@@ -444,18 +487,6 @@ def test_transfer_corrupt_metadata_names_the_file(tmp_path):
         (cars / name).write_bytes(b"MATLAB 5.0 MAT-file, truncated")
     with pytest.raises(SyncoError, match=r"cars_\w+\.mat"):
         build_transfer_split("cars", tmp_path)
-
-
-def test_transfer_skips_a_corrupt_or_missing_image(tmp_path, caplog):
-    from synco.eval.transfer import build_transfer_split
-
-    voc = _voc(tmp_path)
-    (voc / "JPEGImages" / "tr1.jpg").write_bytes(b"garbage")
-    (voc / "JPEGImages" / "tr2.jpg").unlink()
-    train, _ = build_transfer_split("voc2007", tmp_path)
-    img, target = train[1]  # tr1 and tr2 are unreadable: the next readable sample (tr0) instead
-    assert img.size == (12, 10) and target.tolist() == train.targets[0]
-    assert "tr1.jpg" in caplog.text and "tr2.jpg" in caplog.text
 
 
 def test_sun397_fallback_split_does_not_depend_on_listing_order(tmp_path):

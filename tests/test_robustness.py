@@ -177,14 +177,19 @@ def test_folders_v2_c_o_and_missing_benchmarks_are_skipped(subset_folders, tmp_p
 
 
 def test_folder_without_head_classes_is_skipped_not_fatal(tmp_path, subset_folders):
+    """With the default benchmarks (all), a folder that cannot be evaluated is skipped and says why; named in
+    benchmarks=, it is an error (nothing written), as a benchmark asked for must run."""
     _solid(tmp_path / "bad" / "cat" / "0.png", 1)
     opts = RobustnessOptions(dataset="none", imagenet_sketch_root=str(tmp_path / "bad"),
-                             imagenet_a_root=str(subset_folders / "imagenet-a"), benchmarks=["sketch", "a"],
-                             num_workers=0)
+                             imagenet_a_root=str(subset_folders / "imagenet-a"), num_workers=0)
     res = RobustnessEvaluator(CodeModel(distract=False), HEAD_CLASSES, opts, 8, CPU, progress=False,
                               log=lambda s: None).run()
     assert "is a class of the linear head" in res["skipped"]["imagenet_sketch"]
     assert res["results"]["imagenet_a"]["top1"] == 100.0
+    opts.benchmarks = ["sketch", "a"]
+    with pytest.raises(SyncoError, match="asks for sketch.*is a class of the linear head"):
+        RobustnessEvaluator(CodeModel(distract=False), HEAD_CLASSES, opts, 8, CPU, progress=False,
+                            log=lambda s: None).run()
 
 
 def test_options_are_validated():

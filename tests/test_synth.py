@@ -268,3 +268,60 @@ def test_syn2co_presets():
         assert (c.data.synthetic_root, c.data.synthetic_ratio, c.data.synthetic_mode) == \
             ("synthetic/imagenet100", 0.5, "add")
         assert c.epochs == 300 and c.negatives.cooldown_epochs == 100
+
+
+# ---------------------------------------------------------------- --out: checked first, one command at a time
+
+
+def _synth_argv(command: str, out: Path, model: Path, synthetic: Path) -> list[str]:
+    if command == "train":
+        return ["synth-data", "train", "--data", "digits", "--out", str(out), "steps=1", "device=cpu"]
+    if command == "generate":
+        return ["synth-data", "generate", "--model", str(model), "--classes", "0", "--per-class", "1", "--out",
+                str(out), "device=cpu"]
+    return ["synth-data", "fidelity", "--synthetic", str(synthetic), "--out", str(out)]
+
+
+@pytest.mark.parametrize("command", ["train", "generate", "fidelity"])
+def test_out_is_checked_before_any_work(command, tiny_model, tmp_path, capsys, monkeypatch):
+    """An existing file or a place under /proc as --out: one clear error before the data, the model or the
+    fidelity classifier is touched (fidelity used to train its classifier first, then fail with a traceback)."""
+    from synco.synth import fidelity, generate as generate_module
+
+    def no_work(*a, **k):
+        raise AssertionError("work started before --out was checked")
+
+    monkeypatch.setattr(diffusion, "load_training_data", no_work)
+    monkeypatch.setattr(generate_module, "load_backend", no_work)
+    monkeypatch.setattr(fidelity, "fidelity", no_work)
+    (tmp_path / "afile").write_text("x")
+    synthetic = tmp_path / "syn" / "0"
+    synthetic.mkdir(parents=True)
+    for out, needle in ((tmp_path / "afile", "afile"), (Path("/proc/synco-test"), "/proc")):
+        rc = main(_synth_argv(command, out, tiny_model, synthetic.parent))
+        err = capsys.readouterr().err
+        assert rc == 2 and "Traceback" not in err and "synco: error:" in err and needle in err, err
+
+
+def test_two_generates_on_one_out_are_refused_naming_the_holder(tiny_model, tmp_path, capsys):
+    """A generate holds its --out for its whole run: a second one with the same settings is refused (it would
+    rewrite generation.json and the manifest under the first) and names the holder's command and PID."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "syn"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from synco.io import DirLock; "
+                               f"DirLock({str(out)!r}, 'synth-data generate').acquire(); print('held', flush=True); "
+                               "sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"  # a handshake, not a sleep
+        rc = main(_synth_argv("generate", out, tiny_model, out))
+        err = capsys.readouterr().err
+        assert rc == 2 and "in use by another synco synth-data generate" in err and str(holder.pid) in err, err
+        assert not (out / "manifest.jsonl").exists() and not (out / "generation.json").exists()
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert main(_synth_argv("generate", out, tiny_model, out)) == 0  # the holder is gone: the lock is taken over
+    assert not (out / ".synco.lock").exists()

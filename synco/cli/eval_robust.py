@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import SyncoError
 from .evaluate import common_arguments, finish, options_from
 
 
@@ -51,16 +52,39 @@ def register_protocols(psub) -> None:
     p.set_defaults(func=run_efficiency, protocol="efficiency")
 
 
-def _with_max_images(args):
+def _given(overrides, name: str) -> bool:
+    return any(o.split("=", 1)[0].strip() == name for o in overrides or [])
+
+
+def take_flag(opts, overrides, name: str, flag: str, value, same=None) -> None:
+    """``opts.<name> = value`` for a flag that was given (``value`` not None). The same option given as key=value
+    too, with another value, is an error: either choice would be a guess, silently measuring something else.
+    ``same(a, b)`` compares the two (default ``==``)."""
+    if value is None:
+        return
+    current = getattr(opts, name)
+    if _given(overrides, name) and not (same or (lambda a, b: a == b))(current, value):
+        raise SyncoError(f"{flag} {value!r} and {name}={current!r} give the option '{name}' two values. Give it "
+                         "once, as the flag or as key=value.")
+    setattr(opts, name, value)
+
+
+def _with_max_images(args, options_cls):
+    """--max-images as the max_images= override (after checking that one given as key=value agrees)."""
     if getattr(args, "max_images", None) is not None:
-        args.overrides = list(args.overrides or []) + [f"max_images={args.max_images}"]
+        from ..options import apply_overrides
+
+        own = [o for o in args.overrides or [] if o.split("=", 1)[0].strip() == "max_images"]
+        take_flag(apply_overrides(options_cls(), own), own, "max_images", "--max-images", args.max_images)
+        if not own:
+            args.overrides = list(args.overrides or []) + [f"max_images={args.max_images}"]
     return args
 
 
 def run_robustness(args) -> int:
     from ..eval.robustness import RobustnessOptions, run_robustness as run
 
-    opts, out = options_from(_with_max_images(args), RobustnessOptions)
+    opts, out = options_from(_with_max_images(args, RobustnessOptions), RobustnessOptions)
     run(args.checkpoint, args.linear_head, out, opts, progress=not args.no_progress)
     finish()
     return 0
@@ -69,9 +93,9 @@ def run_robustness(args) -> int:
 def run_adversarial(args) -> int:
     from ..eval.adversarial import AdversarialOptions, parse_attacks, run_adversarial as run
 
-    opts, out = options_from(_with_max_images(args), AdversarialOptions)
-    if args.attacks is not None:
-        opts.attacks = parse_attacks(args.attacks)
+    opts, out = options_from(_with_max_images(args, AdversarialOptions), AdversarialOptions)
+    attacks = None if args.attacks is None else parse_attacks(args.attacks)
+    take_flag(opts, args.overrides, "attacks", "--attacks", attacks, same=lambda a, b: parse_attacks(a) == b)
     run(args.checkpoint, args.linear_head, out, opts, progress=not args.no_progress)
     finish()
     return 0
@@ -87,14 +111,10 @@ def run_efficiency(args) -> int:
     own = [o for o in args.overrides or [] if o.split("=", 1)[0].strip() in names]
     config_overrides = [o for o in args.overrides or [] if o not in own]
     opts = apply_overrides(EfficiencyOptions(), own)
-    if args.preset is not None:
-        opts.preset = args.preset
-    if args.batch_size is not None:
-        opts.batch_size = args.batch_size
-    if args.steps is not None:
-        opts.steps = args.steps
-    if args.methods is not None:
-        opts.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
+    for name, flag, value in (("preset", "--preset", args.preset), ("batch_size", "--batch-size", args.batch_size),
+                              ("steps", "--steps", args.steps), ("methods", "--methods", methods)):
+        take_flag(opts, own, name, flag, value)
     check_options(opts)  # the flags too (--steps 0)
     run(Path(args.out) if args.out else Path("runs") / "efficiency", opts, config_overrides)
     return 0

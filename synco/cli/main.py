@@ -78,9 +78,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 def user_message(e: SyncoError) -> str:
     """The error's own paragraph. A SyncoError raised in a DataLoader worker comes back wrapped by torch in
     "Caught SyncoError in DataLoader worker process 0. Original Traceback ...": keep only its message."""
-    text = str(e)
-    if "Original Traceback" in text and "SyncoError: " in text:
-        text = text.rsplit("SyncoError: ", 1)[1].strip()
+    text, marker = str(e), f"{type(e).__name__}: "  # torch re-raises the worker's own class (a SyncoError subclass)
+    if "Original Traceback" in text and marker in text:
+        text = text.rsplit(marker, 1)[1].strip()
     return text
 
 

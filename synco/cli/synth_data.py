@@ -102,12 +102,16 @@ def run_generate(args) -> int:
 
 
 def run_fidelity(args) -> int:
+    from ..io import claimed_output_dir
     from ..synth.fidelity import fidelity, to_markdown, write_report
 
     if not Path(args.synthetic).is_dir():
         raise SyncoError(f"synthetic folder '{args.synthetic}' does not exist; make one with "
                          "`synco synth-data generate`.")
-    result = fidelity(args.synthetic, real=args.real, size=args.size, classifier=args.classifier)
-    write_report(result, Path(args.out) if args.out else Path(args.synthetic))
+    # --out is checked before the classifier is trained (an unwritable one would fail only after it), and locked:
+    # by default it is the synthetic folder, which a generate still filling it holds.
+    with claimed_output_dir(args.out or args.synthetic, "synth-data fidelity") as out:
+        result = fidelity(args.synthetic, real=args.real, size=args.size, classifier=args.classifier)
+        write_report(result, out)
     print(to_markdown(result))
     return 0

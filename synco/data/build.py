@@ -39,10 +39,11 @@ def _split_dir(root: Path, split: str) -> Path:
 
 
 def build_dataset(name: str, root=None, split: str = "train", transform=None, class_list=None,
-                  image_size: int = 32, bad_image_log=None, lazy: bool = False):
+                  image_size: int = 32, bad_image_log=None, lazy: bool = False, strict: bool = False):
     """Build dataset ``name`` (see module docstring). ``class_list`` is a list of class folder names,
     a class-list file or a shipped list name; for ``imagenet100`` it defaults to the shipped list. ``lazy``: folder
-    images are opened, not decoded (see :class:`~synco.data.folder.SafeImageFolder`)."""
+    images are opened, not decoded; ``strict``: an unreadable image is an error, not replaced (evaluation; see
+    :class:`~synco.data.folder.SafeImageFolder`)."""
     if name == "digits":
         if class_list is not None:
             raise SyncoError("The digits dataset always has the 10 classes 0-9; a class_list cannot be used "
@@ -57,7 +58,7 @@ def build_dataset(name: str, root=None, split: str = "train", transform=None, cl
     if isinstance(class_list, (str, Path)):
         class_list = load_class_list(class_list)
     return SafeImageFolder(_split_dir(Path(root), split), transform=transform, class_list=class_list,
-                           bad_image_log=bad_image_log, lazy=lazy)
+                           bad_image_log=bad_image_log, lazy=lazy, strict=strict)
 
 
 def count_classes(name: str, root=None, class_list=None, split: str = "train"):

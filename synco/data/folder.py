@@ -8,7 +8,7 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torchvision.datasets import ImageFolder
 
 from synco.errors import SyncoError
@@ -39,7 +39,13 @@ def load_class_list(path_or_name) -> list[str]:
         if not path.is_file():
             raise SyncoError(f"Class list {str(path)!r} does not exist. Pass a text file with one class folder "
                              f"name per line, or one of the shipped lists: {', '.join(SHIPPED_CLASS_LISTS)}.")
-        text = path.read_text()
+        try:
+            # utf-8-sig: a list saved by Windows Notepad starts with a byte-order mark, which would otherwise be
+            # part of the first class name (and that class "missing"); CRLF line ends are split by splitlines.
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise SyncoError(f"Class list {str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start}). Save it "
+                             "as UTF-8 with one class folder name per line.") from None
         source = str(path)
     names = [line.split("#", 1)[0].strip() for line in text.splitlines()]
     names = list(dict.fromkeys(n for n in names if n))
@@ -142,6 +148,24 @@ def count_bad_images(bad_image_log) -> int:
     return len({line.strip() for line in Path(bad_image_log).read_text().splitlines() if line.strip()})
 
 
+class EvalImageError(SyncoError):
+    """An image an evaluation cannot read: the whole command stops (a benchmark is not just skipped)."""
+
+
+def unreadable_eval_image(path, exc: BaseException) -> EvalImageError:
+    """The one-paragraph error of an evaluation that meets an image it cannot read (missing or undecodable)."""
+    if isinstance(exc, FileNotFoundError):
+        why = "it is missing"
+    elif isinstance(exc, UnidentifiedImageError):  # its message repeats the path
+        why = "not an image PIL can decode"
+    else:
+        why = f"{type(exc).__name__}: {str(exc)[:200]}"
+    return EvalImageError(f"the image '{path}' cannot be read ({why}). An evaluation uses each listed image once and "
+                          "never replaces an unreadable one (its numbers would be of another image set, not comparable "
+                          "with others): replace or remove the file and run the command again (an earlier result in "
+                          "--out is kept).")
+
+
 class SafeImageFolder(ImageFolder):
     """``torchvision.datasets.ImageFolder`` with clear layout errors and corrupt-image skipping.
 
@@ -153,10 +177,12 @@ class SafeImageFolder(ImageFolder):
     to ``bad_image_log`` when given) and the next readable sample is returned instead, so a
     few bad files cannot kill a long run. With ``lazy=True`` the loader reads only the header and the transform
     decodes (:func:`decode_rgb`), so it can choose a reduced JPEG scale first; pixels that fail to decode then are
-    skipped the same way.
+    skipped the same way. With ``strict=True`` (evaluation) an unreadable image is an error naming it instead: a
+    replaced image would be counted twice and the numbers would be of another image set.
     """
 
-    def __init__(self, root, transform=None, class_list=None, bad_image_log=None, lazy: bool = False):
+    def __init__(self, root, transform=None, class_list=None, bad_image_log=None, lazy: bool = False,
+                 strict: bool = False):
         root = Path(root)
         if not root.exists():
             raise SyncoError(f"Image folder {str(root)!r} does not exist. Check the path; it must contain "
@@ -166,6 +192,7 @@ class SafeImageFolder(ImageFolder):
                              f"containing one sub-folder of images per class (root/<class>/<image>).")
         self.class_list = None if class_list is None else list(dict.fromkeys(class_list))
         self.bad_image_log = None if bad_image_log is None else Path(bad_image_log)
+        self.strict = strict
         # allow_empty so that we, not torchvision, report which class folder is empty.
         super().__init__(str(root), transform=transform, loader=open_image if lazy else load_rgb, allow_empty=True)
         counts = dict.fromkeys(range(len(self.classes)), 0)
@@ -239,6 +266,8 @@ class SafeImageFolder(ImageFolder):
                          f"(bad paths are listed in the 'synco.data' warnings and in the bad-image log).")
 
     def _record_bad(self, path: str, exc: Exception) -> None:
+        if self.strict:
+            raise unreadable_eval_image(path, exc)
         logger.warning("skipping unreadable image %s (%s: %s)", path, type(exc).__name__, exc)
         if self.bad_image_log is not None:
             self.bad_image_log.parent.mkdir(parents=True, exist_ok=True)

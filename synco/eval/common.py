@@ -98,20 +98,22 @@ def eval_split_and_crop(dataset: str) -> tuple[str, float]:
     return ("test", 1.0) if dataset == "digits" else ("val", DEFAULT_CROP_RATIO)
 
 
-def build_eval_set(opts: EvalOptions, size: int, transform=None):
-    """The evaluation split of ``opts.dataset`` (see :func:`eval_split_and_crop`)."""
+def build_eval_set(opts: EvalOptions, size: int, transform=None, strict: bool = True):
+    """The evaluation split of ``opts.dataset`` (see :func:`eval_split_and_crop`). ``strict``: an unreadable image
+    stops the evaluation naming it, never replaced by its neighbour (counted twice, silently)."""
     split, _ = eval_split_and_crop(opts.dataset)
     return build_dataset(opts.dataset, root=opts.root, split=split, transform=transform,
-                         class_list=opts.class_list, image_size=size)
+                         class_list=opts.class_list, image_size=size, strict=strict)
 
 
-def eval_datasets(opts: EvalOptions, size: int, train_transform=None, test_transform=None):
-    """(train, test) for the protocol; test is the evaluation split (:func:`eval_split_and_crop`)."""
+def eval_datasets(opts: EvalOptions, size: int, train_transform=None, test_transform=None, strict: bool = True):
+    """(train, test) for the protocol; test is the evaluation split (:func:`eval_split_and_crop`). ``strict``: as
+    for :func:`build_eval_set`, on both splits (the k-NN bank and the probes' training images are numbers too)."""
     _, crop_ratio = eval_split_and_crop(opts.dataset)
     t_test = test_transform or eval_transform(size, crop_ratio=crop_ratio)
     train = build_dataset(opts.dataset, split="train", transform=train_transform or t_test, root=opts.root,
-                          class_list=opts.class_list, image_size=size)
-    test = build_eval_set(opts, size, t_test)
+                          class_list=opts.class_list, image_size=size, strict=strict)
+    test = build_eval_set(opts, size, t_test, strict)
     check_same_classes(list(train.classes), list(test.classes), opts.root)
     return train, test
 

@@ -169,6 +169,7 @@ class _FinetuneRun:
         state = resume_state(path, fp, self.hp.resume, {"model": dict, "optimizer": dict, "epoch": int, "step": int,
                                                         "history": list})
         if state is not None:
+            _check_finite_checkpoint(state, path)
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.epoch, self.step, self.history = int(state["epoch"]), int(state["step"]), list(state["history"])
@@ -211,6 +212,31 @@ class _FinetuneRun:
         atomic_save({"version": 1, "fingerprint": fp, "epoch": self.epoch, "step": self.step,
                      "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                      "history": self.history}, path)
+
+
+def _check_finite_checkpoint(state: dict, path: Path) -> None:
+    """A fine-tuning that diverges stops before it saves the epoch, so NaN or inf weights (or optimizer moments)
+    in its checkpoint mean the file was damaged: resumed, the run would stop as "diverged, lower lr", blaming the
+    settings instead of the file."""
+    bad = [name for key in ("model", "optimizer") for name, t in _named_tensors(state.get(key), key)
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise SyncoError(f"'{path}' holds values that are not finite (NaN or inf) in {', '.join(bad[:3])}{more}: the "
+                         "file is damaged (a fine-tuning that diverges stops before saving such weights). Delete it, "
+                         "or use resume=false, to start the fine-tuning over.")
+
+
+def _named_tensors(obj, prefix: str):
+    """(dotted name, tensor) of every tensor in nested dicts and lists (a state dict, an optimizer's state)."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _named_tensors(v, f"{prefix}.{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _named_tensors(v, f"{prefix}.{i}")
 
 
 def _loss_function(multilabel: bool, label_smoothing: float) -> Callable:

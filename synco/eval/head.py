@@ -2,8 +2,10 @@
 
 File format (``linear_head.pt``, read with ``torch.load(weights_only=True)``):
 ``{"weight": [C, D], "bias": [C], "bn": bool, "bn_mean": [D] | None, "bn_var": [D] | None,
-   "classes": [names], "backbone": meta dict, "image_size": int}``.
-``bn`` marks a parameter-free BatchNorm (affine=False) applied to features before the linear layer.
+   "classes": [names], "backbone": meta dict, "image_size": int, "backbone_weights": hash | None}``.
+``bn`` marks a parameter-free BatchNorm (affine=False) applied to features before the linear layer;
+``backbone_weights`` is :func:`~synco.eval.common.weights_digest` of the backbone the head was trained on (absent
+in files written before it was recorded).
 
 Robustness and adversarial evaluation reload it on top of its backbone (:func:`load_classifier`).
 """
@@ -19,7 +21,7 @@ import torch.nn as nn
 
 from ..errors import SyncoError
 from ..io import atomic_save, load_torch_file
-from .common import EvalOptions, load_eval_backbone
+from .common import EvalOptions, load_eval_backbone, weights_digest
 
 
 class LinearHead(nn.Module):
@@ -45,13 +47,16 @@ class Classifier(nn.Module):
         return self.head(self.backbone(x))
 
 
-def save_head(head: LinearHead, path: Path, classes: list, backbone_meta: dict, image_size: int) -> None:
+def save_head(head: LinearHead, path: Path, classes: list, backbone_meta: dict, image_size: int,
+              weights: Optional[str] = None) -> None:
+    """Write ``linear_head.pt``; ``weights``: the backbone's weights hash, so the head is only reloaded on them."""
     atomic_save({
         "weight": head.linear.weight.detach().cpu(), "bias": head.linear.bias.detach().cpu(),
         "bn": head.bn is not None,
         "bn_mean": head.bn.running_mean.cpu() if head.bn is not None else None,
         "bn_var": head.bn.running_var.cpu() if head.bn is not None else None,
         "classes": list(classes), "backbone": dict(backbone_meta), "image_size": int(image_size),
+        "backbone_weights": weights,
     }, path)
 
 
@@ -116,10 +121,31 @@ def head_from_state(state: dict) -> LinearHead:
     return head.eval()
 
 
+def check_head_weights(state: dict, head_path, checkpoint: str, backbone: nn.Module) -> None:
+    """A head is a readout of the features of the weights it was trained on: on other weights of the same
+    architecture (another run, seed or epoch) its accuracy means nothing, yet the shapes fit. The hash recorded by
+    :func:`save_head` must be the evaluated backbone's; a head written before hashes were recorded is accepted
+    with a warning."""
+    recorded = state.get("backbone_weights")
+    if recorded is None:
+        warnings.warn(f"the linear head '{head_path}' does not record which backbone weights it was trained on "
+                      f"(written by an older synco), so it cannot be checked against '{checkpoint}'; train it "
+                      "again with `synco eval linear` to have it checked.", stacklevel=3)
+        return
+    current = weights_digest(backbone)
+    if recorded != current:
+        raise SyncoError(f"the linear head '{head_path}' was trained on other backbone weights than the checkpoint "
+                         f"'{checkpoint}' holds (weights hash {str(recorded)[:12]}..., the checkpoint's "
+                         f"{current[:12]}...): its accuracy there would mean nothing. Pass the "
+                         "checkpoint the head was trained on, or train a head on this one with `synco eval linear "
+                         f"--checkpoint {checkpoint}`.")
+
+
 def load_classifier(checkpoint: str, head_path: str, opts: EvalOptions, device: torch.device):
     """(backbone + linear head in eval mode, head class names, image size, backbone meta, head file state)."""
     backbone, meta = load_eval_backbone(checkpoint, opts, device)
     head, state = load_head(head_path, expect_dim=int(backbone.num_features))
+    check_head_weights(state, head_path, checkpoint, backbone)
     trained_on = (state.get("backbone") or {}).get("backbone")
     if trained_on and trained_on != meta.get("backbone"):
         warnings.warn(f"the linear head was trained on backbone '{trained_on}' but the checkpoint is "

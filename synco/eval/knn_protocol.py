@@ -81,7 +81,15 @@ def _read_cache(cache: Path, key: str):
     needed = ("key", "train", "train_labels", "test", "test_labels")
     if not isinstance(stored, dict) or any(k not in stored for k in needed) or stored["key"] != key:
         return None
+    if not all(isinstance(stored[k], torch.Tensor) for k in needed[1:]):
+        return None
     if len(stored["train"]) != len(stored["train_labels"]) or len(stored["test"]) != len(stored["test_labels"]):
+        return None
+    # The key proves which weights and images the features came from, not that the file was not damaged (or
+    # edited) since: NaN or inf features would give 0.00 without a word, so they are extracted again.
+    if not all(bool(torch.isfinite(stored[k].float()).all()) for k in ("train", "test")):
+        logger.warning("ignoring the feature cache %s: it holds features that are not finite (NaN or inf), so it "
+                       "is damaged and will be rebuilt", cache)
         return None
     return stored
 
@@ -138,7 +146,8 @@ def _knn_sets(cfg):
     d = cfg.data
     opts = EvalOptions(dataset=d.dataset, root=d.root, class_list=d.class_list, image_size=d.image_size)
     try:
-        train, test = eval_datasets(opts, d.image_size)
+        # not strict: the monitor of a pretraining run (hours in) tolerates an unreadable image as training does
+        train, test = eval_datasets(opts, d.image_size, strict=False)
     except SyncoError as e:  # no val split, or one whose class folders differ from train's: say which
         return None, f"k-NN skipped: {e}"
     if len(train.classes) < 2:

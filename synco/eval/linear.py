@@ -37,6 +37,7 @@ gathered so that every process applies the same update to its copy of the (small
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,12 @@ def heldout_split(n: int, fraction: float, seed: int, targets: Optional[list] = 
         return list(range(n)), []
     if n < 2:
         raise SyncoError(f"val_fraction={fraction} needs at least 2 training images; use val_fraction=0.")
+    held = math.ceil(fraction * n)  # scikit-learn's rounding of a fractional test_size, checked before it raises
+    if held >= n:
+        largest = math.floor(1000 * (n - 1) / n) / 1000  # rounded down: rounded up it could hold out all again
+        raise SyncoError(f"option 'val_fraction': {fraction} of {n} training images holds out {held} and leaves "
+                         f"none to train the probe on. Use a smaller val_fraction (at most {largest:g} here), or 0 "
+                         "to select the head on the test set.")
     import numpy as np
     from sklearn.model_selection import train_test_split
 
@@ -173,7 +180,7 @@ def linear_probe(backbone: nn.Module, meta: dict, data: ProbeData, out: Path, hp
                            len(train_idx), len(val_idx), batch_size, t0)
     _check_finite_head(state.snapshots[g], hp.lrs[g])
     if head_name and dist.is_main():
-        _save_selected_head(state.snapshots[g], out / head_name, data, meta, image_size)
+        _save_selected_head(state.snapshots[g], out / head_name, data, meta, image_size, fp["weights"])
     return result
 
 
@@ -278,9 +285,10 @@ def _probe_result(history: list, hp: LinearHParams, lrs: list, g: int, epoch: in
     }
 
 
-def _save_selected_head(snapshot: dict, path: Path, data: ProbeData, meta: dict, image_size: int) -> None:
+def _save_selected_head(snapshot: dict, path: Path, data: ProbeData, meta: dict, image_size: int,
+                        weights: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_head(head_from_state(snapshot), path, data.classes, meta, image_size)
+    save_head(head_from_state(snapshot), path, data.classes, meta, image_size, weights)
 
 
 def _check_finite_head(snapshot: dict, base_lr: float) -> None:

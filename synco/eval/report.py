@@ -6,6 +6,11 @@ Every ``*.json`` under the given folders that carries a ``protocol`` key is read
 from the result's ``report`` mapping (``{"column": number}``; any protocol can add one), or for
 k-NN from its per-k top-1 (``k-NN k=20``, Table 12). A column measured on more than one dataset
 gets the dataset in brackets. When two files give the same cell, the newer file wins.
+
+Every cell is a percentage (top-1, top-5, mAP): a value that is not a finite number in [0, 100], and a ``*.json``
+that cannot be read (a result cut short), stop the report naming the file, since a dropped or impossible number
+would pass for a measured one or leave a hole that looks like a missing evaluation. ``eval efficiency`` results
+(timings and memory, no backbone to put in a row) and results with no column are left out, with a note on stderr.
 """
 
 from __future__ import annotations
@@ -13,8 +18,9 @@ from __future__ import annotations
 import csv
 import io
 import json
-import logging
+import math
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -22,10 +28,14 @@ import yaml
 
 from ..errors import SyncoError
 from ..io import atomic_write_text
+from ..options import DuplicateKeyError, load_yaml
 from .results import markdown_table
 
 PROTOCOL_ORDER = ("knn", "linear", "finetune", "transfer")
 ID_COLUMNS = ["Method", "Backbone", "Run"]
+# Results that are not rows of the method x metric table: eval efficiency measures the cost of pretraining a
+# method (images/s, memory, hours), on no checkpoint, so it has no run to be a row of.
+NOT_ROWS = {"efficiency": "`eval efficiency` timings are not a method x metric row; its own table is in that file"}
 
 
 def find_results(dirs: list) -> list[tuple[Path, dict]]:
@@ -37,14 +47,23 @@ def find_results(dirs: list) -> list[tuple[Path, dict]]:
         files = [d] if d.is_file() else sorted(p for p in d.rglob("*.json")
                                                if not any(part.startswith(".") for part in p.relative_to(d).parts))
         for f in files:
-            try:
-                data = json.loads(f.read_text())
-            except (ValueError, OSError) as e:  # maybe a result cut short: say so rather than drop it unseen
-                logging.getLogger("synco").warning("skipping %s: not readable JSON (%s)", f, e.__class__.__name__)
-                continue
+            data = _read_json(f)
             if isinstance(data, dict) and isinstance(data.get("protocol"), str) and not data.get("part_of"):
                 found.append((f, data))
     return found
+
+
+def _read_json(path: Path):
+    """A JSON file's content. One that cannot be read is refused, never skipped: it may be a result cut short (a
+    killed write, a full disk), and leaving it out would leave a hole in the table that looks like a missing
+    evaluation."""
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, OSError) as e:  # ValueError: not JSON, or not UTF-8 text
+        why = e.strerror if isinstance(e, OSError) and e.strerror else f"{e.__class__.__name__}: {e}".split("\n")[0]
+        raise SyncoError(f"'{path}' cannot be read as JSON ({why[:200]}); it may be a result cut short or damaged, "
+                         "and leaving it out would leave a hole in the table. Re-run the evaluation that wrote it, "
+                         "or move the file out of the folders reported.") from None
 
 
 def _run_dir(checkpoint) -> Path:
@@ -82,9 +101,12 @@ def _method_of(result: dict, run: Optional[Path]) -> Optional[str]:
         return str(meta["method"])
     if run is None:
         return None
+    path = run / "config.yaml"
     try:
-        return str((yaml.safe_load((run / "config.yaml").read_text()) or {}).get("method") or "") or None
-    except (OSError, yaml.YAMLError, AttributeError):
+        return str((load_yaml(path.read_text()) or {}).get("method") or "") or None
+    except DuplicateKeyError as e:  # which method the run used cannot be told: refuse rather than guess
+        raise SyncoError(f"'{path}': {e}") from None
+    except (OSError, ValueError, yaml.YAMLError, AttributeError):  # no config to read the method from: blank
         return None
 
 
@@ -102,14 +124,21 @@ def row_identity(result: dict, path: Path = Path(".")) -> tuple[str, dict]:
 
 
 def _number(value, path: Path, key: str) -> Optional[float]:
-    """A result's number, or None for an explicit null; anything else means the file was damaged or edited,
-    and dropping it would leave a hole in the table that looks like a missing evaluation."""
+    """A result's percentage, or None for an explicit null; anything else (not a number, NaN or infinite, outside
+    [0, 100]) means the file was damaged or edited, and printing it would pass for a measured number, while
+    dropping it would leave a hole in the table that looks like a missing evaluation."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise SyncoError(f"'{path}': {key} is {value!r}, not a number; the file is damaged or was edited by hand. "
-                         "Re-run the evaluation that wrote it, or move the file out of the folders reported.")
-    return float(value)
+        problem = "not a number"
+    elif not math.isfinite(value):
+        problem = "not a finite number"
+    elif not 0 <= value <= 100:
+        problem = "outside [0, 100], and every column of the report is a percentage (top-1, top-5, mAP)"
+    else:
+        return float(value)
+    raise SyncoError(f"'{path}': {key} is {value!r}, {problem}; the file is damaged or was edited by hand. "
+                     "Re-run the evaluation that wrote it, or move the file out of the folders reported.")
 
 
 def result_columns(result: dict, path: Path = Path("?")) -> list[tuple[str, float]]:
@@ -144,20 +173,28 @@ def build_report(dirs: list) -> tuple[list[dict], list[str]]:
     col_order: dict[str, tuple] = {}
     datasets: dict[str, set] = {}
     for n, (path, result) in enumerate(found):
+        protocol = result["protocol"]
+        values = result_columns(result, path)  # checked first: a damaged file stops the report before it is written
+        if protocol in NOT_ROWS or not values:  # a row of blanks (Run '?') would read as a failed evaluation
+            print(f"synco: report: left out {path}: "
+                  f"{NOT_ROWS.get(protocol, f'a {protocol} result with no column of this table')}.", file=sys.stderr)
+            continue
         key, ident = row_identity(result, path)
         row = rows.setdefault(key, dict(ident))
         for c in ID_COLUMNS:  # fill what an earlier file of the same run could not tell
             row[c] = row[c] or ident[c]
-        protocol = result["protocol"]
         rank = PROTOCOL_ORDER.index(protocol) if protocol in PROTOCOL_ORDER else len(PROTOCOL_ORDER)
         dataset = "" if protocol == "transfer" else str(result.get("dataset") or "")
         mtime = path.stat().st_mtime
-        for i, (col, value) in enumerate(result_columns(result, path)):
+        for i, (col, value) in enumerate(values):
             col_order.setdefault(col, (rank, n, i))
             datasets.setdefault(col, set()).add(dataset)
             old = cells.get((key, col, dataset))
             if old is None or mtime >= old[0]:
                 cells[(key, col, dataset)] = (mtime, value)
+    if not rows:
+        raise SyncoError(f"no result under {', '.join(map(str, dirs))} has a column of the method x metric table "
+                         "(see the notes above); run `synco eval knn|linear|finetune|transfer ...` first.")
     names: dict[tuple[str, str], str] = {}
     columns: list[str] = []
     for col in sorted(col_order, key=lambda c: col_order[c]):

@@ -18,7 +18,8 @@ Every image gets the same centre-crop preprocessing (resize the short side to si
 corruptions and the watermark are applied to the cropped uint8 image, as ImageNet-C/-W were made. With the
 default ``benchmarks`` (all), a benchmark whose folder is not given is skipped with a message; the others still
 run. A folder given that does not exist, or a benchmark named in ``benchmarks=`` without its data, is an error
-before any work (:func:`check_benchmark_data`).
+before any work (:func:`check_benchmark_data`); one named there that cannot be evaluated (e.g. a clean set without
+the head's classes) is an error too, before robustness.json is written.
 
 This module holds the options and the evaluator; the benchmarks are specified in :mod:`.benchmarks`, made
 in :mod:`.views`, :mod:`.classes` and :mod:`.corruptions`, and printed by :mod:`.robustness_tables`.
@@ -34,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..data.folder import SafeImageFolder
+from ..data.folder import EvalImageError, SafeImageFolder
 from ..device import resolve_device
 from ..engine import dist
 from ..errors import SyncoError
@@ -113,11 +114,28 @@ class RobustnessEvaluator:
                           "corruption": self.imagenet_c, "watermark": self.imagenet_w, "ood": self.imagenet_o}
 
     def run(self) -> dict:
-        for spec in specs_to_run(self.opts.benchmarks):
+        chosen = specs_to_run(self.opts.benchmarks)
+        for i, spec in enumerate(chosen):
             self._evaluate[spec.kind](spec)
+            if i + 1 == len(chosen) or chosen[i + 1].group != spec.group:  # the group's last benchmark
+                self._check_asked_group_ran(spec.group)
         if "clean" not in self.opts.benchmarks:  # run only as the source of other benchmarks
             self.results.pop("clean", None)
         return {"results": self.results, "skipped": self.skipped, "table13": table13_row(self.results)}
+
+    def _check_asked_group_ran(self, group: str) -> None:
+        """A group named in ``benchmarks=`` (a choice, not the default of all) that gave no number at all is an
+        error, at once and before robustness.json is written: exit 0 with an empty result would overwrite an
+        earlier one and pass for a measurement. (ImageNet-v2 counts when one of its variants ran.)"""
+        if group not in self.opts.benchmarks or sorted(set(self.opts.benchmarks)) == sorted(GROUPS):
+            return
+        specs = [s for s in BENCHMARKS if s.group == group]
+        if any(s.key in self.results for s in specs):
+            return
+        why = "; ".join(f"{s.column}: {self.skipped.get(s.key, 'not run')}" for s in specs)
+        raise SyncoError(f"benchmarks={list(self.opts.benchmarks)} asks for {group}, which could not be evaluated "
+                         f"({why}). Fix its data, or drop {group} from benchmarks=; robustness.json was not written "
+                         "(an earlier one is kept).")
 
     # -- helpers ----------------------------------------------------------------------------------
 
@@ -148,9 +166,12 @@ class RobustnessEvaluator:
         return path
 
     def _guard(self, spec: BenchmarkSpec, fn: Callable[[], Optional[dict]]) -> None:
-        """Run one benchmark; a user error (a folder without the head's classes, ...) skips it, not the rest."""
+        """Run one benchmark; a user error (a folder without the head's classes, ...) skips it, not the rest. An
+        unreadable image stops the command as in every evaluation (a benchmark skipped for it would hide it)."""
         try:
             res = fn()
+        except EvalImageError:
+            raise
         except SyncoError as e:
             self._skip(spec, str(e))
             return
@@ -288,7 +309,7 @@ class RobustnessEvaluator:
 
         def fpr():
             root_ = resolve_class_root(root, self.classes)
-            ds = SafeImageFolder(root_, transform=None)
+            ds = SafeImageFolder(root_, transform=None, strict=True)  # evaluated: an unreadable image is an error
             idx = subset_indices(len(ds), self.opts.max_images, self.opts.seed)
             r = self._eval(BenchmarkView(ds, idx, self._crop()), spec.column, want_scores=True)
             m = ood_metrics(self._clean_scores, r["scores"])

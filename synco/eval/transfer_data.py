@@ -4,7 +4,6 @@ multi-hot labels, and the checks that name a damaged file."""
 
 from __future__ import annotations
 
-import logging
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
@@ -12,7 +11,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 from torch.utils.data import Dataset
 
-from ..data.folder import MAX_SKIPS
+from ..data.folder import unreadable_eval_image
 from ..errors import SyncoError
 
 if TYPE_CHECKING:
@@ -20,7 +19,6 @@ if TYPE_CHECKING:
 
 VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
                "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]
-data_logger = logging.getLogger("synco.data")
 
 
 class ToRGB:
@@ -49,25 +47,19 @@ class SplitView(Dataset):
         return SplitView(self.items, self.targets, self.classes, transform, self.load)
 
     def __getitem__(self, i: int):
-        """Sample ``i``; an image that is missing or cannot be decoded is logged (``synco.data``, as
-        :class:`~synco.data.folder.SafeImageFolder` does) and the next readable sample, with its own target,
-        is returned instead: one bad file among thousands must not stop a training hours in."""
-        for attempt in range(MAX_SKIPS):
-            k = (i + attempt) % len(self.items)
-            base, j = self.items[k]
-            try:
-                img = self._rgb(self.load(base, j))
-                img.load()
-            except Exception as exc:  # noqa: BLE001 - decoders raise many types (OSError, SyntaxError, ...)
-                data_logger.warning("skipping unreadable image %s (%s: %s)", _image_path(base, j),
-                                    type(exc).__name__, exc)
-                continue
-            if self.transform is not None:
-                img = self.transform(img)
-            t = self.targets[k]
-            return img, (torch.as_tensor(t, dtype=torch.float32) if isinstance(t, list) else t)
-        raise SyncoError(f"{MAX_SKIPS} consecutive images from sample {i} on could not be read (the first: "
-                         f"{_image_path(*self.items[i])}); the dataset is damaged or incomplete.")
+        """Sample ``i``; an image that is missing or cannot be decoded stops the evaluation naming the file, as
+        every evaluation does (:func:`~synco.data.folder.unreadable_eval_image`): a neighbour in its place would
+        be counted twice and the numbers would be of another image set."""
+        base, j = self.items[i]
+        try:
+            img = self._rgb(self.load(base, j))
+            img.load()
+        except Exception as exc:  # noqa: BLE001 - decoders raise many types (OSError, SyntaxError, ...)
+            raise unreadable_eval_image(_image_path(base, j), exc) from None
+        if self.transform is not None:
+            img = self.transform(img)
+        t = self.targets[i]
+        return img, (torch.as_tensor(t, dtype=torch.float32) if isinstance(t, list) else t)
 
 
 def _image_path(base, j) -> str:
@@ -171,15 +163,33 @@ def sun397_split(ds, root: Path, opts: TransferOptions) -> tuple[SplitView, Spli
     for folder in (root / "SUN397", root):
         tr_f, te_f = folder / "Training_01.txt", folder / "Testing_01.txt"
         if tr_f.is_file() and te_f.is_file():
-            pos = {"/" + p.relative_to(ds._data_dir).as_posix(): i for i, p in enumerate(ds._image_files)}
-            tr = [pos[line.strip()] for line in tr_f.read_text().splitlines() if line.strip() in pos]
-            te = [pos[line.strip()] for line in te_f.read_text().splitlines() if line.strip() in pos]
+            pos = {p.relative_to(ds._data_dir).as_posix(): i for i, p in enumerate(ds._image_files)}
+            tr, te = sun397_partition(tr_f, pos, ds._data_dir), sun397_partition(te_f, pos, ds._data_dir)
             break
     else:
         tr, te = per_class_split(labels, opts.sun397_train_per_class, opts.seed)
         te = cap_per_class(te, labels, opts.sun397_train_per_class)
     return (SplitView([(ds, i) for i in tr], [labels[i] for i in tr], ds.classes),
             SplitView([(ds, i) for i in te], [labels[i] for i in te], ds.classes))
+
+
+def sun397_partition(path: Path, pos: dict, data_dir) -> list[int]:
+    """The samples a SUN397 partition file lists (``/a/abbey/sun_x.jpg``, one a line; a path written without the
+    leading '/' is the same image). An image listed but not on disk is an error naming how many and the first
+    few: the official split would silently become a smaller one."""
+    lines = [line.strip().lstrip("/") for line in path.read_text(encoding="utf-8-sig").splitlines()]
+    listed = list(dict.fromkeys(line for line in lines if line))
+    missing = [line for line in listed if line not in pos]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise SyncoError(f"SUN397: {len(missing)} of the {len(listed)} images the partition file '{path}' lists are "
+                         f"not under '{data_dir}' ({', '.join(missing[:3])}{more}): the extraction is incomplete "
+                         "or the file belongs to another copy. Extract SUN397 again, or remove Training_01.txt and "
+                         "Testing_01.txt to use the seeded per-class split (sun397_train_per_class).")
+    if not listed:
+        raise SyncoError(f"SUN397: the partition file '{path}' lists no images (expected lines such as "
+                         "/a/abbey/sun_aaalbzqrimafwbiv.jpg).")
+    return [pos[line] for line in listed]
 
 
 def cap_per_class(idx: list, labels: list, cap: int) -> list:

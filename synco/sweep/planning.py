@@ -2,7 +2,9 @@
 new, to resume or done; and the ``synco pretrain`` command that runs it.
 
 A point's config is built in one step, ``load_config(base, spec overrides + command-line overrides + the point's
-values)``, the path ``synco pretrain --config BASE key=value ...`` takes. So whatever the config derives from its
+values)``, the path ``synco pretrain --config BASE key=value ...`` takes; a command-line override replaces the spec's
+value of the same key (:func:`synco.options.layer_overrides`: one ``key=value`` per key reaches ``synco pretrain``,
+which refuses a key given twice with different values). So whatever the config derives from its
 values (a ViT built for ``data.image_size``) is derived from the point's values, never carried over from a config
 built for the shared ones.
 """
@@ -24,6 +26,7 @@ from ..config import Config, load_config
 from ..errors import SyncoError
 from ..io import find_yaml
 from ..methods import queue_fit_error
+from ..options import layer_overrides, load_yaml
 from .launch import Task
 from .spec import Point, SweepSpec, expand_points, override_keys
 
@@ -73,7 +76,7 @@ def plan(spec: SweepSpec, out: Path, extra: Optional[list[str]] = None, seeds: O
     runs = []
     for p in expand_points(spec):
         cfg = point_config(spec, p, extra, world)
-        overrides = spec.overrides + extra + p.overrides
+        overrides = point_overrides(spec, p, extra)
         for s in seeds:
             run_cfg = copy.deepcopy(cfg)
             run_cfg.seed = s
@@ -91,11 +94,17 @@ def _check_extra(spec: SweepSpec, extra: list[str]) -> None:
             raise SyncoError(f"{k} is swept by the spec's axes; it cannot also be given on the command line.")
 
 
+def point_overrides(spec: SweepSpec, point: Point, extra: list[str]) -> list[str]:
+    """The point's ``key=value`` list: the spec's overrides, replaced key by key by the command line's, then the
+    point's values (keys the other two cannot hold: parse_spec and _check_extra refuse that)."""
+    return layer_overrides(spec.overrides, extra, point.overrides, owner="config key")
+
+
 def point_config(spec: SweepSpec, point: Point, extra: list[str], world: int) -> Config:
     """The point's config as ``synco pretrain`` builds it, checked as that command checks it once it runs."""
     where = f"{spec.origin}, point '{point.name}'"
     try:
-        cfg = load_config(spec.base, spec.overrides + extra + point.overrides)
+        cfg = load_config(spec.base, point_overrides(spec, point, extra))
     except SyncoError as e:
         hint = ""
         if "data.root" in str(e):
@@ -148,7 +157,7 @@ def _saved_differences(run_dir: Path, cfg: Config) -> list[str]:
         saved = load_config(str(path)).to_dict()  # fills fields added to the config since the run was made
     except SyncoError:
         try:
-            saved = yaml.safe_load(path.read_text()) or {}
+            saved = load_yaml(path.read_text()) or {}  # synco's loader: a key given twice is refused, not dropped
         except (OSError, ValueError, yaml.YAMLError):  # ValueError: not UTF-8 text (a binary file)
             return [f"{path} cannot be read"]
         if not isinstance(saved, dict):

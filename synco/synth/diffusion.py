@@ -349,9 +349,19 @@ def train_diffusion(data: str, out, cfg: Optional[DiffusionTrainConfig] = None, 
     is written); a finished one is refused (choose a new ``out``).
     Returns a summary dict (also in ``synco_diffusion.json``).
     """
+    from ..io import claimed_output_dir
+
     cfg = cfg or DiffusionTrainConfig()
     validate_train_config(cfg)
-    out = Path(out)
+    # Checked before the data and the model are built (an unwritable --out fails at once), and locked: a second
+    # train on this --out would resume the same train_state.pt.
+    with claimed_output_dir(out, "synth-data train") as out:
+        return _train_into(data, out, cfg, progress)
+
+
+def _train_into(data: str, out: Path, cfg: DiffusionTrainConfig, progress: bool) -> dict:
+    """train_diffusion's work, once ``out`` is checked and locked (under the lock, so a run that finished a moment
+    ago is seen)."""
     if (out / MODEL_FILE).exists():
         raise SyncoError(f"'{out}' already holds a trained model ({MODEL_FILE}). Choose a new --out, or delete "
                          "the directory to train again.")

@@ -11,7 +11,8 @@ image file that exists is complete; a re-run skips them, removes the temporary f
 (a live one's are left alone), reconciles the manifest with the files present and generates only what is
 missing. The settings are checked against ``generation.json`` and every manifest entry first: a damaged one of
 either is refused, never read as empty (that would switch the check off). Image ``(class, index)`` is drawn from
-``image_seed(seed, class, index)`` alone, so it comes out the same whatever batch it falls into.
+``image_seed(seed, class, index)`` alone, so it comes out the same whatever batch it falls into. ``--out`` is
+checked writable before the model loads, and one generate at a time holds it (``OUT/.synco.lock``).
 
 Models (``--model``):
 
@@ -167,10 +168,21 @@ def generate(model: str, classes: Optional[str | list[str]], per_class: int, out
              cfg: Optional[GenerateConfig] = None, progress: bool = True) -> dict:
     """Fill ``out`` with ``per_class`` images for each class (see the module docstring). Returns figures:
     total, generated, skipped, seconds, images_per_second."""
+    from ..io import claimed_output_dir
+
     cfg = cfg or GenerateConfig()
     validate_generate_config(cfg)
     if per_class < 1:
         raise SyncoError("--per-class must be >= 1.")
+    # Checked before the model loads (an unwritable --out fails at once), and locked: a second generate on the same
+    # folder would rewrite the manifest and generation.json under the first and make the same images twice.
+    with claimed_output_dir(out, "synth-data generate") as out:
+        return _generate_into(model, classes, per_class, out, cfg, progress)
+
+
+def _generate_into(model: str, classes: Optional[str | list[str]], per_class: int, out: Path, cfg: GenerateConfig,
+                   progress: bool) -> dict:
+    """generate's work, once ``out`` is checked and locked."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -179,7 +191,6 @@ def generate(model: str, classes: Optional[str | list[str]], per_class: int, out
     ids = backend.class_ids(names)
     settings = _settings(backend, cfg)
 
-    out = Path(out)
     plan = prepare_folder(out, settings, names, ids, per_class)
     total = per_class * len(names)
     print(f"synco: {total} images ({len(names)} classes x {per_class}) from {backend.name} with {backend.sampler}, "

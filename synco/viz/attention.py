@@ -114,6 +114,10 @@ def capture_attention(model: nn.Module, images: torch.Tensor, block: int = -1) -
     if blocks is None or not has_global_attention(model):
         raise SyncoError(f"{type(model).__name__} has no global self-attention blocks to read attention from "
                          "(a ViT/DeiT is needed; for Swin use Grad-CAM or gradient saliency).")
+    depth = len(blocks)
+    if isinstance(block, bool) or not isinstance(block, int) or not -depth <= block < depth:
+        raise SyncoError(f"option 'block': {block!r} is not a block of this {depth}-block model; give an integer "
+                         f"from 0 to {depth - 1} (or from -{depth} to -1, counted from the last; -1 is the last).")
     attn = blocks[block].attn
     captured: list[torch.Tensor] = []
 
