@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -13,15 +14,28 @@ from .config import Config
 from .device import environment, resolve_device
 from .engine import dist, signals
 from .engine.checkpoint import throughput_totals
-from .engine.metrics import read_jsonl, training_summary
+from .engine.metrics import TRAINING_NUMBERS, read_jsonl, training_summary
 from .engine.train import Trainer
-from .eval.knn_protocol import evaluate_run, knn_monitor
+from .eval.knn_protocol import KNN_NUMBERS, evaluate_run, knn_monitor
 from .io import DirLock, atomic_write_text, check_output_dir, remove_stale_temps
 from .losses import chance_loss
 from .methods import method_spec, synthetic_window
 from .models.backbone import SYNCO_ONLY_EXPORT, backbone_meta, export_safetensors
 
 logger = logging.getLogger("synco")
+
+# Every number summary.json can hold at its top level: what a sweep may aggregate (its spec's metrics:) and what
+# must be a finite number (or null) for the file to count as a finished run's.
+SUMMARY_NUMBERS = ("epochs", "steps", "world_size", "global_batch", "effective_batch", "peak_lr", "images_per_second",
+                   "train_seconds", "train_images", "bad_images", *TRAINING_NUMBERS, *KNN_NUMBERS)
+
+
+def summary_damage(summary: dict) -> list[str]:
+    """The keys of a read-back ``summary.json`` whose value is no finite number: a file edited by hand or damaged
+    (training never writes a NaN loss: it stops as diverged), whose numbers must not be averaged or dropped."""
+    return [k for k in SUMMARY_NUMBERS if k in summary and summary[k] is not None and
+            (isinstance(summary[k], bool) or not isinstance(summary[k], (int, float)) or
+             not math.isfinite(summary[k]))]
 
 
 def _launch_rank() -> int:

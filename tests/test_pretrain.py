@@ -34,6 +34,11 @@ def test_cli_run_writes_every_output(tmp_path, tiny_overrides, capsys):
                 "images_per_second"):
         assert key in summary
     assert 0 <= summary["knn_top1"] <= 100 and summary["images_per_second"] > 0
+    # every number the summary holds is one a sweep may name in metrics: and checks when it reads the file back
+    from synco.pretrain import SUMMARY_NUMBERS
+
+    numbers = {k for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert numbers <= set(SUMMARY_NUMBERS), numbers - set(SUMMARY_NUMBERS)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 9))  # 128 images / 32 = 4 steps x 2 epochs

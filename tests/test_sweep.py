@@ -119,6 +119,7 @@ def test_seeds_and_compare_forms():
     ({"base": "cpu-demo", "seeds": 2, "axes": {"grid": {"epochs": [1, 2]}, "labels": {"epochs": ["a b", "a_b"]}}},
      "same folder name"),
     ({"base": "cpu-demo", "seeds": 2, "slurm": {"gpu": 1}}, "slurm: unknown entry 'gpu'"),
+    ({"base": "cpu-demo", "seeds": 2, "metrics": ["knn_top1", "nope_metric"]}, "'nope_metric' is not a number"),
 ])
 def test_bad_specs_are_one_paragraph(data, needle):
     with pytest.raises(SyncoError, match=None) as e:
@@ -239,6 +240,38 @@ def test_outputs_of_a_2d_grid_and_a_numeric_axis(tmp_path):
         _fake_run(r, 50.0 + r.seed + r.point.index[0])
     files = runner.write_outputs(line, lruns, tmp_path / "line", [], "").files
     assert (tmp_path / "line" / "sweep_knn_top1.png") in files
+
+
+def test_a_linear_section_naming_a_missing_root_fails_the_plan(tmp_path):
+    spec = _spec(linear={"dataset": "folder", "root": str(tmp_path / "nowhere")})
+    with pytest.raises(SyncoError, match="nowhere' does not exist"):
+        runner.check_linear_options(spec, runner.plan(spec, tmp_path / "out"))
+
+
+@pytest.mark.parametrize("value", [float("nan"), "9.9", True])
+def test_a_summary_with_a_damaged_number_is_resumed_not_counted(tmp_path, value):
+    spec = _spec(seeds=1)
+    (run,) = runner.plan(spec, tmp_path)
+    _fake_run(run, 90.0)
+    summary = {"knn_top1": 90.0, "final_loss": 4.2, "chance_loss": None}  # null: a method without negatives
+    (run.dir / "summary.json").write_text(json.dumps(summary))
+    assert runner.finished(run.dir)
+    (run.dir / "summary.json").write_text(json.dumps({**summary, "final_loss": value}))
+    assert not runner.finished(run.dir)  # so planned as a run to resume (synco pretrain rewrites the summary)
+
+
+@pytest.mark.parametrize("value", [float("nan"), 150.0, -1, "88"])
+def test_a_cached_linear_top1_that_is_no_percentage_is_probed_again_never_averaged(tmp_path, value):
+    spec = _spec(seeds=1)
+    (run,) = runner.plan(spec, tmp_path)
+    _fake_run(run, 90.0)
+    cache = run.dir / "sweep_eval.json"
+    cache.write_text(json.dumps({"linear_top1": 88.5}))
+    assert outputs.run_metrics(run.dir, ["linear_top1"]) == {"linear_top1": 88.5}
+    cache.write_text(json.dumps({"linear_top1": value}))
+    assert runner.cached_linear(run, spec) is None  # --linear runs the probe again
+    with pytest.raises(SyncoError, match="sweep_eval.json' holds linear_top1"):
+        outputs.run_metrics(run.dir, ["linear_top1"])
 
 
 def test_failed_run_is_reported_and_the_others_still_finish(tmp_path, monkeypatch, capsys):

@@ -38,6 +38,12 @@ def _split_dir(root: Path, split: str) -> Path:
                      f"a root holding class folders directly can only serve as the train split.")
 
 
+def check_split_dirs(root, splits=("train", "val")) -> None:
+    """That ``root`` holds the folders of ``splits`` (see :func:`_split_dir`), before any work that will need them."""
+    for split in splits:
+        _split_dir(Path(root), split)
+
+
 def build_dataset(name: str, root=None, split: str = "train", transform=None, class_list=None,
                   image_size: int = 32, bad_image_log=None, lazy: bool = False, strict: bool = False):
     """Build dataset ``name`` (see module docstring). ``class_list`` is a list of class folder names,

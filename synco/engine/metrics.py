@@ -81,6 +81,8 @@ def _records(path: Path) -> list[tuple[str, dict]]:
 # Hard-negative diagnostics summary.json keeps from the last training record (metrics.jsonl has them all along).
 DIAGNOSTICS = ("frac_queue_above_pos", "frac_negatives_above_pos", "negatives_above_pos", "same_class_above_pos",
                "same_class_in_queue", "hcl_clamped", "hcl_top_weight", "fnc_flagged", "fnc_precision")
+# The numbers training_summary can write (chance_loss is null for a method without negatives).
+TRAINING_NUMBERS = ("initial_loss", "final_loss", "chance_loss", "pos_cos", "hardest_neg_cos", *DIAGNOSTICS)
 
 
 def training_summary(records: list[dict], chance_loss: Optional[float]) -> dict:

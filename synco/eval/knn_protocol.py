@@ -197,6 +197,10 @@ class _Pixels(torch.nn.Module):
         return x.flatten(1)
 
 
+# The numbers evaluate_run puts in summary.json (besides its per-k tables).
+KNN_NUMBERS = ("knn_top1", "knn_top5", "knn_top1_k", "knn_top1_random_init", "knn_top1_pixels")
+
+
 @torch.no_grad()
 def evaluate_run(cfg, backbone: torch.nn.Module, device, progress: bool = True) -> dict:
     sets, why_not = _knn_sets(cfg)

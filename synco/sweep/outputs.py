@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..engine.metrics import read_jsonl, training_summary
+from ..errors import SyncoError
 from ..io import atomic_write_text
 from . import stats
 from .launch import LOCKED
 from .planning import Run, finished
+from .probe_cache import linear_top1_of
 from .spec import SweepSpec
 
 # Metrics read for every run (when present): summary.json keys, plus linear_top1 from sweep_eval.json.
@@ -48,11 +50,7 @@ def run_metrics(run_dir: Path, names: list[str]) -> dict[str, float]:
         summary = json.loads((run_dir / "summary.json").read_text())
     except (OSError, ValueError):
         return {}
-    try:
-        summary.update({k: v for k, v in json.loads((run_dir / "sweep_eval.json").read_text()).items()
-                        if k == "linear_top1"})
-    except (OSError, ValueError):
-        pass
+    summary.update(_cached_linear_top1(run_dir / "sweep_eval.json"))
     if any(name not in summary for name in names):  # summaries written before these keys existed
         summary = {**training_summary(read_jsonl(run_dir / "metrics.jsonl"), None), **summary}
     out = {}
@@ -61,6 +59,24 @@ def run_metrics(run_dir: Path, names: list[str]) -> dict[str, float]:
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
             out[name] = float(v)
     return out
+
+
+def _cached_linear_top1(path: Path) -> dict:
+    """``{"linear_top1": x}`` from a run's ``sweep_eval.json`` (``{}`` when there is none). One that holds no
+    percentage was damaged or edited: averaged in it would pass for a measured number, dropped it would leave the
+    point with a seed fewer unseen, so it stops the sweep naming the file (``--linear`` probes it again)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or a torn write: --linear probes again, the table has no cell
+        return {}
+    if not isinstance(data, dict) or "linear_top1" not in data:
+        return {}
+    top1 = linear_top1_of(data)
+    if top1 is None:
+        raise SyncoError(f"'{path}' holds linear_top1={data['linear_top1']!r}, not a top-1 in [0, 100]: the file was "
+                         "damaged or edited by hand. Re-run the sweep with --linear (the probe is run again), or "
+                         "delete the file.")
+    return {"linear_top1": top1}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -134,13 +134,17 @@ def check_launchable(cfg: Config, world: int, where: str) -> None:
 
 
 def finished(run_dir: Path) -> bool:
-    """Whether a run wrote a readable ``summary.json`` (a JSON object). One torn by a kill, or damaged, is not
-    finished: the run is resumed (``synco pretrain`` rewrites it from the last checkpoint), never counted done
-    and then left out of the tables unseen."""
+    """Whether a run wrote a readable ``summary.json`` (a JSON object whose numbers are finite numbers). One torn by
+    a kill, or damaged (a NaN or a string for a number), is not finished: the run is resumed (``synco pretrain``
+    rewrites it from the last checkpoint), never counted done and then averaged in or left out of the tables
+    unseen."""
+    from ..pretrain import summary_damage
+
     try:
-        return isinstance(json.loads((Path(run_dir) / "summary.json").read_text()), dict)
+        summary = json.loads((Path(run_dir) / "summary.json").read_text())
     except (OSError, ValueError):
         return False
+    return isinstance(summary, dict) and not summary_damage(summary)
 
 
 def run_difference_lines(saved: dict, current: dict) -> list[str]:

@@ -39,6 +39,7 @@ def linear_options(run: Run, spec: SweepSpec) -> dict:
 def check_linear_options(spec: SweepSpec, runs: list[Run]) -> None:
     """The options each run's `synco eval linear` will get (the spec's linear: section over the run's data), checked
     as that command checks them: a typo or a bad value fails the plan, not the probe after all the pretraining."""
+    from ..data.build import check_split_dirs
     from ..eval.linear import LinearOptions
     from ..eval.probe import check_recipe
     from ..options import apply_dict
@@ -51,7 +52,10 @@ def check_linear_options(spec: SweepSpec, runs: list[Run]) -> None:
             continue
         seen.add(key)
         try:
-            check_recipe(apply_dict(LinearOptions(), values))
+            opts = apply_dict(LinearOptions(), values)
+            check_recipe(opts)
+            if opts.dataset != "digits" and opts.root:  # the probe reads train/ and val/: both must be there
+                check_split_dirs(opts.root)
         except SyncoError as e:
             raise SyncoError(f"{spec.origin}, linear: section (the options of `synco eval linear`): {e}") from None
 
@@ -72,8 +76,16 @@ def cached_linear(run: Run, spec: SweepSpec) -> Optional[float]:
     if data.get("linear_options") != json.loads(json.dumps(linear_options(run, spec), default=str)) or \
             data.get("summary_sha1") != _sha1(run.dir / "summary.json"):
         return None
-    v = data.get("linear_top1")
-    return float(v) if isinstance(v, (int, float)) else None
+    return linear_top1_of(data)
+
+
+def linear_top1_of(data) -> Optional[float]:
+    """The top-1 a ``sweep_eval.json`` holds, or None when it holds no percentage (damaged or edited by hand: NaN,
+    150, a string), which is then probed again rather than averaged in."""
+    v = data.get("linear_top1") if isinstance(data, dict) else None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 100:  # NaN fails the range too
+        return None
+    return float(v)
 
 
 def linear_task(run: Run, spec: SweepSpec, launcher: str, threads: Optional[int]) -> Task:

@@ -246,6 +246,18 @@ def _parse_slurm(value: Any, origin: str) -> dict:
     return dict(value)
 
 
+def _check_metric_names(metrics: list[str], origin: str) -> None:
+    """Each name is a number summary.json can hold, or linear_top1 (``--linear``): a typo would otherwise be a
+    column that never appears, found only after the whole sweep ran."""
+    from ..pretrain import SUMMARY_NUMBERS  # what summary.json is written with, in one place
+
+    known = (*SUMMARY_NUMBERS, "linear_top1")
+    unknown = [m for m in metrics if m not in known]
+    if unknown:
+        raise SyncoError(f"{origin}: metrics: {', '.join(map(repr, unknown))} is not a number summary.json holds; "
+                         f"known: {', '.join(known)}.")
+
+
 def parse_spec(data: dict, origin: str = "sweep spec", name: str = "sweep") -> SweepSpec:
     unknown = sorted(set(data) - set(SPEC_KEYS))
     if unknown:
@@ -271,6 +283,7 @@ def parse_spec(data: dict, origin: str = "sweep spec", name: str = "sweep") -> S
     metrics = data.get("metrics") or []
     if not isinstance(metrics, list) or not all(isinstance(m, str) for m in metrics):
         raise SyncoError(f"{origin}: metrics must be a list of summary.json keys, e.g. [knn_top1, final_loss].")
+    _check_metric_names(metrics, origin)
     description = data.get("description") or ""
     return SweepSpec(name=str(data.get("name") or name), origin=origin, base=base, overrides=overrides,
                      dims=dims, seeds=seeds, compare=parse_compare(data.get("compare"), dims, origin),
