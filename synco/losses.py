@@ -98,16 +98,16 @@ def _statistics(l_pos, l_neg, l_syn, synthetic_slices) -> dict:
     # frac_queue_above_pos: queries whose hardest queue entry beats the positive; frac_negatives_above_pos: the
     # share of all queue entries that do (on digits the hardest one is often the same digit, written alike).
     above = (l_neg > pos).float()
-    stats = {"sim_pos": pos.mean(), "sim_hardest_neg": hardest.mean(),
+    stats = {"pos_cos": pos.mean(), "hardest_neg_cos": hardest.mean(),
              "frac_queue_above_pos": (hardest > pos).float().mean(), "frac_negatives_above_pos": above.mean(),
              "negatives_above_pos": above.sum(1).mean()}
     if l_syn is not None:
-        stats["sim_synthetic"] = l_syn.mean()
+        stats["synthetic_cos"] = l_syn.mean()
         stats["frac_synthetic_above_pos"] = (l_syn > pos).float().mean()
         stats["negatives_above_pos"] = stats["negatives_above_pos"] + (l_syn > pos).float().sum(1).mean()
         for name, span in (synthetic_slices or {}).items():
             if span.stop > span.start:
-                stats[f"sim_syn_{name}"] = l_syn[:, span].mean()
+                stats[f"synthetic_cos_{name}"] = l_syn[:, span].mean()
     return stats
 
 
@@ -162,9 +162,9 @@ def byol_loss(p: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, dict]:
         z: ``[B, C]`` target projections of the other view (any norm).
 
     Returns:
-        The mean loss (a scalar in [0, 4]) and ``{"sim_pos": mean cosine}`` (detached).
+        The mean loss (a scalar in [0, 4]) and ``{"pos_cos": mean cosine}`` (detached).
     """
     with torch.autocast(device_type=p.device.type, enabled=False):
         p, z = F.normalize(p.float(), dim=1), F.normalize(z.float(), dim=1)
         cos = (p * z).sum(dim=1)
-        return (2.0 - 2.0 * cos).mean(), {"sim_pos": cos.detach().mean()}
+        return (2.0 - 2.0 * cos).mean(), {"pos_cos": cos.detach().mean()}

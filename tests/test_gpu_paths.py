@@ -401,7 +401,7 @@ def test_synco_on_two_processes_shares_its_queue_and_draws_per_rank_streams(tmp_
     assert len(set(r0["draws"])) == 4  # the stream moves on between draws
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert [r["synthetic"] for r in records] == [1, 1]
-    assert all(math.isfinite(r["loss"]) and math.isfinite(r["sim_synthetic"]) for r in records)
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["synthetic_cos"]) for r in records)
 
 
 # --- torch.compile --------------------------------------------------------------------------------------

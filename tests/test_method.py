@@ -71,7 +71,7 @@ def test_outside_the_window_synco_is_exactly_moby(tiny_overrides):
     torch.testing.assert_close(l_synco, l_moby)
     torch.manual_seed(3)
     l_syn, stats, _ = synco(x1, x2, use_synthetic=True)
-    assert "sim_synthetic" in stats and l_syn > l_synco
+    assert "synthetic_cos" in stats and l_syn > l_synco
 
 
 def test_symmetric_loss_uses_the_other_views_queue(tiny_overrides):
@@ -192,7 +192,7 @@ def test_each_views_synthetic_negatives_come_from_the_other_views_queue(tiny_ove
     expect, swapped = by_hand(queue2, queue1), by_hand(queue1, queue2)
     torch.testing.assert_close(loss, expect, rtol=0, atol=1e-5)
     assert (swapped - expect).abs() > 1.0, (float(swapped), float(expect))
-    assert stats["sim_synthetic"] > 0.5  # view 1's synthetic negatives sit next to its queries
+    assert stats["synthetic_cos"] > 0.5  # view 1's synthetic negatives sit next to its queries
 
 
 def test_byol_pairs_each_prediction_with_the_other_views_target(tiny_overrides):
@@ -215,7 +215,7 @@ def test_byol_pairs_each_prediction_with_the_other_views_target(tiny_overrides):
     by_hand = (2 - 2 * F.cosine_similarity(q1, z2)).mean() + (2 - 2 * F.cosine_similarity(q2, z1)).mean()
     torch.testing.assert_close(loss, by_hand, rtol=0, atol=1e-5)
     expect_sim = (F.cosine_similarity(q1, z2).mean() + F.cosine_similarity(q2, z1).mean()) / 2
-    torch.testing.assert_close(stats["sim_pos"], expect_sim, rtol=0, atol=1e-6)
+    torch.testing.assert_close(stats["pos_cos"], expect_sim, rtol=0, atol=1e-6)
     torch.testing.assert_close(k1, F.normalize(z1, dim=1))  # the keys handed back are the normalised targets
     torch.testing.assert_close(k2, F.normalize(z2, dim=1))
     # the pairing, by its extremes: m.loss takes the predictions as they are

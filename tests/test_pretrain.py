@@ -42,9 +42,9 @@ def test_cli_run_writes_every_output(tmp_path, tiny_overrides, capsys):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 9))  # 128 images / 32 = 4 steps x 2 epochs
-    for key in ("loss", "lr", "momentum", "synthetic", "sim_pos", "sim_hardest_neg", "sim_synthetic",
+    for key in ("loss", "lr", "momentum", "synthetic", "pos_cos", "hardest_neg_cos", "synthetic_cos",
                 "images_per_second", "frac_queue_above_pos", "frac_synthetic_above_pos",
-                "sim_syn_interpolate", "sim_syn_signed_gradient_step"):
+                "synthetic_cos_interpolate", "synthetic_cos_signed_gradient_step"):
         assert key in steps[-1]
     # the EMA after optimizer step t uses m(t), t counted from 1 (MoBY), so the last step reaches m = 1
     from synco.schedules import momentum_at
@@ -71,7 +71,7 @@ def test_knn_monitor_logs_a_learning_curve(tmp_path, tiny_overrides):
     # K = 128 queue entries + 24 synthetic (window covers the last epoch here), summed over both views
     assert summary["chance_loss"] == pytest.approx(2 * math.log(1 + 128 + 24))
     last = [r for r in recs if "loss" in r][-1]
-    assert (summary["final_loss"], summary["pos_cos"]) == (last["loss"], last["sim_pos"])
+    assert (summary["final_loss"], summary["pos_cos"]) == (last["loss"], last["pos_cos"])
 
 
 def test_synthetic_window_in_metrics(tmp_path, tiny_overrides):
@@ -81,7 +81,7 @@ def test_synthetic_window_in_metrics(tmp_path, tiny_overrides):
     recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     active = {r["epoch"]: r["synthetic"] for r in recs if "loss" in r}
     assert active == {0: 0, 1: 1, 2: 1, 3: 0}
-    assert all(("sim_synthetic" in r) == bool(r["synthetic"]) for r in recs if "loss" in r)
+    assert all(("synthetic_cos" in r) == bool(r["synthetic"]) for r in recs if "loss" in r)
 
 
 def _weights(path):

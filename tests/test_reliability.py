@@ -719,9 +719,22 @@ def test_read_jsonl_skips_a_line_torn_by_a_kill(tmp_path):
     from synco.engine.metrics import read_jsonl, training_summary
 
     log = tmp_path / "metrics.jsonl"
-    log.write_text('{"step": 1, "epoch": 0, "loss": 9.0, "sim_pos": 0.1}\n'
-                   '{"step": 2, "epoch": 0, "loss": 7.0, "sim_pos": 0.3}\n{"step": 3, "lo')
+    log.write_text('{"step": 1, "epoch": 0, "loss": 9.0, "pos_cos": 0.1}\n'
+                   '{"step": 2, "epoch": 0, "loss": 7.0, "pos_cos": 0.3}\n{"step": 3, "lo')
     assert [r["step"] for r in read_jsonl(log)] == [1, 2]
     assert training_summary(read_jsonl(log), 11.1) == {"initial_loss": 9.0, "final_loss": 7.0, "chance_loss": 11.1,
                                                        "pos_cos": 0.3}
     assert read_jsonl(tmp_path / "missing.jsonl") == []
+
+
+def test_logs_of_earlier_versions_are_read_under_todays_names(tmp_path):
+    """Logs written before the cosines had one name (sim_pos in metrics.jsonl, pos_cos in summary.json) resume,
+    plot and aggregate like new ones."""
+    from synco.engine.metrics import read_jsonl, training_summary
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1, "loss": 9.0, "sim_pos": 0.1, "sim_hardest_neg": 0.2, "sim_synthetic": 0.3, '
+                   '"sim_syn_interpolate": 0.4, "lr": 0.1}\n{"step": 2, "loss": 8.0, "pos_cos": 0.5}\n')
+    assert read_jsonl(log) == [{"step": 1, "loss": 9.0, "pos_cos": 0.1, "hardest_neg_cos": 0.2, "synthetic_cos": 0.3,
+                                "synthetic_cos_interpolate": 0.4, "lr": 0.1}, {"step": 2, "loss": 8.0, "pos_cos": 0.5}]
+    assert training_summary(read_jsonl(log)[:1], None)["hardest_neg_cos"] == 0.2

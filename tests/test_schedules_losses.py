@@ -56,12 +56,12 @@ def test_info_nce_equals_explicit_softmax():
         logits = torch.stack(logits) / T
         expect += -(logits[0] - torch.logsumexp(logits, 0))
     assert loss.item() == pytest.approx(expect.item() / B, rel=1e-5)
-    assert stats["sim_pos"].item() == pytest.approx((q * k).sum(1).mean().item(), rel=1e-5)
-    assert stats["sim_hardest_neg"].item() == pytest.approx((q @ queue.T).max(1).values.mean().item(), rel=1e-5)
-    assert stats["sim_synthetic"].item() == pytest.approx(torch.einsum("bc,bsc->bs", q, syn).mean().item(), rel=1e-5)
+    assert stats["pos_cos"].item() == pytest.approx((q * k).sum(1).mean().item(), rel=1e-5)
+    assert stats["hardest_neg_cos"].item() == pytest.approx((q @ queue.T).max(1).values.mean().item(), rel=1e-5)
+    assert stats["synthetic_cos"].item() == pytest.approx(torch.einsum("bc,bsc->bs", q, syn).mean().item(), rel=1e-5)
     # without synthetic negatives it is MoCo's InfoNCE (Eq. 1)
     loss0, stats0 = info_nce(q, k, queue, T)
-    assert "sim_synthetic" not in stats0
+    assert "synthetic_cos" not in stats0
     assert loss0 < loss  # more negatives can only raise the denominator
 
 
@@ -83,10 +83,10 @@ def test_info_nce_statistics_per_synthetic_type_and_above_positive():
     k, queue = unit(0.5), torch.cat([unit(0.6), -e[:1]])
     syn = torch.cat([unit(0.9), unit(0.1), unit(0.3)]).unsqueeze(0)
     _, stats = info_nce(q, k, queue, 0.2, syn, {"a": slice(0, 2), "b": slice(2, 3), "off": slice(3, 3)})
-    assert stats["sim_syn_a"].item() == pytest.approx(0.5, abs=1e-6)
-    assert stats["sim_syn_b"].item() == pytest.approx(0.3, abs=1e-6)
-    assert "sim_syn_off" not in stats  # a type switched off (count 0) logs nothing
-    assert stats["sim_synthetic"].item() == pytest.approx((0.9 + 0.1 + 0.3) / 3, abs=1e-6)
+    assert stats["synthetic_cos_a"].item() == pytest.approx(0.5, abs=1e-6)
+    assert stats["synthetic_cos_b"].item() == pytest.approx(0.3, abs=1e-6)
+    assert "synthetic_cos_off" not in stats  # a type switched off (count 0) logs nothing
+    assert stats["synthetic_cos"].item() == pytest.approx((0.9 + 0.1 + 0.3) / 3, abs=1e-6)
     assert stats["frac_synthetic_above_pos"].item() == pytest.approx(1 / 3)  # only 0.9 beats 0.5
     assert stats["frac_queue_above_pos"].item() == 1.0  # the hardest queue entry (0.6) beats it
     assert stats["frac_negatives_above_pos"].item() == 0.5  # 0.6 does, -1 does not

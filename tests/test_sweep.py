@@ -199,9 +199,9 @@ def _fake_run(run, knn, loss=None):
     run.dir.mkdir(parents=True, exist_ok=True)
     (run.dir / "summary.json").write_text(json.dumps({"knn_top1": knn, "method": run.cfg.method}))
     if loss is not None:
-        (run.dir / "metrics.jsonl").write_text(json.dumps({"step": 1, "epoch": 0, "loss": loss + 1, "sim_pos": 0.1})
+        (run.dir / "metrics.jsonl").write_text(json.dumps({"step": 1, "epoch": 0, "loss": loss + 1, "pos_cos": 0.1})
                                                + "\n" + json.dumps({"step": 2, "epoch": 0, "loss": loss,
-                                                                    "sim_pos": 0.2, "sim_hardest_neg": 0.3}) + "\n")
+                                                                    "pos_cos": 0.2, "hardest_neg_cos": 0.3}) + "\n")
 
 
 def test_outputs_of_a_2d_grid_and_a_numeric_axis(tmp_path):
@@ -496,8 +496,8 @@ def _metrics_log(path, losses, knn_every=1):
     for epoch, epoch_losses in enumerate(losses):
         for loss in epoch_losses:
             step += 1
-            lines.append({"step": step, "epoch": epoch, "loss": loss, "sim_pos": 0.1 * epoch,
-                          "sim_hardest_neg": 0.5})
+            lines.append({"step": step, "epoch": epoch, "loss": loss, "pos_cos": 0.1 * epoch,
+                          "hardest_neg_cos": 0.5})
         lines.append({"step": step, "epoch": epoch, "epoch_end": True, "real_images": 8})
         if (epoch + 1) % knn_every == 0:
             lines.append({"step": step, "epoch": epoch, "knn_top1": 40.0 + 10 * epoch})

@@ -56,6 +56,17 @@ class MetricsLogger:
             self.writer.close()
 
 
+# The cosines' names in logs written by earlier synco versions (``sim_pos``, while summary.json said ``pos_cos``),
+# read under today's names, so old runs resume, plot and aggregate as new ones do.
+_OLD_NAMES = {"sim_pos": "pos_cos", "sim_hardest_neg": "hardest_neg_cos", "sim_synthetic": "synthetic_cos"}
+
+
+def _current_names(rec: dict) -> dict:
+    if not any(k.startswith("sim_") for k in rec):
+        return rec
+    return {_OLD_NAMES.get(k, "synthetic_cos_" + k[8:] if k.startswith("sim_syn_") else k): v for k, v in rec.items()}
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """The records of a JSONL log; a line that is not a JSON object (torn by a killed writer) is skipped."""
     return [rec for _, rec in _records(path)]
@@ -74,7 +85,7 @@ def _records(path: Path) -> list[tuple[str, dict]]:
         except ValueError:
             continue
         if isinstance(rec, dict):
-            records.append((line, rec))
+            records.append((line, _current_names(rec)))
     return records
 
 
@@ -93,10 +104,9 @@ def training_summary(records: list[dict], chance_loss: Optional[float]) -> dict:
     if steps:
         first, last = steps[0], steps[-1]
         out = {"initial_loss": first["loss"], "final_loss": last["loss"], "chance_loss": chance_loss}
-        for key, name in (("sim_pos", "pos_cos"), ("sim_hardest_neg", "hardest_neg_cos"),
-                          *((k, k) for k in DIAGNOSTICS)):
+        for key in ("pos_cos", "hardest_neg_cos", *DIAGNOSTICS):
             if key in last:
-                out[name] = last[key]
+                out[key] = last[key]
     curve = [[r["epoch"] + 1, r["knn_top1"]] for r in records if "knn_top1" in r]
     if curve:
         out["knn_curve"] = curve  # [epochs done, k-NN top-1]

@@ -2,7 +2,7 @@
 cosines of the positive and of the hardest negative against epoch, one line per run.
 
 Records are read as the engine writes them (``synco.engine.metrics``): per-step records carry ``step``,
-``epoch`` and ``loss`` (and ``sim_pos`` / ``sim_hardest_neg``); one ``epoch_end`` record per epoch
+``epoch`` and ``loss`` (and ``pos_cos`` / ``hardest_neg_cos``); one ``epoch_end`` record per epoch
 carries the step at which the epoch ended; monitor records carry ``knn_top1``. The x axis is the
 fractional epoch: a step is placed by linear interpolation between the epoch ends (extrapolated with
 the last epoch's length past the last one, e.g. in a run still going); a record logged at an epoch end
@@ -25,7 +25,7 @@ PANELS = {
     "loss": ("loss", "training loss", [("loss", "-")]),
     "knn": ("k-NN top-1", "k-NN top-1 (%)", [("knn_top1", "o-")]),
     "cosine": ("cosines", "cosine (solid: positive, dashed: hardest negative)",
-               [("sim_pos", "-"), ("sim_hardest_neg", "--")]),
+               [("pos_cos", "-"), ("hardest_neg_cos", "--")]),
 }
 DEFAULT_PANELS = ("loss", "knn", "cosine")
 
