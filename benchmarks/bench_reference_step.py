@@ -49,7 +49,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from synco.config import load_config  # noqa: E402
 from synco.device import configure_cpu  # noqa: E402
-from synco.engine.optim import build_optimizer  # noqa: E402
+from synco.engine.optim import create_optimizer  # noqa: E402
 from synco.engine.step import train_step  # noqa: E402
 from synco.models.backbone import backbone_kwargs, create_backbone  # noqa: E402
 from synco.models.method import create_model  # noqa: E402
@@ -156,7 +156,7 @@ def _config(backbone: str, batch: int):
 def build_ours(cfg, device):
     torch.manual_seed(0)
     model = create_model(cfg).to(device).train()
-    optimizer = build_optimizer(model, cfg.optim, LR, device)
+    optimizer = create_optimizer(model, cfg.optim, LR, device)
 
     def step(x1, x2):
         return train_step(model, model.online, optimizer, [(x1, x2)], use_synthetic=True, momentum=0.99,

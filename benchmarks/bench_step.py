@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_negatives import time_negatives  # noqa: E402
 
 from synco.config import load_config  # noqa: E402
-from synco.engine.optim import build_optimizer  # noqa: E402
+from synco.engine.optim import create_optimizer  # noqa: E402
 from synco.models.method import create_model  # noqa: E402
 
 
@@ -39,7 +39,7 @@ def time_step(preset: str, overrides: list[str], batch: int, device: torch.devic
     cfg = load_config(preset, overrides + [f"optim.batch_size={batch}"], needs_data=False)
     torch.manual_seed(0)
     model = create_model(cfg).to(device).train()
-    opt = build_optimizer(model, cfg.optim, 1e-4, device)
+    opt = create_optimizer(model, cfg.optim, 1e-4, device)
     size = cfg.model.backbone_kwargs.get("img_size", 224)
     x1 = torch.randn(batch, 3, size, size, device=device)
     x2 = torch.randn(batch, 3, size, size, device=device)

@@ -120,7 +120,7 @@ def part_sync_debug(cpu: bool, steps: int = 5) -> dict:
 
     import torch
 
-    from synco.engine.optim import build_optimizer
+    from synco.engine.optim import create_optimizer
     from synco.engine.step import train_step
 
     cfg, model, x = _model_and_inputs(cpu)
@@ -144,7 +144,7 @@ def part_sync_debug(cpu: bool, steps: int = 5) -> dict:
     from synco.data.batch_augment import BatchViews, sample_seeds
     from synco.data.transforms import view_params
 
-    optimizer = build_optimizer(model, cfg.optim, 1e-4, x.device)
+    optimizer = create_optimizer(model, cfg.optim, 1e-4, x.device)
     step = dict(use_synthetic=True, momentum=0.99, clip_grad=cfg.optim.clip_grad, bf16=True)
     size, batch = cfg.data.image_size, x.shape[0]
     views = BatchViews(size, view_params(cfg.data.augment)).to(x.device)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from synco.config import load_config  # noqa: E402
-from synco.engine.data import build_pretrain_data  # noqa: E402
+from synco.engine.data import create_pretrain_data  # noqa: E402
 from synco.engine.dist import DistInfo  # noqa: E402
 from synco.io import load_torch_file  # noqa: E402
 from synco.methods import method_spec  # noqa: E402
@@ -47,7 +47,7 @@ def replay(run_dir: Path, steps: int = 0) -> dict:
     model = create_model(cfg)
     model.load_state_dict(state["model"])
     model.train()  # batch statistics, as in training
-    data = build_pretrain_data(cfg, DistInfo())
+    data = create_pretrain_data(cfg, DistInfo())
     size, n_hard = cfg.contrast.queue_size, cfg.negatives.n_hard
     q_img = torch.full((size,), -1, dtype=torch.long)
     q_cls = torch.full((size,), -1, dtype=torch.long)

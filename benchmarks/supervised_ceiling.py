@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from synco.config import load_config
 from synco.data.digits import DigitsDataset
 from synco.data.transforms import AugmentationParams, TwoViews, byol_view
-from synco.engine.optim import build_optimizer, build_scheduler
+from synco.engine.optim import create_optimizer, create_scheduler
 from synco.eval.knn import top1_at
 from synco.eval.knn_protocol import knn_datasets, knn_of
 from synco.io import atomic_write_text
@@ -43,8 +43,8 @@ def train_supervised(cfg, seed: int) -> dict:
                                          num_workers=cfg.data.num_workers,
                                          generator=torch.Generator().manual_seed(seed))
     steps = len(loader) * cfg.epochs
-    opt = build_optimizer(model, cfg.optim, scaled_lr(cfg.optim.base_lr, cfg.optim.batch_size), torch.device("cpu"))
-    sched = build_scheduler(opt, steps, int(cfg.optim.warmup_epochs * len(loader)), cfg.optim.min_lr)
+    opt = create_optimizer(model, cfg.optim, scaled_lr(cfg.optim.base_lr, cfg.optim.batch_size), torch.device("cpu"))
+    sched = create_scheduler(opt, steps, int(cfg.optim.warmup_epochs * len(loader)), cfg.optim.min_lr)
     step, t0 = 0, time.perf_counter()
     model.train()
     for _ in range(cfg.epochs):

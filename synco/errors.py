@@ -10,13 +10,13 @@ class SyncoError(Exception):
 
 
 def key_error(what: str, prefix: str = "") -> Callable[[str, str], NoReturn]:
-    """The one form of a bad-setting error, naming the key: ``bad = key_error("config key")`` and then
-    ``bad("epochs", "must be >= 1.")`` raises ``SyncoError("config key 'epochs': must be >= 1.")``."""
+    """The one form of a bad-setting error, naming the key: ``refuse = key_error("config key")`` and then
+    ``refuse("epochs", "must be >= 1.")`` raises ``SyncoError("config key 'epochs': must be >= 1.")``."""
 
-    def bad(key: str, msg: str) -> NoReturn:
+    def refuse(key: str, msg: str) -> NoReturn:
         raise SyncoError(f"{what} '{prefix}{key}': {msg}")
 
-    return bad
+    return refuse
 
 
 class Interrupted(KeyboardInterrupt):

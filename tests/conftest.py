@@ -215,11 +215,11 @@ def first_step_gradients(checkpoint: dict, cfg) -> dict[str, torch.Tensor]:
     """``{online parameter name: its gradient}`` of the first optimizer step, read from a checkpoint written right
     after it: AdamW's first moment is then ``(1 - beta1) * gradient`` (after clipping), whatever the optimizer's
     kernel. Only the parameters the optimizer steps have one."""
-    from synco.engine.optim import build_optimizer
+    from synco.engine.optim import create_optimizer
     from synco.models.method import create_model
 
     model = create_model(cfg)
-    optimizer = build_optimizer(model, cfg.optim, 1.0, torch.device("cpu"))
+    optimizer = create_optimizer(model, cfg.optim, 1.0, torch.device("cpu"))
     names = {id(p): n for n, p in model.named_parameters()}
     order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
     state = checkpoint["optimizer"]["state"]

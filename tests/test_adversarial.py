@@ -15,7 +15,7 @@ from synco.eval.adversarial import (
     EPS,
     NormalizedClassifier,
     attack_accuracy,
-    build_attack,
+    create_attack,
     parse_attacks,
     table14_row,
 )
@@ -72,7 +72,7 @@ def test_fast_attacks_stay_in_the_eps_ball_and_lower_accuracy(toy, name):
     model, x, y = toy
     torch.manual_seed(0)
     clean = _acc(model, x, y)
-    adv = build_attack(name, model, 10)(x, y)
+    adv = create_attack(name, model, 10)(x, y)
     assert adv.shape == x.shape and adv.min() >= 0 and adv.max() <= 1
     assert (adv - x).abs().max() <= EPS + 1e-6
     assert (adv - x).abs().max() > EPS / 2  # it really moved
@@ -95,7 +95,7 @@ def test_attack_accuracy_reports_clean_and_each_attack(toy):
 
 def test_attacks_are_built_with_the_papers_settings(toy):
     model = toy[0]
-    a = {name: build_attack(name, model, 1000, seed=3) for name in ATTACKS}
+    a = {name: create_attack(name, model, 1000, seed=3) for name in ATTACKS}
     assert a["fgsm"].eps == EPS == 8 / 255
     assert (a["pgd"].eps, a["pgd"].alpha, a["pgd"].steps, a["pgd"].random_start) == (8 / 255, 2 / 255, 10, True)
     assert (a["cw"].c, a["cw"].kappa, a["cw"].steps, a["cw"].lr) == (1e-4, 0, 50, 0.01)

@@ -1,4 +1,4 @@
-"""Data layer: digits, safe image folders, transforms and build_dataset."""
+"""Data layer: digits, safe image folders, transforms and create_dataset."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from sklearn.datasets import load_digits
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
-from synco.data.build import build_dataset
+from synco.data.build import create_dataset
 from synco.data.digits import DigitsDataset, export_digits_imagefolder
 from synco.data.folder import SafeImageFolder, count_bad_images, load_class_list
 from synco.data.transforms import (
@@ -203,33 +203,33 @@ def test_load_class_list(tmp_path):
         load_class_list(tmp_path / "blank.txt")
 
 
-# ---------------------------------------------------------------- build_dataset
+# ---------------------------------------------------------------- create_dataset
 
 def test_build_digits():
-    train = build_dataset("digits", root="/ignored", split="train", image_size=16)
-    val = build_dataset("digits", split="val")
+    train = create_dataset("digits", root="/ignored", split="train", image_size=16)
+    val = create_dataset("digits", split="val")
     assert isinstance(train, DigitsDataset) and len(train) == 1437 and train[0][0].size == (16, 16)
     assert len(val) == 360 and val.classes == train.classes and len(val.targets) == 360
     with pytest.raises(SyncoError, match="class_list"):
-        build_dataset("digits", class_list=["0"])
+        create_dataset("digits", class_list=["0"])
 
 
 def test_build_folder_layouts(tiny_imagefolder, tmp_path):
-    train = build_dataset("folder", tiny_imagefolder, "train")
-    val = build_dataset("folder", tiny_imagefolder, "val", class_list=["space"])
+    train = create_dataset("folder", tiny_imagefolder, "train")
+    val = create_dataset("folder", tiny_imagefolder, "val", class_list=["space"])
     assert (len(train), len(train.targets), train.classes) == (18, 18, ["indoor", "outdoor", "space"])
     assert (len(val), val.classes) == (3, ["space"])
-    assert len(build_dataset("folder", tiny_imagefolder, "test")) == 9  # test is an alias for val
-    flat = build_dataset("folder", tiny_imagefolder / "train", "train")  # class folders directly
+    assert len(create_dataset("folder", tiny_imagefolder, "test")) == 9  # test is an alias for val
+    flat = create_dataset("folder", tiny_imagefolder / "train", "train")  # class folders directly
     assert len(flat) == 18
     with pytest.raises(SyncoError, match="no val/ folder.*root/train/<class>"):
-        build_dataset("folder", tiny_imagefolder / "train", "val")
+        create_dataset("folder", tiny_imagefolder / "train", "val")
     with pytest.raises(SyncoError, match=f"{tmp_path / 'missing'}.*root/train/<class>"):
-        build_dataset("folder", tmp_path / "missing")
+        create_dataset("folder", tmp_path / "missing")
     with pytest.raises(SyncoError, match="needs a root"):
-        build_dataset("folder")
+        create_dataset("folder")
     with pytest.raises(SyncoError, match="Unknown dataset 'cifar'.*digits, imagenet100, folder"):
-        build_dataset("cifar", tiny_imagefolder)
+        create_dataset("cifar", tiny_imagefolder)
 
 
 def test_build_imagenet100_uses_shipped_list(tmp_path):
@@ -239,11 +239,11 @@ def test_build_imagenet100_uses_shipped_list(tmp_path):
         for c in [*wnids, "n99999999"]:  # one class outside the list must be ignored
             (tmp_path / split / c).mkdir(parents=True)
             pixel.save(tmp_path / split / c / "a.png")
-    ds = build_dataset("imagenet100", tmp_path, "val", bad_image_log=tmp_path / "bad.txt")
+    ds = create_dataset("imagenet100", tmp_path, "val", bad_image_log=tmp_path / "bad.txt")
     assert ds.classes == sorted(wnids) and len(ds) == 100 and ds.targets == list(range(100))
     shutil.rmtree(tmp_path / "train" / wnids[0])
     with pytest.raises(SyncoError, match=f"1 of the 100 requested classes are missing.*{wnids[0]}"):
-        build_dataset("imagenet100", tmp_path, "train")
+        create_dataset("imagenet100", tmp_path, "train")
 
 
 # ---------------------------------------------------------------- transforms

@@ -65,7 +65,7 @@ def test_the_recipe(tmp_path, monkeypatch):
 
     model = FinetuneModel(TinyNet(), 3, hp.dropout)
     assert isinstance(model.dropout, nn.Dropout) and model.dropout.p == 0.1
-    opt = FT.build_optimizer(model, hp, 1e-3)
+    opt = FT.create_finetune_optimizer(model, hp, 1e-3)
     assert isinstance(opt, torch.optim.SGD)
     decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
     assert decay[id(model.backbone.fc.weight)] == 1e-4 and decay[id(model.head.weight)] == 1e-4

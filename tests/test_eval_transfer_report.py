@@ -16,8 +16,8 @@ import synco.eval.transfer as T
 from synco.cli.main import main
 from synco.errors import SyncoError
 from synco.eval.probe import multilabel_map
-from synco.eval.report import build_report, write_report
-from synco.eval.transfer import TransferOptions, build_transfer_split, run_transfer
+from synco.eval.report import create_report, write_report
+from synco.eval.transfer import TransferOptions, create_transfer_split, run_transfer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -92,7 +92,7 @@ def transfer_opts(root, **kw) -> TransferOptions:
 
 
 def test_cifar10_split_read_through_torchvision(cifar_root):
-    train, test = build_transfer_split("cifar10", cifar_root)
+    train, test = create_transfer_split("cifar10", cifar_root)
     assert len(train) == 30 and len(test) == 10 and train.classes == [f"c{i}" for i in range(10)]
     img, label = train[4]
     assert img.mode == "RGB" and img.size == (32, 32) and label == 1
@@ -129,7 +129,7 @@ def test_transfer_linear_and_finetune_on_fake_cifar10(cifar_root, tmp_path, monk
 
 def test_voc2007_multilabel_map(tmp_path):
     root, objects = fake_voc2007(tmp_path / "data")
-    train, test = build_transfer_split("voc2007", root)
+    train, test = create_transfer_split("voc2007", root)
     assert len(train) == 6 and len(test) == 4 and len(train.classes) == 20
     img, target = test[2]
     assert img.mode == "RGB" and target.dtype == torch.float32
@@ -174,7 +174,7 @@ def test_missing_and_unknown_datasets(tmp_path, cifar_root, capsys):
 def test_corrupt_dataset_names_the_class(tmp_path):
     fake_cifar10(tmp_path)  # real torchvision checks: the MD5s do not match
     with pytest.raises(SyncoError, match="torchvision.datasets.CIFAR10 cannot read"):
-        build_transfer_split("cifar10", tmp_path)
+        create_transfer_split("cifar10", tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,7 +224,7 @@ def results_tree(tmp_path):
 
 def test_report_table(results_tree):
     root, run_a, run_b = results_tree
-    rows, cols = build_report([root / "runs"])
+    rows, cols = create_report([root / "runs"])
     assert cols == ["Method", "Backbone", "Run", "k-NN k=10", "k-NN k=20", "k-NN k=100", "k-NN k=200",
                     "Linear top-1", "Linear top-5", "Fine-tune top-1", "CIFAR-10 (lin)", "VOC2007 (lin)"]
     by_run = {r["Run"]: r for r in rows}
@@ -240,7 +240,7 @@ def test_report_table(results_tree):
 def test_report_marks_datasets_when_a_metric_has_several(tmp_path):
     _write(tmp_path / "a" / "knn.json", _knn("random", [1.0, 2.0, 3.0, 4.0], dataset="digits"))
     _write(tmp_path / "b" / "knn.json", _knn("random", [5.0, 6.0, 7.0, 8.0], dataset="folder"))
-    rows, cols = build_report([tmp_path / "a", tmp_path / "b"])
+    rows, cols = create_report([tmp_path / "a", tmp_path / "b"])
     assert "k-NN k=20 [digits]" in cols and "k-NN k=20 [folder]" in cols and len(rows) == 1
     assert rows[0]["k-NN k=20 [folder]"] == 6.0
 

@@ -6,7 +6,7 @@ weight, BatchNorm statistics and queues; only the elements whose gradient is zer
 exempt, and every trained tensor must have moved):
 
 * ``precision=bf16`` through CPU autocast (on CUDA the same autocast region runs the matmuls in bf16);
-* fused AdamW (torch has a fused kernel for CPU as for CUDA; ``build_optimizer`` uses it on both);
+* fused AdamW (torch has a fused kernel for CPU as for CUDA; ``create_optimizer`` uses it on both);
 * ``compile=true`` (inductor: C++ kernels here, Triton on CUDA; the same dynamo / AOTAutograd capture);
 * DDP under gloo combined with each of them (NCCL on GPUs; the same DDP and sync-BN code), with gradient
   accumulation (``no_sync``), and SynCo itself on 2 processes (per-rank synthetic streams, one shared queue).
@@ -35,7 +35,7 @@ import torch
 from conftest import TINY_OVERRIDES, assert_same_first_step, initial_state, later_wins, zero_grad_mask
 
 from synco.config import load_config
-from synco.engine.optim import build_optimizer, fused_adamw_supported
+from synco.engine.optim import create_optimizer, fused_adamw_supported
 from synco.engine.train import Trainer, stop_at_step
 from synco.io import load_torch_file as load
 from synco.models.method import create_model
@@ -156,9 +156,9 @@ def test_fused_adamw_equals_foreach(tiny_overrides):
     twin = create_model(cfg).train()
     twin.load_state_dict(model.state_dict())
     start = {k: v.detach().clone() for k, v in model.online.named_parameters()}
-    fused = build_optimizer(model, cfg.optim, 1e-2, torch.device("cpu"))
+    fused = create_optimizer(model, cfg.optim, 1e-2, torch.device("cpu"))
     assert fused.defaults["fused"] and not fused.defaults["foreach"]
-    foreach = build_optimizer(twin, cfg.optim, 1e-2, torch.device("meta"))  # no fused kernel there
+    foreach = create_optimizer(twin, cfg.optim, 1e-2, torch.device("meta"))  # no fused kernel there
     assert foreach.defaults["foreach"] and not foreach.defaults["fused"]
     groups = [(g["weight_decay"], len(g["params"])) for g in fused.param_groups]
     assert groups == [(g["weight_decay"], len(g["params"])) for g in foreach.param_groups]

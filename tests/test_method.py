@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from synco.config import load_config
-from synco.engine.optim import build_optimizer
+from synco.engine.optim import create_optimizer
 from synco.models.backbone import TokenBatchNorm
 from synco.models.method import create_model
 from synco.options import layer_overrides
@@ -101,7 +101,7 @@ def test_gradients_reach_only_the_online_network(tiny_overrides):
 
 def test_weight_decay_groups_and_fixed_patch_embed(tiny_overrides):
     cfg, m = make(tiny_overrides, "model.fixed_patch_embed=true")
-    opt = build_optimizer(m, cfg.optim, 1e-3, torch.device("cpu"))
+    opt = create_optimizer(m, cfg.optim, 1e-3, torch.device("cpu"))
     ids = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
     b = m.online.backbone
     assert ids[id(b.pos_embed)] == 0 and ids[id(b.cls_token)] == 0

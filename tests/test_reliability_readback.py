@@ -284,13 +284,13 @@ def test_report_rows_are_runs_not_relative_paths(tmp_path, monkeypatch, capsys):
         # evaluated from inside its parent folder: the result holds the relative path "run1"
         (run / "eval" / "knn.json").write_text(json.dumps(_knn_result("run1", top1)))
     monkeypatch.chdir(tmp_path)
-    from synco.eval.report import build_report
+    from synco.eval.report import create_report
 
-    rows, _ = build_report(["A", "B"])
+    rows, _ = create_report(["A", "B"])
     got = sorted((r["Method"], r["k-NN k=20"]) for r in rows)
     assert got == [("byol", 52.0), ("synco", 61.0)]
     monkeypatch.chdir(tmp_path / "A")
-    rows, _ = build_report(["../B"])
+    rows, _ = create_report(["../B"])
     assert [(r["Method"], r["k-NN k=20"]) for r in rows] == [("byol", 52.0)]
 
 
@@ -469,16 +469,16 @@ def _voc(root: Path) -> Path:
 
 
 def test_transfer_corrupt_metadata_names_the_file(tmp_path):
-    from synco.eval.transfer import build_transfer_split
+    from synco.eval.transfer import create_transfer_split
 
     voc = _voc(tmp_path)
     xml = voc / "Annotations" / "tr1.xml"
     xml.write_text("<annotation><object><name>cat</na")
     with pytest.raises(SyncoError, match="tr1.xml"):
-        build_transfer_split("voc2007", tmp_path)
+        create_transfer_split("voc2007", tmp_path)
     xml.write_text("<annotation><object><pose>Left</pose></object></annotation>")
     with pytest.raises(SyncoError, match="tr1.xml"):
-        build_transfer_split("voc2007", tmp_path)
+        create_transfer_split("voc2007", tmp_path)
     cars = tmp_path / "stanford_cars"
     (cars / "devkit").mkdir(parents=True)
     (cars / "cars_train").mkdir()
@@ -486,7 +486,7 @@ def test_transfer_corrupt_metadata_names_the_file(tmp_path):
     for name in ("devkit/cars_meta.mat", "devkit/cars_train_annos.mat", "cars_test_annos_withlabels.mat"):
         (cars / name).write_bytes(b"MATLAB 5.0 MAT-file, truncated")
     with pytest.raises(SyncoError, match=r"cars_\w+\.mat"):
-        build_transfer_split("cars", tmp_path)
+        create_transfer_split("cars", tmp_path)
 
 
 def test_sun397_fallback_split_does_not_depend_on_listing_order(tmp_path):

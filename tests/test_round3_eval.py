@@ -118,12 +118,12 @@ def test_unreadable_eval_image_through_a_worker_is_one_paragraph(tmp_path, tiny_
 
 
 def test_transfer_stops_at_a_missing_or_corrupt_image(tmp_path):
-    from synco.eval.transfer import build_transfer_split
+    from synco.eval.transfer import create_transfer_split
 
     voc = _voc(tmp_path)
     (voc / "JPEGImages" / "tr1.jpg").write_bytes(b"garbage")
     (voc / "JPEGImages" / "te2.jpg").unlink()
-    train, test = build_transfer_split("voc2007", tmp_path)
+    train, test = create_transfer_split("voc2007", tmp_path)
     assert train[0][0].size == (12, 10) and test[1][0].size == (12, 10)
     with pytest.raises(SyncoError, match="tr1.jpg"):
         train[1]

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from synco import schedules
-from synco.engine.optim import build_scheduler
+from synco.engine.optim import create_scheduler
 from synco.losses import byol_loss, info_nce
 
 
@@ -25,7 +25,7 @@ def test_momentum_schedule_endpoints_and_midpoint():
 def test_timm_scheduler_matches_warmup_cosine_closed_form():
     total, warmup, peak = 200, 30, 0.01
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
-    sched = build_scheduler(opt, total, warmup, min_lr=0.0)
+    sched = create_scheduler(opt, total, warmup, min_lr=0.0)
     for step in [0, 1, 15, 29, 30, 31, 100, 199, 200]:
         sched.step_update(num_updates=step)
         assert opt.param_groups[0]["lr"] == pytest.approx(schedules.lr_at(step, total, warmup, peak), abs=1e-12)

@@ -11,7 +11,7 @@ import logging
 import os
 from pathlib import Path
 
-from ..engine import dist as D
+from ..engine import dist
 from ..errors import SyncoError
 from ..options import apply_overrides, check_options
 
@@ -165,4 +165,4 @@ def run_protocol(args, options_cls, protocol) -> int:
 
 
 def finish() -> None:
-    D.cleanup()
+    dist.cleanup()

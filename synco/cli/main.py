@@ -17,7 +17,7 @@ from ..errors import Interrupted, SyncoError
 SUBCOMMANDS = ("pretrain", "evaluate", "report", "synth_data", "visualize", "sweep", "views", "doctor")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def create_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="synco", description="Self-supervised vision transformers with synthetic hard negatives.")
     parser.add_argument("--version", action="version", version=f"synco {__version__}")
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    parser = build_parser()
+    parser = create_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come before or after flags: collect the ones argparse left over.
     unknown = [a for a in extra if "=" not in a or a.startswith("-")]

@@ -44,7 +44,7 @@ def check_split_dirs(root, splits=("train", "val")) -> None:
         _split_dir(Path(root), split)
 
 
-def build_dataset(name: str, root=None, split: str = "train", transform=None, class_list=None,
+def create_dataset(name: str, root=None, split: str = "train", transform=None, class_list=None,
                   image_size: int = 32, bad_image_log=None, lazy: bool = False, strict: bool = False):
     """Build dataset ``name`` (see module docstring). ``class_list`` is a list of class folder names,
     a class-list file or a shipped list name; for ``imagenet100`` it defaults to the shipped list. ``lazy``: folder
@@ -68,8 +68,8 @@ def build_dataset(name: str, root=None, split: str = "train", transform=None, cl
 
 
 def count_classes(name: str, root=None, class_list=None, split: str = "train"):
-    """How many classes ``build_dataset`` would give, from folder names only (no image is listed), or None
-    when that cannot be told cheaply; layout errors are the same clear errors ``build_dataset`` raises."""
+    """How many classes ``create_dataset`` would give, from folder names only (no image is listed), or None
+    when that cannot be told cheaply; layout errors are the same clear errors ``create_dataset`` raises."""
     if name == "digits":
         return 10
     if name not in DATASETS or root is None:

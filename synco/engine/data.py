@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler, Subset
 
 from ..data.batch_augment import BatchViews, normalize, sample_seeds
-from ..data.build import build_dataset
+from ..data.build import create_dataset
 from ..data.crops import PerImageViews, ViewCrops, image_size
 from ..data.folder import SafeImageFolder, UnreadableImage, count_bad_images
 from ..data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, view_params
@@ -239,7 +239,7 @@ class PretrainData:
         self.device_views: Optional[BatchViews] = None
         self._mean_std: Optional[list] = None
         views = (ViewCrops if self.on_device else PerImageViews)(d.image_size, view_params(d.augment))
-        self.real = build_dataset(d.dataset, root=d.root, split="train", class_list=d.class_list,
+        self.real = create_dataset(d.dataset, root=d.root, split="train", class_list=d.class_list,
                                   image_size=d.image_size, bad_image_log=bad_image_log, lazy=True)
         if d.max_images and d.max_images < len(self.real):
             keep = torch.randperm(len(self.real), generator=torch.Generator().manual_seed(seed))[: d.max_images]
@@ -352,5 +352,5 @@ def pretrain_data_kwargs(cfg, dist) -> dict:
                 rank=dist.rank)
 
 
-def build_pretrain_data(cfg, dist, bad_image_log: Optional[Path] = None) -> PretrainData:
+def create_pretrain_data(cfg, dist, bad_image_log: Optional[Path] = None) -> PretrainData:
     return PretrainData(**pretrain_data_kwargs(cfg, dist), bad_image_log=bad_image_log)

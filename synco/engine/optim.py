@@ -17,7 +17,7 @@ def fused_adamw_supported(device: torch.device) -> bool:
     return torch.device(device).type in supported
 
 
-def build_optimizer(model: torch.nn.Module, ocfg, lr: float, device: torch.device) -> torch.optim.Optimizer:
+def create_optimizer(model: torch.nn.Module, ocfg, lr: float, device: torch.device) -> torch.optim.Optimizer:
     """Norms, biases (all 1-D params) and ``model.no_weight_decay()`` names (pos_embed, cls_token) get no decay;
     frozen params (e.g. a fixed patch embedding) are left out.
 
@@ -28,7 +28,7 @@ def build_optimizer(model: torch.nn.Module, ocfg, lr: float, device: torch.devic
                                betas=tuple(ocfg.betas), **kwargs)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
+def create_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
                     min_lr: float = 0.0) -> CosineLRScheduler:
     """Linear warm-up from 0 over ``warmup_steps``, then cosine to ``min_lr`` at ``total_steps``;
     call ``step_update(num_updates=global_step)`` before each optimizer step."""

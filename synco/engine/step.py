@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from . import dist as D
+from . import dist
 
 
 def _no_mark(part: str) -> None:
@@ -54,8 +54,8 @@ def train_step(model: nn.Module, online: nn.Module, optimizer: torch.optim.Optim
             mark("loss (rest of forward)")
             (loss / len(micro_batches)).backward()
             mark("backward")
-        model.enqueue(D.all_gather_cat(k1), D.all_gather_cat(k2),
-                      None if labels is None else D.all_gather_cat(labels))
+        model.enqueue(dist.all_gather_cat(k1), dist.all_gather_cat(k2),
+                      None if labels is None else dist.all_gather_cat(labels))
         stats["loss"] = loss.detach()
         for key, v in stats.items():
             sums[key] = sums.get(key, 0) + v.float()

@@ -29,9 +29,9 @@ from ..models.backbone import backbone_meta, export_safetensors, load_state_chec
 from ..models.method import create_model
 from ..resume import RESUMABLE_CHANGES, config_differences
 from . import checkpoint as ckpt, dist as D, signals as sig
-from .data import build_pretrain_data
+from .data import create_pretrain_data
 from .metrics import MetricsLogger
-from .optim import build_optimizer, build_scheduler
+from .optim import create_optimizer, create_scheduler
 from .step import train_step
 from .syncbn import convert_sync_batchnorm
 
@@ -103,7 +103,7 @@ class Trainer:
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         D.barrier()
-        self.data = build_pretrain_data(cfg, self.dist, bad_image_log=self.out / "bad_images.txt")
+        self.data = create_pretrain_data(cfg, self.dist, bad_image_log=self.out / "bad_images.txt")
         self.batches_per_epoch = self.data.samples_per_rank // cfg.optim.batch_size
         self.steps_per_epoch = self.batches_per_epoch // cfg.optim.accum_steps
         if self.steps_per_epoch < 1:
@@ -125,9 +125,9 @@ class Trainer:
             self.online = DDP(self.model.online, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                               broadcast_buffers=False, gradient_as_bucket_view=True)
         self.peak_lr = schedules.scaled_lr(cfg.optim.base_lr, self.effective_batch)
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.peak_lr, self.device)
+        self.optimizer = create_optimizer(self.model, cfg.optim, self.peak_lr, self.device)
         self.warmup_steps = int(round(cfg.optim.warmup_epochs * self.steps_per_epoch))
-        self.scheduler = build_scheduler(self.optimizer, self.total_steps, self.warmup_steps, cfg.optim.min_lr)
+        self.scheduler = create_scheduler(self.optimizer, self.total_steps, self.warmup_steps, cfg.optim.min_lr)
         if cfg.compile:
             self.online = torch.compile(self.online)
             self.model.compile_target_and_loss()

@@ -38,7 +38,7 @@ from ..engine import dist
 from ..errors import SyncoError
 from ..options import opt
 from .classes import head_labels
-from .common import CROP_RATIO, EvalOptions, build_eval_set, eval_split_and_crop
+from .common import CROP_RATIO, EvalOptions, create_eval_set, eval_split_and_crop
 from .head import load_classifier
 from .results import markdown_table, save_result
 from .views import BenchmarkView, center_crop_ops, subset_indices
@@ -139,7 +139,7 @@ def parse_attacks(value) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def build_attack(name: str, model: nn.Module, n_classes: int, seed: int = 0):
+def create_attack(name: str, model: nn.Module, n_classes: int, seed: int = 0):
     """The torchattacks object for ``name`` with the paper's parameters."""
     try:
         import torchattacks  # noqa: F401
@@ -168,7 +168,7 @@ def attack_accuracy(model: nn.Module, loader: DataLoader, attacks: Sequence[str]
     log(f"clean: top-1 {out['clean']['top1']:.2f}% on {n} images")
     for name in attacks:
         torch.manual_seed(seed)
-        atk = build_attack(name, model, n_classes, seed)
+        atk = create_attack(name, model, n_classes, seed)
         correct, n, linf, l2_sum = 0, 0, 0.0, 0.0
         t0 = time.perf_counter()
         for x, y in tqdm(loader, desc=name, disable=not progress or not dist.is_main(), leave=False):
@@ -216,7 +216,7 @@ def run_adversarial(checkpoint: str, head_path: str, out: Path, opts: Adversaria
     torch.manual_seed(opts.seed)
     classifier, classes, size, meta, _ = load_classifier(checkpoint, head_path, opts, device)
     model = NormalizedClassifier(classifier).to(device).eval()
-    base = build_eval_set(opts, size)
+    base = create_eval_set(opts, size)
     labels, missing = head_labels(list(base.classes), classes)
     if missing:
         raise SyncoError(f"the evaluation set's classes ({', '.join(missing[:4])}, ...) are not classes of the "

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from ..data.build import build_dataset
+from ..data.build import create_dataset
 from ..data.transforms import eval_transform
 from ..device import resolve_device  # noqa: F401 (protocols import it from here)
 from ..errors import SyncoError
@@ -19,7 +19,7 @@ MAX_EVAL_BATCH = 2**16  # a larger batch only fills memory: 65,536 images of 224
 
 @dataclass
 class EvalOptions:
-    dataset: str = "digits"  # digits | folder | imagenet100 (build_dataset names the choices)
+    dataset: str = "digits"  # digits | folder | imagenet100 (create_dataset names the choices)
     root: Optional[str] = None
     class_list: Optional[str] = None
     # default: the backbone's input size (a ViT or Swin takes only the size it was built for)
@@ -98,22 +98,22 @@ def eval_split_and_crop(dataset: str) -> tuple[str, float]:
     return ("test", 1.0) if dataset == "digits" else ("val", DEFAULT_CROP_RATIO)
 
 
-def build_eval_set(opts: EvalOptions, size: int, transform=None, strict: bool = True):
+def create_eval_set(opts: EvalOptions, size: int, transform=None, strict: bool = True):
     """The evaluation split of ``opts.dataset`` (see :func:`eval_split_and_crop`). ``strict``: an unreadable image
     stops the evaluation naming it, never replaced by its neighbour (counted twice, silently)."""
     split, _ = eval_split_and_crop(opts.dataset)
-    return build_dataset(opts.dataset, root=opts.root, split=split, transform=transform,
+    return create_dataset(opts.dataset, root=opts.root, split=split, transform=transform,
                          class_list=opts.class_list, image_size=size, strict=strict)
 
 
 def eval_datasets(opts: EvalOptions, size: int, train_transform=None, test_transform=None, strict: bool = True):
     """(train, test) for the protocol; test is the evaluation split (:func:`eval_split_and_crop`). ``strict``: as
-    for :func:`build_eval_set`, on both splits (the k-NN bank and the probes' training images are numbers too)."""
+    for :func:`create_eval_set`, on both splits (the k-NN bank and the probes' training images are numbers too)."""
     _, crop_ratio = eval_split_and_crop(opts.dataset)
     t_test = test_transform or eval_transform(size, crop_ratio=crop_ratio)
-    train = build_dataset(opts.dataset, split="train", transform=train_transform or t_test, root=opts.root,
+    train = create_dataset(opts.dataset, split="train", transform=train_transform or t_test, root=opts.root,
                           class_list=opts.class_list, image_size=size, strict=strict)
-    test = build_eval_set(opts, size, t_test, strict)
+    test = create_eval_set(opts, size, t_test, strict)
     check_same_classes(list(train.classes), list(test.classes), opts.root)
     return train, test
 

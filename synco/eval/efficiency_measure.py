@@ -91,14 +91,14 @@ class _DeviceViewInputs:
 
 
 class _LoaderInputs:
-    """Batches from the preset's training pipeline (``build_pretrain_data``, as the trainer builds it, with its
+    """Batches from the preset's training pipeline (``create_pretrain_data``, as the trainer builds it, with its
     DataLoader workers), epoch after epoch."""
 
     def __init__(self, cfg, device: torch.device):
-        from ..engine.data import build_pretrain_data
+        from ..engine.data import create_pretrain_data
         from ..engine.dist import DistInfo
 
-        self.data, self.device, self.epoch = build_pretrain_data(cfg, DistInfo()), device, 0
+        self.data, self.device, self.epoch = create_pretrain_data(cfg, DistInfo()), device, 0
         self._it = iter(self.data.loader(0))
 
     def next(self, timeline: StepTimeline):
@@ -136,14 +136,14 @@ class _Bench:
     trainer's own ``train_step`` at a fixed momentum."""
 
     def __init__(self, cfg, opts: EfficiencyOptions, device: torch.device):
-        from ..engine.optim import build_optimizer
+        from ..engine.optim import create_optimizer
         from ..models.method import create_model
         from ..schedules import scaled_lr
 
         self.cfg = cfg
         self.model = create_model(cfg).to(device)
         self.params = count_parameters(self.model)
-        self.optimizer = build_optimizer(self.model, cfg.optim, scaled_lr(cfg.optim.base_lr, cfg.optim.batch_size),
+        self.optimizer = create_optimizer(self.model, cfg.optim, scaled_lr(cfg.optim.base_lr, cfg.optim.batch_size),
                                          device)
         self.online = self.model.online  # compiled by compile(), after the FLOPs are counted
         inputs = {"loader": lambda: _LoaderInputs(cfg, device),

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..engine import dist
-from ..engine.optim import build_scheduler
+from ..engine.optim import create_scheduler
 from ..errors import SyncoError
 from ..io import atomic_save
 from ..options import opt
@@ -91,7 +91,7 @@ class FinetuneModel(nn.Module):
         return {f"backbone.{n}" for n in names}
 
 
-def build_optimizer(model: nn.Module, hp: FinetuneHParams, lr: float) -> torch.optim.Optimizer:
+def create_finetune_optimizer(model: nn.Module, hp: FinetuneHParams, lr: float) -> torch.optim.Optimizer:
     from timm.optim import create_optimizer_v2
 
     return create_optimizer_v2(model, opt="nesterov" if hp.nesterov else "momentum", lr=lr,
@@ -159,8 +159,8 @@ class _FinetuneRun:
         if dist.world_size() > 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = self.net = model  # net: what the batches go through (the model, or its DDP wrapper)
-        self.optimizer = build_optimizer(model, hp, lr)
-        self.scheduler = build_scheduler(self.optimizer, hp.epochs * steps, hp.warmup_epochs * steps)
+        self.optimizer = create_finetune_optimizer(model, hp, lr)
+        self.scheduler = create_scheduler(self.optimizer, hp.epochs * steps, hp.warmup_epochs * steps)
         self.loss_fn = _loss_function(data.multilabel, hp.label_smoothing)
         self.hp, self.device = hp, device
         self.epoch, self.step, self.history = 0, 0, []

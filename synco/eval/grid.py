@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..engine.optim import build_scheduler
+from ..engine.optim import create_scheduler
 from .probe import head_metrics
 from .results import markdown_table
 
@@ -74,7 +74,7 @@ class GridTrainer:
                                          weight_decay=hp.weight_decay)
         self.steps_per_epoch = int(steps_per_epoch)
         self.total_steps = hp.epochs * self.steps_per_epoch
-        self.scheduler = build_scheduler(self.optimizer, self.total_steps, hp.warmup_epochs * self.steps_per_epoch)
+        self.scheduler = create_scheduler(self.optimizer, self.total_steps, hp.warmup_epochs * self.steps_per_epoch)
         self.step_count = 0
         self._loss_sum = torch.zeros(len(self.lrs), device=self.device)
         self._loss_n = 0

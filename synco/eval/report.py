@@ -163,7 +163,7 @@ def result_columns(result: dict, path: Path = Path("?")) -> list[tuple[str, floa
     return [(c, v) for c, v in cols if v is not None]
 
 
-def build_report(dirs: list) -> tuple[list[dict], list[str]]:
+def create_report(dirs: list) -> tuple[list[dict], list[str]]:
     found = find_results(dirs)
     if not found:
         raise SyncoError(f"no result JSON files (with a 'protocol' key) under {', '.join(map(str, dirs))}; "
@@ -217,7 +217,7 @@ def to_csv(rows: list[dict], columns: list[str]) -> str:
 
 
 def write_report(dirs: list, out: Path = Path(".")) -> tuple[str, Path, Path]:
-    rows, columns = build_report(dirs)
+    rows, columns = create_report(dirs)
     md = markdown_table(rows, columns)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

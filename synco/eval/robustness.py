@@ -42,7 +42,7 @@ from ..errors import SyncoError
 from ..options import check_options, opt
 from .benchmarks import BENCHMARKS, BY_KEY, GROUPS, BenchmarkSpec, find_v2_variants, specs_to_run
 from .classes import head_labels, masked_argmax, open_class_folder, preview, resolve_class_root
-from .common import CROP_RATIO, DEFAULT_CROP_RATIO, EvalOptions, build_eval_set, eval_split_and_crop
+from .common import CROP_RATIO, DEFAULT_CROP_RATIO, EvalOptions, create_eval_set, eval_split_and_crop
 from .corruptions import IMAGENET_C, SEVERITIES, Corruption, Watermark, check_corruptions, summarize_corruptions
 from .head import load_classifier
 from .ood import max_softmax_probability, ood_metrics
@@ -196,7 +196,7 @@ class RobustnessEvaluator:
             self._skip(spec, "no clean validation set (dataset=none)")
             return
         try:
-            base = build_eval_set(o, self.size)
+            base = create_eval_set(o, self.size)
         except SyncoError as e:
             self._skip(spec, str(e))
             return

@@ -124,7 +124,7 @@ def missing_message(root: Path, specs: list[TransferSpec]) -> str:
 # Datasets
 
 
-def build_transfer_split(name: str, root, opts: Optional[TransferOptions] = None) -> tuple[SplitView, SplitView]:
+def create_transfer_split(name: str, root, opts: Optional[TransferOptions] = None) -> tuple[SplitView, SplitView]:
     """(train, test) views of dataset ``name`` without transforms (set them with ``with_transform``)."""
     import torchvision.datasets as tvd
 
@@ -185,7 +185,7 @@ def build_transfer_split(name: str, root, opts: Optional[TransferOptions] = None
 
 
 def transfer_probe_data(name: str, root, size: int, crop_scale, opts: Optional[TransferOptions] = None) -> ProbeData:
-    train, test = build_transfer_split(name, root, opts)
+    train, test = create_transfer_split(name, root, opts)
     t_test = eval_transform(size)
     spec = SPECS[name]
     return ProbeData(train.with_transform(train_classification_transform(size, crop_scale=tuple(crop_scale))),

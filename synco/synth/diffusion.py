@@ -102,7 +102,7 @@ def validate_train_config(cfg: DiffusionTrainConfig) -> None:
         refuse("guidance", "classifier-free guidance needs a model trained with p_uncond > 0.")
 
 
-def build_noise_scheduler(cfg: DiffusionTrainConfig):
+def create_noise_scheduler(cfg: DiffusionTrainConfig):
     """The training noise schedule (DDPM), every sampling-relevant key explicit."""
     from diffusers import DDPMScheduler
 
@@ -112,7 +112,7 @@ def build_noise_scheduler(cfg: DiffusionTrainConfig):
                          variance_type="fixed_small")
 
 
-def build_unet(cfg: DiffusionTrainConfig, image_size: int, channels: int, num_classes: int):
+def create_unet(cfg: DiffusionTrainConfig, image_size: int, channels: int, num_classes: int):
     from diffusers import UNet2DModel
 
     levels = len(cfg.block_out_channels)
@@ -190,7 +190,7 @@ def load_training_data(data: str, cfg: DiffusionTrainConfig):
         return batches, list(ds.classes), size, channels, cfg.resolution or 16, f"digits train ({len(ds)} images)"
     from torchvision.transforms import v2
 
-    from ..data.build import build_dataset
+    from ..data.build import create_dataset
 
     path = Path(data)
     if not path.exists():
@@ -204,7 +204,7 @@ def load_training_data(data: str, cfg: DiffusionTrainConfig):
     if cfg.hflip:
         steps.append(v2.RandomHorizontalFlip())
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * channels, [0.5] * channels)]
-    ds = build_dataset("folder", root=path, split="train", transform=v2.Compose(steps), class_list=cfg.class_list)
+    ds = create_dataset("folder", root=path, split="train", transform=v2.Compose(steps), class_list=cfg.class_list)
     if len(ds) < cfg.batch_size:
         raise SyncoError(f"the image folder '{data}' has {len(ds)} images, fewer than batch_size={cfg.batch_size}. "
                          "Lower batch_size.")
@@ -237,8 +237,8 @@ def _setup_training(cfg: DiffusionTrainConfig, size: int, channels: int, num_cla
     from diffusers.training_utils import EMAModel
 
     torch.manual_seed(cfg.seed)
-    unet = build_unet(cfg, size, channels, num_classes).to(device)
-    noise_scheduler = build_noise_scheduler(cfg)
+    unet = create_unet(cfg, size, channels, num_classes).to(device)
+    noise_scheduler = create_noise_scheduler(cfg)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     lr_sched = get_cosine_schedule_with_warmup(opt, min(cfg.warmup_steps, cfg.steps), cfg.steps)
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=3 / 4)
