@@ -242,10 +242,23 @@ def test_outputs_of_a_2d_grid_and_a_numeric_axis(tmp_path):
     assert (tmp_path / "line" / "sweep_knn_top1.png") in files
 
 
+def test_a_config_note_is_said_once_per_plan(tmp_path, caplog):
+    spec = _spec(axes={"grid": {"contrast.temperature": [0.1, 0.2]}}, overrides=["method=mochi"], seeds=3)
+    with caplog.at_level("WARNING", logger="synco.config"):
+        runner.plan(spec, tmp_path)
+    notes = [r for r in caplog.records if "method=mochi" in r.getMessage()]
+    assert len(notes) == 1
+    caplog.clear()
+    load_config("cpu-demo", ["method=mochi"])  # outside a plan, every load says it
+    assert any("method=mochi" in r.getMessage() for r in caplog.records)
+
+
 def test_a_linear_section_naming_a_missing_root_fails_the_plan(tmp_path):
     spec = _spec(linear={"dataset": "folder", "root": str(tmp_path / "nowhere")})
+    runs = runner.plan(spec, tmp_path / "out")
+    runner.check_linear_options(spec, runs)  # without --linear the probes' data is not needed
     with pytest.raises(SyncoError, match="nowhere' does not exist"):
-        runner.check_linear_options(spec, runner.plan(spec, tmp_path / "out"))
+        runner.check_linear_options(spec, runs, probes=True)
 
 
 @pytest.mark.parametrize("value", [float("nan"), "9.9", True])

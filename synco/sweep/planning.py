@@ -11,8 +11,10 @@ built for the shared ones.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -74,15 +76,35 @@ def plan(spec: SweepSpec, out: Path, extra: Optional[list[str]] = None, seeds: O
     seeds = list(seeds) if seeds is not None else spec.seeds
     world = world_size(spec, launcher)
     runs = []
-    for p in expand_points(spec):
-        cfg = point_config(spec, p, extra, world)
-        overrides = point_overrides(spec, p, extra)
-        for s in seeds:
-            run_cfg = copy.deepcopy(cfg)
-            run_cfg.seed = s
-            runs.append(Run(p, s, Path(out) / p.name / f"seed{s}", overrides + [f"seed={s}"], run_cfg))
-    _set_status(runs)
+    with _each_note_once():
+        for p in expand_points(spec):
+            cfg = point_config(spec, p, extra, world)
+            overrides = point_overrides(spec, p, extra)
+            for s in seeds:
+                run_cfg = copy.deepcopy(cfg)
+                run_cfg.seed = s
+                runs.append(Run(p, s, Path(out) / p.name / f"seed{s}", overrides + [f"seed={s}"], run_cfg))
+        _set_status(runs)
     return runs
+
+
+@contextlib.contextmanager
+def _each_note_once():
+    """The config's notes (a value adjusted, a setting unused) once per message while a sweep is planned: every
+    point's config and every run's saved one is loaded, and the same note 35 times hides the one that differs."""
+    seen: set[str] = set()
+
+    def first_time(record: logging.LogRecord) -> bool:
+        new = record.getMessage() not in seen
+        seen.add(record.getMessage())
+        return new
+
+    logger = logging.getLogger("synco.config")
+    logger.addFilter(first_time)
+    try:
+        yield
+    finally:
+        logger.removeFilter(first_time)
 
 
 def _check_extra(spec: SweepSpec, extra: list[str]) -> None:

@@ -36,9 +36,10 @@ def linear_options(run: Run, spec: SweepSpec) -> dict:
     return opts
 
 
-def check_linear_options(spec: SweepSpec, runs: list[Run]) -> None:
+def check_linear_options(spec: SweepSpec, runs: list[Run], probes: bool = False) -> None:
     """The options each run's `synco eval linear` will get (the spec's linear: section over the run's data), checked
-    as that command checks them: a typo or a bad value fails the plan, not the probe after all the pretraining."""
+    as that command checks them: a typo or a bad value fails the plan, not the probe after all the pretraining.
+    ``probes`` (``--linear``): the probes will run, so their data must be there too (train/ and val/)."""
     from ..data.build import check_split_dirs
     from ..eval.linear import LinearOptions
     from ..eval.probe import check_recipe
@@ -54,7 +55,7 @@ def check_linear_options(spec: SweepSpec, runs: list[Run]) -> None:
         try:
             opts = apply_dict(LinearOptions(), values)
             check_recipe(opts)
-            if opts.dataset != "digits" and opts.root:  # the probe reads train/ and val/: both must be there
+            if probes and opts.dataset != "digits" and opts.root:  # the probe reads train/ and val/
                 check_split_dirs(opts.root)
         except SyncoError as e:
             raise SyncoError(f"{spec.origin}, linear: section (the options of `synco eval linear`): {e}") from None

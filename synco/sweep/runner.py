@@ -41,7 +41,7 @@ def run_sweep(spec_or_name: Any, out: Optional[Path] = None, jobs: Optional[int]
 
     # ============ planning: every run's config, checked before anything starts ============
     runs = plan(spec, out, extra, seeds, launcher)
-    check_linear_options(spec, runs)  # not only with --linear: a bad section is a bad spec, found before any run
+    check_linear_options(spec, runs, probes=linear)  # the section always (a bad one is a bad spec), data if used
     todo = [r for r in runs if r.status != "done"]
     tasks = [pretrain_task(r, spec, launcher, threads_for(spec, extra, r.cfg, launcher, jobs)) for r in todo]
     if dry_run:
