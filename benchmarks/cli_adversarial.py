@@ -1372,12 +1372,7 @@ def _r3_run_b(env: Env) -> Path:
 
 def _r3_head(env: Env) -> Path:
     """A real linear_head.pt of env.data['run'] on the digits folder (cached features: a second)."""
-    out = env.tmp / "r3-head"
-    if not (out / "linear_head.pt").exists():
-        rc, err = call(["eval", "linear", "--checkpoint", env.data["run"], "--out", out, *R3_LINEAR,
-                        "cache_features=true", "dataset=folder", f"root={env.data['digits']}"])
-        assert rc == 0, err
-    return out / "linear_head.pt"
+    return _r3_linear_out(env) / "linear_head.pt"
 
 
 def _r3_knn_out(env: Env) -> Path:
@@ -1504,6 +1499,7 @@ def run_r3_rerun_knn(env: Env) -> tuple[int, str]:
 
 
 def _r3_linear_out(env: Env) -> Path:
+    """A finished `eval linear` of env.data['run'] on the digits folder, made once; cases copy it or read it."""
     out = env.tmp / "r3-linear"
     if not (out / "linear.json").exists():
         rc, err = call(["eval", "linear", "--checkpoint", env.data["run"], "--out", out, *R3_LINEAR,
