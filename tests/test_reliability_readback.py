@@ -509,7 +509,7 @@ def test_sun397_fallback_split_does_not_depend_on_listing_order(tmp_path):
         order = sorted(range(len(ds._image_files)), key=lambda i: str(ds._image_files[i]), reverse=reverse)
         ds._image_files = [ds._image_files[i] for i in order]
         ds._labels = [ds._labels[i] for i in order]
-        train, test = sun397_split(ds, tmp_path, opts)
+        train, test = sun397_split(ds, tmp_path, opts.sun397_train_per_class, opts.seed)
         return [sorted(str(b._image_files[j]) for b, j in v.items) for v in (train, test)]
 
     assert split_files(False) == split_files(True)

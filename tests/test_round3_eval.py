@@ -156,7 +156,7 @@ def _sun_split(root: Path):
     from synco.eval.transfer import TransferOptions
     from synco.eval.transfer_data import sun397_split
 
-    train, test = sun397_split(tvd.SUN397(str(root), download=False), root, TransferOptions())
+    train, test = sun397_split(tvd.SUN397(str(root), download=False), root, TransferOptions().sun397_train_per_class, 0)
     return [sorted(Path(b._image_files[j]).relative_to(root).as_posix() for b, j in v.items) for v in (train, test)]
 
 

@@ -167,7 +167,8 @@ def create_transfer_split(name: str, root, opts: Optional[TransferOptions] = Non
                       for s in ("trainval", "test"))
             return whole_view([tr], tr.classes), whole_view([te], tr.classes)
         if name == "sun397":
-            return sun397_split(tvd.SUN397(root, download=False), Path(root), opts)
+            return sun397_split(tvd.SUN397(root, download=False), Path(root), opts.sun397_train_per_class,
+                                opts.seed)
         if name == "voc2007":
             views = []
             for s in ("trainval", "test"):

@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 from torch.utils.data import Dataset
 
 from ..data.folder import unreadable_eval_image
 from ..errors import SyncoError
-
-if TYPE_CHECKING:
-    from .transfer import TransferOptions
 
 VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
                "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]
@@ -153,7 +150,9 @@ def voc_image(base, j):
     return Image.open(base.images[j])
 
 
-def sun397_split(ds, root: Path, opts: TransferOptions) -> tuple[SplitView, SplitView]:
+def sun397_split(ds, root: Path, per_class: int, seed: int) -> tuple[SplitView, SplitView]:
+    """The official partition (Training_01/Testing_01) when its files are there, else ``per_class`` training images
+    of each class drawn with ``seed`` and at most as many test images (``sun397_train_per_class``)."""
     # torchvision lists the images with an unsorted rglob: the order, hence the seeded fallback split, would
     # depend on the file system. Sort them (and their labels) by path first.
     order = sorted(range(len(ds._image_files)), key=lambda i: str(ds._image_files[i]))
@@ -167,8 +166,8 @@ def sun397_split(ds, root: Path, opts: TransferOptions) -> tuple[SplitView, Spli
             tr, te = sun397_partition(tr_f, pos, ds._data_dir), sun397_partition(te_f, pos, ds._data_dir)
             break
     else:
-        tr, te = per_class_split(labels, opts.sun397_train_per_class, opts.seed)
-        te = cap_per_class(te, labels, opts.sun397_train_per_class)
+        tr, te = per_class_split(labels, per_class, seed)
+        te = cap_per_class(te, labels, per_class)
     return (SplitView([(ds, i) for i in tr], [labels[i] for i in tr], ds.classes),
             SplitView([(ds, i) for i in te], [labels[i] for i in te], ds.classes))
 
