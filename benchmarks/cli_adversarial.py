@@ -819,7 +819,7 @@ def run_sun397_order(env: Env) -> tuple[int, str]:
         ds = tvd.SUN397(str(root), download=False)
         order = sorted(range(len(ds._image_files)), key=lambda i: str(ds._image_files[i]), reverse=reverse)
         ds._image_files, ds._labels = [ds._image_files[i] for i in order], [ds._labels[i] for i in order]
-        train, _ = sun397_split(ds, root, TransferOptions(sun397_train_per_class=2))
+        train, _ = sun397_split(ds, root, 2, TransferOptions().seed)
         splits.append(sorted(str(b._image_files[j]) for b, j in train.items))
     return (0, "") if splits[0] == splits[1] else (-2, f"listing order changes the split: {splits}")
 
