@@ -373,3 +373,18 @@ def test_yaml_with_a_key_given_twice_is_refused_naming_the_key_file_and_lines(tm
     from synco.options import load_yaml
 
     assert load_yaml("a: &a {x: 1, y: 2}\nb: {<<: *a, x: 3}\n")["b"] == {"x": 3, "y": 2}
+
+
+def test_options_have_every_field_their_helpers_read():
+    """The backends and the step measurement read a command's options through a Protocol (no import back into the
+    command's module): the options must keep each field, with the same type."""
+    import typing
+
+    from synco.eval.efficiency import EfficiencyOptions
+    from synco.eval.efficiency_measure import Measurement
+    from synco.synth.backends import Sampling
+    from synco.synth.generate import GenerateConfig
+
+    for protocol, options in ((Sampling, GenerateConfig), (Measurement, EfficiencyOptions)):
+        wanted, have = typing.get_type_hints(protocol), typing.get_type_hints(options)
+        assert {k: have.get(k) for k in wanted} == wanted, protocol.__name__

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import gc
 import os
-from typing import TYPE_CHECKING, Optional
+from typing import Optional, Protocol
 
 import numpy as np
 import torch
@@ -27,8 +27,19 @@ from .meters import (
     timed_window,
 )
 
-if TYPE_CHECKING:
-    from .efficiency import EfficiencyOptions
+
+class Measurement(Protocol):
+    """What a measurement reads of ``synco eval efficiency``'s options (EfficiencyOptions has these fields)."""
+
+    seed: int
+    inputs: str
+    synthetic: bool
+    warmup_steps: int
+    steps: int
+    flops: bool
+    flops_by_part: bool
+    peak_size: int
+    threads: int
 
 
 def count_parameters(model: torch.nn.Module) -> dict:
@@ -135,7 +146,7 @@ class _Bench:
     """One method's model, optimizer and inputs, built as the trainer builds them, and its timed step: the
     trainer's own ``train_step`` at a fixed momentum."""
 
-    def __init__(self, cfg, opts: EfficiencyOptions, device: torch.device):
+    def __init__(self, cfg, opts: Measurement, device: torch.device):
         from ..engine.optim import create_optimizer
         from ..models.method import create_model
         from ..schedules import scaled_lr
@@ -192,7 +203,7 @@ class _Bench:
         self.model = self.online = self.optimizer = self.inputs = self.timeline = None
 
 
-def measure_method(cfg, opts: EfficiencyOptions, device: torch.device, probe: MemoryProbe) -> dict:
+def measure_method(cfg, opts: Measurement, device: torch.device, probe: MemoryProbe) -> dict:
     """Time, memory, FLOPs and breakdown of ``opts.steps`` training steps of ``cfg.method`` (after one step
     whose FLOPs are counted and ``opts.warmup_steps``; at least 2 with ``compile=true``, whose first calls
     compile). The measured steps run back to back: the device is waited for before and after the window only."""
@@ -265,7 +276,7 @@ def flop_rates(flops: int, part_flops: Optional[dict], row: dict, device: torch.
             "matmul_utilization_model": flops / model_s / matmul["matmul_flops_per_s"]}
 
 
-def _measure_child(cfg, opts: EfficiencyOptions, device: str, conn) -> None:
+def _measure_child(cfg, opts: Measurement, device: str, conn) -> None:
     """Entry point of an isolated measurement (a spawned process): one method, result sent through ``conn``."""
     try:
         configure_cpu(opts.threads)
@@ -279,7 +290,7 @@ def _measure_child(cfg, opts: EfficiencyOptions, device: str, conn) -> None:
         conn.close()
 
 
-def measure_isolated(cfg, opts: EfficiencyOptions, device: torch.device) -> dict:
+def measure_isolated(cfg, opts: Measurement, device: torch.device) -> dict:
     """:func:`measure_method` in a fresh process, so every method starts from the same process memory."""
     import multiprocessing as mp
 

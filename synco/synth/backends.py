@@ -6,15 +6,23 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional, Protocol
 
 import torch
 
 from ..errors import SyncoError
 from .model import is_model_dir, load_model, make_scheduler, to_pil
 
-if TYPE_CHECKING:
-    from .generate import GenerateConfig
+
+class Sampling(Protocol):
+    """What a backend reads of ``synco synth-data generate``'s options (GenerateConfig has these fields)."""
+
+    sampler: str
+    steps: int
+    guidance: Optional[float]
+    resolution: int
+    dtype: str
+    cache_dir: Optional[str]
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -45,7 +53,7 @@ class SyncoBackend:
 
     kind = "synco"
 
-    def __init__(self, path: Path, cfg: GenerateConfig, device: torch.device):
+    def __init__(self, path: Path, cfg: Sampling, device: torch.device):
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.dtype, torch.float32)
         self.model = load_model(path, device=device, dtype=dtype)
         self.device = device
@@ -92,7 +100,7 @@ class PipelineBackend:
 
     kind = "diffusers"
 
-    def __init__(self, model: str, cfg: GenerateConfig, device: torch.device):
+    def __init__(self, model: str, cfg: Sampling, device: torch.device):
         import inspect
 
         from diffusers import DiffusionPipeline
@@ -170,7 +178,7 @@ class PipelineBackend:
         return images
 
 
-def load_backend(model: str, cfg: GenerateConfig, device: torch.device):
+def load_backend(model: str, cfg: Sampling, device: torch.device):
     path = Path(model).expanduser()
     if is_model_dir(path):
         return SyncoBackend(path, cfg, device)
