@@ -117,6 +117,26 @@ def test_unreadable_eval_image_through_a_worker_is_one_paragraph(tmp_path, tiny_
     assert SafeImageFolder(root)[i][1] == ds.samples[i + 1][1]  # training (not strict) still takes the next one
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [2, 4])
+def test_an_evaluation_stopped_in_its_workers_exits(tmp_path, tiny_imagefolder, workers):
+    """The workers ignore SIGTERM, and multiprocessing's exit handler terminates, then joins, the daemonic ones an
+    error left running: the process printed its error, then never exited. Now it exits 2, without tracebacks of
+    the loader's queues. (The timeout only detects a hang: nothing here is timed.)"""
+    import subprocess
+    import sys
+
+    root = _folder(tmp_path, tiny_imagefolder)
+    run = one_shot_run(tmp_path / "run", 0)
+    bad = root / "val" / "space" / "01.jpg"
+    bad.write_bytes(b"")
+    cmd = [sys.executable, "-m", "synco", "eval", "knn", "--checkpoint", str(run), "--out", str(tmp_path / "out"),
+           "--no-progress", "device=cpu", "dataset=folder", f"root={root}", "k=[1]", f"num_workers={workers}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert str(bad) in done.stderr and "Traceback" not in done.stderr
+
+
 def test_transfer_stops_at_a_missing_or_corrupt_image(tmp_path):
     from synco.eval.transfer import create_transfer_split
 

@@ -43,6 +43,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     if extra:
         args.overrides = list(args.overrides or []) + extra
+    code = _run(args)
+    if code != 0:  # workers an error left running would hang the exit (they ignore SIGTERM)
+        from ..engine.signals import release_workers
+
+        release_workers()
+    return code
+
+
+def _run(args) -> int:
+    """The subcommand, with every expected failure turned into one paragraph on stderr and its exit status."""
     from ..engine.signals import handle_signals
 
     try:

@@ -113,6 +113,26 @@ def ignore_in_worker(worker_id: Optional[int] = None) -> None:
         signal.signal(s, signal.SIG_IGN)
 
 
+def release_workers(timeout: float = 10.0) -> None:
+    """After a command failed: stop the DataLoader workers it left running. They ignore SIGTERM
+    (:func:`ignore_in_worker`), and multiprocessing's exit handler terminates daemonic children with SIGTERM and then
+    joins them, so the process would never exit. Each loader iterator still alive (kept by the error's traceback)
+    tells its workers to finish through their queues, as an exhausted one does (torch's own shutdown: killing the
+    workers instead breaks the queues' feeder threads, which print tracebacks); a worker left after that is killed."""
+    import gc
+    import multiprocessing
+
+    from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
+
+    for iterator in [o for o in gc.get_objects() if isinstance(o, _MultiProcessingDataLoaderIter)]:
+        iterator._shutdown_workers()
+    left = [p for p in multiprocessing.active_children() if p.daemon]
+    for p in left:
+        p.kill()
+    for p in left:
+        p.join(timeout)
+
+
 def simulate(signum: int = signal.SIGTERM) -> None:
     """Record a signal as if it had been received (tests)."""
     _S.pending = signum
