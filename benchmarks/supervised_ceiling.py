@@ -58,7 +58,7 @@ def train_supervised(cfg, seed: int) -> dict:
     seconds = time.perf_counter() - t0
     model.eval()
     train, test = knn_datasets(cfg)
-    knn = top1_at(knn_of(backbone, train, test, cfg, torch.device("cpu"), progress=False), 20)
+    knn = top1_at(knn_of(backbone, train, test, cfg, torch.device("cpu"), progress=False)[0], 20)
     xs, ys = zip(*(test[i] for i in range(len(test))))
     with torch.no_grad():
         acc = (model(torch.stack(xs)).argmax(1) == torch.tensor(ys)).float().mean().item() * 100

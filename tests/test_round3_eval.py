@@ -102,7 +102,7 @@ def test_unreadable_eval_image_through_a_worker_is_one_paragraph(tmp_path, tiny_
     from synco.data.folder import EvalImageError, SafeImageFolder
 
     root = _folder(tmp_path, tiny_imagefolder) / "val"
-    ds = SafeImageFolder(root, strict=True)
+    ds = SafeImageFolder(root, unreadable="error")
     (root / "space" / "00.jpg").write_bytes(b"garbage")
     i = [p for p, _ in ds.samples].index(str(root / "space" / "00.jpg"))
     with pytest.raises(EvalImageError) as own:
@@ -115,6 +115,33 @@ def test_unreadable_eval_image_through_a_worker_is_one_paragraph(tmp_path, tiny_
         wrapped.reraise()
     assert user_message(e.value) == str(own.value)
     assert SafeImageFolder(root)[i][1] == ds.samples[i + 1][1]  # training (not strict) still takes the next one
+
+
+def test_the_knn_of_a_pretraining_run_leaves_an_unreadable_image_out(tmp_path, tiny_imagefolder):
+    """Pretraining's k-NN (monitor and end of run) must not stop the run, nor count a neighbour in the unreadable
+    image's place: it leaves the image out, as if it were not there, and says how many it left out."""
+    from synco.config import load_config
+    from synco.data.folder import UNREADABLE, SafeImageFolder
+    from synco.eval.knn_protocol import _knn_sets, _Pixels, knn_of
+
+    root = _folder(tmp_path, tiny_imagefolder)
+    bad = root / "val" / "space" / "01.jpg"
+
+    def knn():
+        cfg = load_config("cpu-demo", ["data.dataset=folder", f"data.root={root}", "data.image_size=16",
+                                       "knn.k=[1,3]", "device=cpu", "data.num_workers=0"])
+        (train, test), _ = _knn_sets(cfg)
+        return knn_of(_Pixels(), train, test, cfg, torch.device("cpu"), progress=False), len(test)
+
+    bad.write_bytes(b"")
+    (results, left_out), n_test = knn()
+    assert left_out == 1
+    i = [p for p, _ in SafeImageFolder(root / "val").samples].index(str(bad))
+    assert SafeImageFolder(root / "val", unreadable="exclude")[i][1] == UNREADABLE
+    bad.unlink()
+    (without, none_left), n_without = knn()
+    assert none_left == 0 and n_without == n_test - 1
+    assert results == without  # the same numbers as without the file: nothing counted in its place
 
 
 @pytest.mark.slow

@@ -261,19 +261,20 @@ def test_a_linear_section_naming_a_missing_root_fails_the_plan(tmp_path):
         runner.check_linear_options(spec, runs, probes=True)
 
 
-@pytest.mark.parametrize("value", [float("nan"), "9.9", True])
-def test_a_summary_with_a_damaged_number_is_resumed_not_counted(tmp_path, value):
+@pytest.mark.parametrize("key, value", [("final_loss", float("nan")), ("final_loss", "9.9"), ("final_loss", True),
+                                        ("knn_top1", 150.0), ("knn_top1_random_init", -1)])
+def test_a_summary_with_a_damaged_number_is_resumed_not_counted(tmp_path, key, value):
     spec = _spec(seeds=1)
     (run,) = runner.plan(spec, tmp_path)
     _fake_run(run, 90.0)
     summary = {"knn_top1": 90.0, "final_loss": 4.2, "chance_loss": None}  # null: a method without negatives
     (run.dir / "summary.json").write_text(json.dumps(summary))
     assert runner.finished(run.dir)
-    (run.dir / "summary.json").write_text(json.dumps({**summary, "final_loss": value}))
+    (run.dir / "summary.json").write_text(json.dumps({**summary, key: value}))
     assert not runner.finished(run.dir)  # so planned as a run to resume (synco pretrain rewrites the summary)
 
 
-@pytest.mark.parametrize("value", [float("nan"), 150.0, -1, "88"])
+@pytest.mark.parametrize("value", [float("nan"), 150.0, -1, "88", "torn"])
 def test_a_cached_linear_top1_that_is_no_percentage_is_probed_again_never_averaged(tmp_path, value):
     spec = _spec(seeds=1)
     (run,) = runner.plan(spec, tmp_path)
@@ -281,10 +282,20 @@ def test_a_cached_linear_top1_that_is_no_percentage_is_probed_again_never_averag
     cache = run.dir / "sweep_eval.json"
     cache.write_text(json.dumps({"linear_top1": 88.5}))
     assert outputs.run_metrics(run.dir, ["linear_top1"]) == {"linear_top1": 88.5}
-    cache.write_text(json.dumps({"linear_top1": value}))
+    cache.write_text(json.dumps({"linear_top1": value}) if value != "torn" else '{"linear_top1": 8')
     assert runner.cached_linear(run, spec) is None  # --linear runs the probe again
     with pytest.raises(SyncoError, match="sweep_eval.json' holds linear_top1"):
         outputs.run_metrics(run.dir, ["linear_top1"])
+
+
+def test_a_finished_run_missing_a_number_its_point_has_is_said(tmp_path, capsys):
+    spec = _spec(seeds=2)
+    runs = runner.plan(spec, tmp_path)
+    for r in runs:
+        _fake_run(r, 90.0 + r.seed)
+    (runs[1].dir / "summary.json").write_text(json.dumps({"method": "synco", "final_loss": 4.0}))  # no knn_top1
+    runner.write_outputs(spec, runs, tmp_path, [], "")
+    assert f"{runs[1].dir}: no knn_top1" in capsys.readouterr().err
 
 
 def test_failed_run_is_reported_and_the_others_still_finish(tmp_path, monkeypatch, capsys):

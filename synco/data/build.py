@@ -45,10 +45,10 @@ def check_split_dirs(root, splits=("train", "val")) -> None:
 
 
 def create_dataset(name: str, root=None, split: str = "train", transform=None, class_list=None,
-                  image_size: int = 32, bad_image_log=None, lazy: bool = False, strict: bool = False):
+                   image_size: int = 32, bad_image_log=None, lazy: bool = False, unreadable: str = "replace"):
     """Build dataset ``name`` (see module docstring). ``class_list`` is a list of class folder names,
     a class-list file or a shipped list name; for ``imagenet100`` it defaults to the shipped list. ``lazy``: folder
-    images are opened, not decoded; ``strict``: an unreadable image is an error, not replaced (evaluation; see
+    images are opened, not decoded; ``unreadable``: what an unreadable image becomes (replaced, an error, left out; see
     :class:`~synco.data.folder.SafeImageFolder`)."""
     if name == "digits":
         if class_list is not None:
@@ -64,7 +64,7 @@ def create_dataset(name: str, root=None, split: str = "train", transform=None, c
     if isinstance(class_list, (str, Path)):
         class_list = load_class_list(class_list)
     return SafeImageFolder(_split_dir(Path(root), split), transform=transform, class_list=class_list,
-                           bad_image_log=bad_image_log, lazy=lazy, strict=strict)
+                           bad_image_log=bad_image_log, lazy=lazy, unreadable=unreadable)
 
 
 def count_classes(name: str, root=None, class_list=None, split: str = "train"):

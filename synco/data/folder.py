@@ -148,6 +148,10 @@ def count_bad_images(bad_image_log) -> int:
     return len({line.strip() for line in Path(bad_image_log).read_text().splitlines() if line.strip()})
 
 
+UNREADABLE_MODES = ("replace", "error", "exclude")
+UNREADABLE = -1  # the label of an image left out (SafeImageFolder(unreadable="exclude"))
+
+
 class EvalImageError(SyncoError):
     """An image an evaluation cannot read: the whole command stops (a benchmark is not just skipped)."""
 
@@ -177,12 +181,14 @@ class SafeImageFolder(ImageFolder):
     to ``bad_image_log`` when given) and the next readable sample is returned instead, so a
     few bad files cannot kill a long run. With ``lazy=True`` the loader reads only the header and the transform
     decodes (:func:`decode_rgb`), so it can choose a reduced JPEG scale first; pixels that fail to decode then are
-    skipped the same way. With ``strict=True`` (evaluation) an unreadable image is an error naming it instead: a
-    replaced image would be counted twice and the numbers would be of another image set.
+    skipped the same way (``unreadable="replace"``, training). Evaluations take ``unreadable="error"``: the image is
+    an error naming it, since a replaced image would be counted twice and the numbers would be of another image
+    set. ``unreadable="exclude"`` (the k-NN of a pretraining run, which must not stop hours of training, and whose
+    processes must stay in step) returns a blank image with label :data:`UNREADABLE`, which the k-NN leaves out.
     """
 
     def __init__(self, root, transform=None, class_list=None, bad_image_log=None, lazy: bool = False,
-                 strict: bool = False):
+                 unreadable: str = "replace"):
         root = Path(root)
         if not root.exists():
             raise SyncoError(f"Image folder {str(root)!r} does not exist. Check the path; it must contain "
@@ -192,7 +198,9 @@ class SafeImageFolder(ImageFolder):
                              f"containing one sub-folder of images per class (root/<class>/<image>).")
         self.class_list = None if class_list is None else list(dict.fromkeys(class_list))
         self.bad_image_log = None if bad_image_log is None else Path(bad_image_log)
-        self.strict = strict
+        if unreadable not in UNREADABLE_MODES:
+            raise ValueError(f"unreadable={unreadable!r}: one of {UNREADABLE_MODES}")
+        self.unreadable = unreadable
         # allow_empty so that we, not torchvision, report which class folder is empty.
         super().__init__(str(root), transform=transform, loader=open_image if lazy else load_rgb, allow_empty=True)
         counts = dict.fromkeys(range(len(self.classes)), 0)
@@ -252,11 +260,15 @@ class SafeImageFolder(ImageFolder):
                 sample = self.loader(path)
             except Exception as exc:  # decoders raise many types (OSError, SyntaxError, ValueError, ...)
                 self._record_bad(path, exc)
+                if self.unreadable == "exclude":
+                    return self._excluded(transform)
                 continue
             try:
                 sample = transform(sample) if transform is not None else sample
             except UnreadableImage as exc:  # pixels that fail to decode behind a valid header (lazy loading)
                 self._record_bad(path, exc.__cause__ or exc)
+                if self.unreadable == "exclude":
+                    return self._excluded(transform)
                 continue
             if self.target_transform is not None:
                 target = self.target_transform(target)
@@ -265,8 +277,14 @@ class SafeImageFolder(ImageFolder):
                          f"be read. The dataset is probably damaged or not images at all; check the files "
                          f"(bad paths are listed in the 'synco.data' warnings and in the bad-image log).")
 
+    @staticmethod
+    def _excluded(transform):
+        """A blank image in the sample's place (so the batch keeps its shape), labelled to be left out."""
+        blank = Image.new("RGB", (8, 8))
+        return (transform(blank) if transform is not None else blank), UNREADABLE
+
     def _record_bad(self, path: str, exc: Exception) -> None:
-        if self.strict:
+        if self.unreadable == "error":
             raise unreadable_eval_image(path, exc)
         logger.warning("skipping unreadable image %s (%s: %s)", path, type(exc).__name__, exc)
         if self.bad_image_log is not None:

@@ -240,7 +240,7 @@ class PretrainData:
         self._mean_std: Optional[list] = None
         views = (ViewCrops if self.on_device else PerImageViews)(d.image_size, view_params(d.augment))
         self.real = create_dataset(d.dataset, root=d.root, split="train", class_list=d.class_list,
-                                  image_size=d.image_size, bad_image_log=bad_image_log, lazy=True)
+                                   image_size=d.image_size, bad_image_log=bad_image_log, lazy=True)
         if d.max_images and d.max_images < len(self.real):
             keep = torch.randperm(len(self.real), generator=torch.Generator().manual_seed(seed))[: d.max_images]
             self.real = torch.utils.data.Subset(self.real, keep.sort().values.tolist())

@@ -29,7 +29,7 @@ def create_optimizer(model: torch.nn.Module, ocfg, lr: float, device: torch.devi
 
 
 def create_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
-                    min_lr: float = 0.0) -> CosineLRScheduler:
+                     min_lr: float = 0.0) -> CosineLRScheduler:
     """Linear warm-up from 0 over ``warmup_steps``, then cosine to ``min_lr`` at ``total_steps``;
     call ``step_update(num_updates=global_step)`` before each optimizer step."""
     return CosineLRScheduler(optimizer, t_initial=max(total_steps - warmup_steps, 1), warmup_t=warmup_steps,

@@ -124,7 +124,9 @@ def release_workers(timeout: float = 10.0) -> None:
 
     from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
-    for iterator in [o for o in gc.get_objects() if isinstance(o, _MultiProcessingDataLoaderIter)]:
+    if not any(p.daemon for p in multiprocessing.active_children()):
+        return
+    for iterator in [o for o in gc.get_objects() if type(o) is _MultiProcessingDataLoaderIter]:
         iterator._shutdown_workers()
     left = [p for p in multiprocessing.active_children() if p.daemon]
     for p in left:

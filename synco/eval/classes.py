@@ -102,5 +102,5 @@ def open_class_folder(root: Path, head_classes: Sequence[str], what: str):
     if unknown:
         warnings.warn(f"{what}: {len(unknown)} class folder(s) in '{root}' are not classes of the linear head and "
                       f"are left out: {preview(unknown)}", stacklevel=2)
-    ds = SafeImageFolder(root, transform=None, class_list=sorted(mapping), strict=True)  # evaluated: none replaced
+    ds = SafeImageFolder(root, transform=None, class_list=sorted(mapping), unreadable="error")
     return ds, [mapping[c] for c in ds.classes], root

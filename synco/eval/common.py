@@ -98,22 +98,23 @@ def eval_split_and_crop(dataset: str) -> tuple[str, float]:
     return ("test", 1.0) if dataset == "digits" else ("val", DEFAULT_CROP_RATIO)
 
 
-def create_eval_set(opts: EvalOptions, size: int, transform=None, strict: bool = True):
-    """The evaluation split of ``opts.dataset`` (see :func:`eval_split_and_crop`). ``strict``: an unreadable image
-    stops the evaluation naming it, never replaced by its neighbour (counted twice, silently)."""
+def create_eval_set(opts: EvalOptions, size: int, transform=None, unreadable: str = "error"):
+    """The evaluation split of ``opts.dataset`` (see :func:`eval_split_and_crop`). ``unreadable="error"``: an
+    unreadable image stops the evaluation naming it, never replaced by its neighbour (counted twice, silently)."""
     split, _ = eval_split_and_crop(opts.dataset)
     return create_dataset(opts.dataset, root=opts.root, split=split, transform=transform,
-                         class_list=opts.class_list, image_size=size, strict=strict)
+                          class_list=opts.class_list, image_size=size, unreadable=unreadable)
 
 
-def eval_datasets(opts: EvalOptions, size: int, train_transform=None, test_transform=None, strict: bool = True):
+def eval_datasets(opts: EvalOptions, size: int, train_transform=None, test_transform=None,
+                  unreadable: str = "error"):
     """(train, test) for the protocol; test is the evaluation split (:func:`eval_split_and_crop`). ``strict``: as
     for :func:`create_eval_set`, on both splits (the k-NN bank and the probes' training images are numbers too)."""
     _, crop_ratio = eval_split_and_crop(opts.dataset)
     t_test = test_transform or eval_transform(size, crop_ratio=crop_ratio)
     train = create_dataset(opts.dataset, split="train", transform=train_transform or t_test, root=opts.root,
-                          class_list=opts.class_list, image_size=size, strict=strict)
-    test = create_eval_set(opts, size, t_test, strict)
+                           class_list=opts.class_list, image_size=size, unreadable=unreadable)
+    test = create_eval_set(opts, size, t_test, unreadable)
     check_same_classes(list(train.classes), list(test.classes), opts.root)
     return train, test
 

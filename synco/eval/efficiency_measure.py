@@ -155,7 +155,7 @@ class _Bench:
         self.model = create_model(cfg).to(device)
         self.params = count_parameters(self.model)
         self.optimizer = create_optimizer(self.model, cfg.optim, scaled_lr(cfg.optim.base_lr, cfg.optim.batch_size),
-                                         device)
+                                          device)
         self.online = self.model.online  # compiled by compile(), after the FLOPs are counted
         inputs = {"loader": lambda: _LoaderInputs(cfg, device),
                   "views": lambda: _DeviceViewInputs(cfg, device, opts.seed),

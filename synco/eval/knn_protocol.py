@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 from torch.utils.data import Subset
 
+from ..data.folder import UNREADABLE
 from ..engine import dist
 from ..errors import SyncoError
 from ..io import atomic_save
@@ -146,8 +147,8 @@ def _knn_sets(cfg):
     d = cfg.data
     opts = EvalOptions(dataset=d.dataset, root=d.root, class_list=d.class_list, image_size=d.image_size)
     try:
-        # not strict: the monitor of a pretraining run (hours in) tolerates an unreadable image as training does
-        train, test = eval_datasets(opts, d.image_size, strict=False)
+        # the k-NN of a pretraining run (hours in, every process in step) leaves an unreadable image out, and says so
+        train, test = eval_datasets(opts, d.image_size, unreadable="exclude")
     except SyncoError as e:  # no val split, or one whose class folders differ from train's: say which
         return None, f"k-NN skipped: {e}"
     if len(train.classes) < 2:
@@ -166,12 +167,19 @@ def _cap(ds, n, seed):
 
 
 def knn_of(model, train, test, cfg, device, progress=True, tag=""):
+    """k-NN results of ``model`` on the run's sets; images that could not be read (label UNREADABLE) are left out
+    of the bank and of the scored queries, and counted in ``left_out`` (never replaced by a neighbour)."""
     ftr, ytr = extract_features(model, feature_loader(train, num_workers=cfg.data.num_workers), device,
                                 desc=f"k-NN train {tag}", progress=progress)
     fte, yte = extract_features(model, feature_loader(test, num_workers=cfg.data.num_workers), device,
                                 desc=f"k-NN test {tag}", progress=progress)
-    return knn_classify(ftr, ytr, fte, yte, ks=cfg.knn.k, temperature=cfg.knn.temperature,
-                        num_classes=len(train.classes))
+    keep_tr, keep_te = ytr != UNREADABLE, yte != UNREADABLE
+    left_out = int((~keep_tr).sum()) + int((~keep_te).sum())
+    if left_out:
+        logger.warning("k-NN %s: %d unreadable image(s) left out (see the 'synco.data' warnings)", tag, left_out)
+    results = knn_classify(ftr[keep_tr], ytr[keep_tr], fte[keep_te], yte[keep_te], ks=cfg.knn.k,
+                           temperature=cfg.knn.temperature, num_classes=len(train.classes))
+    return results, left_out
 
 
 def knn_monitor(cfg) -> Optional[callable]:
@@ -186,7 +194,7 @@ def knn_monitor(cfg) -> Optional[callable]:
     def hook(trainer, epoch: int) -> Optional[dict]:
         if (epoch + 1) % cfg.knn_every and epoch + 1 != cfg.epochs:
             return None
-        results = knn_of(trainer.model.online.backbone, train, test, cfg, trainer.device, progress=False)
+        results, _ = knn_of(trainer.model.online.backbone, train, test, cfg, trainer.device, progress=False)
         return {"knn_top1": top1_at(results, 20)}
 
     return hook
@@ -198,7 +206,8 @@ class _Pixels(torch.nn.Module):
 
 
 # The numbers evaluate_run puts in summary.json (besides its per-k tables).
-KNN_NUMBERS = ("knn_top1", "knn_top5", "knn_top1_k", "knn_top1_random_init", "knn_top1_pixels")
+KNN_NUMBERS = ("knn_top1", "knn_top5", "knn_top1_k", "knn_top1_random_init", "knn_top1_pixels", "knn_left_out")
+KNN_PERCENTS = ("knn_top1", "knn_top5", "knn_top1_random_init", "knn_top1_pixels")  # accuracies, in [0, 100]
 
 
 @torch.no_grad()
@@ -208,17 +217,19 @@ def evaluate_run(cfg, backbone: torch.nn.Module, device, progress: bool = True) 
         return {"knn_note": why_not}
     train, test = sets
     was_training = backbone.training
-    trained = knn_of(backbone, train, test, cfg, device, progress, "trained")
+    trained, left_out = knn_of(backbone, train, test, cfg, device, progress, "trained")
     torch.manual_seed(cfg.seed)  # the same initial weights the run started from
     random_init = backbone_from_config(cfg.model).to(device)
-    untrained = knn_of(random_init, train, test, cfg, device, progress, "random init")
+    untrained, _ = knn_of(random_init, train, test, cfg, device, progress, "random init")
     k20 = nearest_k(trained, 20)  # the papers' k=20, or the evaluated k closest to it
     out = {"knn_k": list(cfg.knn.k), "knn": {str(k): v for k, v in trained.items()},
            "knn_top1": top1_at(trained, k20), "knn_top5": trained[k20]["top5"], "knn_top1_k": int(k20),
            "knn_random_init": {str(k): v for k, v in untrained.items()},
            "knn_top1_random_init": top1_at(untrained, k20)}
+    if left_out:
+        out["knn_left_out"] = left_out  # unreadable images, in the bank or among the queries
     if cfg.data.dataset == "digits":
-        pixels = knn_of(_Pixels(), train, test, cfg, device, progress, "pixels")
+        pixels, _ = knn_of(_Pixels(), train, test, cfg, device, progress, "pixels")
         out["knn_pixels"] = {str(k): v for k, v in pixels.items()}
         out["knn_top1_pixels"] = top1_at(pixels, k20)
     backbone.train(was_training)

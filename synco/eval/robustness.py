@@ -309,7 +309,7 @@ class RobustnessEvaluator:
 
         def fpr():
             root_ = resolve_class_root(root, self.classes)
-            ds = SafeImageFolder(root_, transform=None, strict=True)  # evaluated: an unreadable image is an error
+            ds = SafeImageFolder(root_, transform=None, unreadable="error")
             idx = subset_indices(len(ds), self.opts.max_images, self.opts.seed)
             r = self._eval(BenchmarkView(ds, idx, self._crop()), spec.column, want_scores=True)
             m = ood_metrics(self._clean_scores, r["scores"])

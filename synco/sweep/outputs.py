@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,10 +66,12 @@ def _cached_linear_top1(path: Path) -> dict:
     """``{"linear_top1": x}`` from a run's ``sweep_eval.json`` (``{}`` when there is none). One that holds no
     percentage was damaged or edited: averaged in it would pass for a measured number, dropped it would leave the
     point with a seed fewer unseen, so it stops the sweep naming the file (``--linear`` probes it again)."""
+    if not path.exists():  # not probed (no --linear yet, or its probe failed: listed as failed)
+        return {}
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):  # none yet, or a torn write: --linear probes again, the table has no cell
-        return {}
+    except (OSError, ValueError):  # a torn write: refused below like a bad value, never a silent seed fewer
+        data = {"linear_top1": "(not readable JSON)"}
     if not isinstance(data, dict) or "linear_top1" not in data:
         return {}
     top1 = linear_top1_of(data)
@@ -134,6 +137,12 @@ def _paired_rows(spec: SweepSpec, points: list, values: dict, present: list[str]
 def write_outputs(spec: SweepSpec, runs: list[Run], out: Path, failed: list, command: str = "") -> SweepResult:
     metrics = list(dict.fromkeys(list(DEFAULT_METRICS) + spec.metrics))
     rows, paired, present = aggregate(spec, runs, metrics)
+    gaps = _missing_cells(runs, rows)
+    if gaps:
+        more = f" and {len(gaps) - 5} more" if len(gaps) > 5 else ""
+        print(f"synco sweep: note: {len(gaps)} finished run(s) lack a number the other seeds of their point have, "
+              f"so those cells average fewer seeds: {'; '.join(gaps[:5])}{more}. Re-run the run (delete its "
+              "summary.json) to fill them.", file=sys.stderr)
     seeds = sorted({r.seed for r in runs})
     out.mkdir(parents=True, exist_ok=True)
     files = []
@@ -153,6 +162,14 @@ def write_outputs(spec: SweepSpec, runs: list[Run], out: Path, failed: list, com
         files += sweep_plots(spec, rows, paired, [m for m in PLOT_METRICS if m in present] or present[:1], out,
                              {m: METRIC_LABELS.get(m, m) for m in present})
     return SweepResult(out, runs, failed, files, md, rows, paired)
+
+
+def _missing_cells(runs: list[Run], rows: list[dict]) -> list[str]:
+    """'RUN: no METRIC' for each finished run without a number that other seeds of its point have (a summary.json
+    edited by hand, or written before the number existed)."""
+    have = {(r["point"], r["metric"]): r["seeds"] for r in rows}
+    return [f"{run.dir}: no {metric}" for run in runs if finished(run.dir)
+            for (point, metric), seeds in have.items() if point == run.point.name and seeds and run.seed not in seeds]
 
 
 def _sweep_json(spec: SweepSpec, runs: list[Run], rows: list[dict], paired: list[dict], present: list[str],
