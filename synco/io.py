@@ -205,6 +205,9 @@ def check_output_dir(path, what: str = "--out") -> Path:
         if resolved == Path(root) or Path(root) in resolved.parents:
             raise SyncoError(f"{what} '{path}' is under {root}, a kernel filesystem, not a place for files; "
                              "choose a folder on a disk.")
+    if path.is_symlink() and not path.exists():
+        raise SyncoError(f"{what} '{path}' is a symbolic link to '{os.readlink(path)}', which does not exist; create "
+                         "that folder, or choose another.")
     if path.exists() and not path.is_dir():
         raise SyncoError(f"{what} '{path}' is an existing file, not a folder; choose a folder (it is created "
                          "if missing).")

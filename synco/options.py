@@ -210,9 +210,31 @@ def load_yaml(text: str) -> Any:
 
 
 def apply_dict(obj: Any, data: dict, prefix: str = "", owner: Optional[str] = None) -> Any:
+    """Set the options of a mapping (a config file, a spec section); one option set twice with different values
+    (``model.proj_dim: 32`` and ``model: {proj_dim: 16}``) is refused, as on the command line."""
+    owner = owner or owner_of(obj)
+    leaves: dict[str, tuple[str, Any]] = {}
+    for key, value in data.items():
+        _claim_leaves(leaves, f"{prefix}{key}", value, f"{prefix}{key}: {value!r}", owner)
     for key, value in data.items():
         set_option(obj, f"{prefix}{key}", value, owner)
     return obj
+
+
+def option_leaves(key: str, value: Any) -> dict[str, Any]:
+    """The dotted options an assignment sets: ``model={proj_dim: 16}`` sets ``model.proj_dim``."""
+    if isinstance(value, dict) and value:
+        return {path: v for k, sub in value.items() for path, v in option_leaves(f"{key}.{k}", sub).items()}
+    return {key: value}
+
+
+def _claim_leaves(leaves: dict, key: str, value: Any, text: str, owner: str) -> None:
+    """Record the options ``key = value`` sets; one already set to another value is an error naming both."""
+    for path, v in option_leaves(key, value).items():
+        if path in leaves and not _same_value(leaves[path][1], v):
+            raise SyncoError(f"{owner} '{path}' is given twice with different values ('{leaves[path][0]}' and "
+                             f"'{text}'); give it once.")
+        leaves.setdefault(path, (text, v))
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -234,20 +256,31 @@ def _parsed_overrides(overrides: list[str], owner: str) -> dict[str, tuple[str, 
     error: taking the last one silently (``k=[1,20] ... k=[5]``) runs something else than half the command says.
     The same key twice with the same value is harmless and kept once."""
     parsed: dict[str, tuple[str, Any]] = {}
+    leaves: dict[str, tuple[str, Any]] = {}
     for text in overrides:
         key, value = parse_override(text)
         if key in parsed and not _same_value(parsed[key][1], value):
             raise SyncoError(f"{owner} '{key}' is given twice with different values ('{parsed[key][0]}' and "
                              f"'{text}'); give it once.")
+        _claim_leaves(leaves, key, value, text, owner)  # also a section's mapping against a dotted key
         parsed.setdefault(key, (text, value))
     return parsed
 
 
 def _same_value(a: Any, b: Any) -> bool:
-    """Equal as parsed values, and of the same kind (``1`` and ``true`` compare equal in Python, not here)."""
+    """Equal as parsed values, and of the same kind (``1`` and ``true`` compare equal in Python, not here). A number
+    and a string that reads as that number are the same (YAML reads ``1e-1`` as a string; the option layer as 0.1)."""
     def number(x: Any) -> bool:
         return isinstance(x, (int, float)) and not isinstance(x, bool)
 
+    def as_number(x: Any) -> Any:
+        try:
+            return float(x) if isinstance(x, str) else x
+        except ValueError:
+            return x
+
+    if number(a) != number(b):
+        a, b = as_number(a), as_number(b)
     return (type(a) is type(b) or (number(a) and number(b))) and a == b
 
 

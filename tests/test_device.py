@@ -29,10 +29,13 @@ print(kept, sum(rounds))
 
 @pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallopt"), reason="no mallopt (not glibc)")
 def test_kept_freed_memory_is_not_faulted_in_again():
-    """Without the setting glibc hands the freed 4 MB blocks back and faults them in again (thousands
-    of page faults); with it (what training processes call) they are reused."""
-    runs = {mode: subprocess.run([sys.executable, "-c", _ALLOC_LOOP, mode], capture_output=True, text=True,
-                                 check=True).stdout.split() for mode in ("default", "kept")}
-    assert runs["kept"][0] == "True"
-    default_faults, kept_faults = float(runs["default"][1]), float(runs["kept"][1])
-    assert default_faults > 1000 and kept_faults < default_faults / 5, runs
+    """With the setting (what training processes call) freed 4 MB blocks are reused: 21 rounds of four fresh
+    16 MB-in-all tensors fault in at most about one round's pages (4,096 of 4 KiB), not every round's (86,016).
+    Without it, glibc may hand the blocks back and fault them in again, or may not (its mmap threshold adapts to
+    the first frees, differently from run to run), so the default is not compared: only the setting's promise is
+    checked."""
+    out = subprocess.run([sys.executable, "-c", _ALLOC_LOOP, "kept"], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out[0] == "True"
+    one_round = 4 * (1 << 20) * 4 // 4096  # four tensors of 2^20 float32, in 4 KiB pages
+    assert float(out[1]) < 21 * one_round / 4, out

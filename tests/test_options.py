@@ -388,3 +388,49 @@ def test_options_have_every_field_their_helpers_read():
     for protocol, options in ((Sampling, GenerateConfig), (Measurement, EfficiencyOptions)):
         wanted, have = typing.get_type_hints(protocol), typing.get_type_hints(options)
         assert {k: have.get(k) for k in wanted} == wanted, protocol.__name__
+
+
+def test_an_option_set_dotted_and_in_its_section_is_one_option(tmp_path):
+    """``model.proj_dim=32`` and ``model={proj_dim: 16}`` set one option twice: refused with different values (it
+    was whichever came last), accepted with the same, on the command line, in a config file and in a sweep."""
+    with pytest.raises(SyncoError, match=r"'model\.proj_dim' is given twice with different values"):
+        load_config("cpu-demo", ["model.proj_dim=32", "model={proj_dim: 16, proj_hidden: 64}"])
+    assert load_config("cpu-demo", ["model.proj_dim=16", "model={proj_dim: 16}"]).model.proj_dim == 16
+    assert load_config("cpu-demo", ["model={proj_dim: 16}", "model.proj_hidden=64"]).model.proj_hidden == 64
+    path = tmp_path / "c.yaml"
+    path.write_text("base: cpu-demo\nmodel.proj_dim: 32\nmodel:\n  proj_dim: 16\n")
+    with pytest.raises(SyncoError, match=r"'model\.proj_dim' is given twice"):
+        load_config(str(path))
+    from synco.sweep import runner
+    from synco.sweep.spec import parse_spec
+
+    spec = parse_spec({"base": "cpu-demo", "seeds": 1, "axes": {"grid": {"model.proj_dim": [16, 32]}}}, "t", "t")
+    with pytest.raises(SyncoError, match="model.proj_dim is swept by the spec's axes"):
+        runner.plan(spec, tmp_path / "s", ["model={proj_dim: 8, proj_hidden: 128}"])
+
+
+def test_one_number_written_two_ways_is_one_value(tmp_path):
+    assert load_config("cpu-demo", ["optim.base_lr=0.1", "optim.base_lr=1e-1"]).optim.base_lr == 0.1
+    with pytest.raises(SyncoError, match="given twice"):
+        load_config("cpu-demo", ["optim.base_lr=0.1", "optim.base_lr=1e-2"])
+
+
+def test_an_out_that_is_a_link_to_nowhere_says_so(tmp_path):
+    from synco.io import check_output_dir
+
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(SyncoError, match="symbolic link to .*nowhere', which does not exist"):
+        check_output_dir(tmp_path / "link")
+
+
+def test_a_saved_run_config_with_a_key_twice_is_named(tmp_path):
+    from synco.sweep import runner
+    from synco.sweep.spec import parse_spec
+
+    spec = parse_spec({"base": "cpu-demo", "seeds": 1}, "t", "t")
+    (run,) = runner.plan(spec, tmp_path)
+    run.dir.mkdir(parents=True)
+    (run.dir / "config.yaml").write_text("epochs: 2\nepochs: 3\n")
+    (run.dir / "checkpoint.pt").write_bytes(b"x")
+    with pytest.raises(SyncoError, match="the key 'epochs' is given twice"):
+        runner.plan(spec, tmp_path)

@@ -9,6 +9,7 @@ import importlib
 import logging
 import signal
 import sys
+import warnings
 from typing import Optional
 
 from .. import __version__
@@ -33,8 +34,14 @@ def create_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning for a user of the command line: its text, not the source line that raised it."""
+    return f"synco: warning: {message}\n"
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    warnings.formatwarning = _one_line_warning
     parser = create_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come before or after flags: collect the ones argparse left over.

@@ -28,7 +28,7 @@ from ..config import Config, load_config
 from ..errors import SyncoError
 from ..io import find_yaml
 from ..methods import queue_fit_error
-from ..options import layer_overrides, load_yaml
+from ..options import DuplicateKeyError, layer_overrides, load_yaml, option_leaves, parse_override
 from .launch import Task
 from .spec import Point, SweepSpec, expand_points, override_keys
 
@@ -109,11 +109,14 @@ def _each_note_once():
 
 def _check_extra(spec: SweepSpec, extra: list[str]) -> None:
     """Command-line overrides may add to every run, not take what the spec's seeds and axes set."""
-    for k in override_keys(extra):
-        if k == "seed":
-            raise SyncoError("seed=... cannot be passed to a sweep: the spec's seeds (or --seeds) set it.")
-        if k in spec.axis_keys:
-            raise SyncoError(f"{k} is swept by the spec's axes; it cannot also be given on the command line.")
+    for text in extra:
+        key, value = parse_override(text)
+        for k in option_leaves(key, value):  # model={proj_dim: 8} gives model.proj_dim as much as the dotted form
+            if k == "seed":
+                raise SyncoError("seed=... cannot be passed to a sweep: the spec's seeds (or --seeds) set it.")
+            if k in spec.axis_keys:
+                raise SyncoError(f"{k} is swept by the spec's axes; it cannot also be given on the command line "
+                                 f"('{text}').")
 
 
 def point_overrides(spec: SweepSpec, point: Point, extra: list[str]) -> list[str]:
@@ -184,6 +187,8 @@ def _saved_differences(run_dir: Path, cfg: Config) -> list[str]:
     except SyncoError:
         try:
             saved = load_yaml(path.read_text()) or {}  # synco's loader: a key given twice is refused, not dropped
+        except DuplicateKeyError as e:  # name the key and its lines, not only "cannot be read"
+            return [f"{path}: {e}"]
         except (OSError, ValueError, yaml.YAMLError):  # ValueError: not UTF-8 text (a binary file)
             return [f"{path} cannot be read"]
         if not isinstance(saved, dict):
