@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from .engine.checkpoint import throughput_totals
 from .engine.metrics import TRAINING_NUMBERS, read_jsonl, training_summary
 from .engine.train import Trainer
 from .eval.knn_protocol import KNN_NUMBERS, KNN_PERCENTS, evaluate_run, knn_monitor
+from .eval.results import number_problem
 from .io import DirLock, atomic_write_text, check_output_dir, remove_stale_temps
 from .losses import chance_loss
 from .methods import method_spec, synthetic_window
@@ -34,12 +34,8 @@ def summary_damage(summary: dict) -> list[str]:
     """The keys of a read-back ``summary.json`` whose value is no finite number, or an accuracy outside [0, 100]: a
     file edited by hand or damaged (training never writes a NaN loss: it stops as diverged), whose numbers must not
     be averaged or dropped."""
-    def damaged(k, v) -> bool:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            return True
-        return k in KNN_PERCENTS and not 0 <= v <= 100
-
-    return [k for k in SUMMARY_NUMBERS if summary.get(k) is not None and damaged(k, summary[k])]
+    return [k for k in SUMMARY_NUMBERS
+            if summary.get(k) is not None and number_problem(summary[k], percent=k in KNN_PERCENTS)]
 
 
 def _launch_rank() -> int:

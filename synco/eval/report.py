@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -29,7 +28,7 @@ import yaml
 from ..errors import SyncoError
 from ..io import atomic_write_text
 from ..options import DuplicateKeyError, load_yaml
-from .results import markdown_table
+from .results import markdown_table, number_problem
 
 PROTOCOL_ORDER = ("knn", "linear", "finetune", "transfer")
 ID_COLUMNS = ["Method", "Backbone", "Run"]
@@ -129,14 +128,11 @@ def _number(value, path: Path, key: str) -> Optional[float]:
     dropping it would leave a hole in the table that looks like a missing evaluation."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        problem = "not a number"
-    elif not math.isfinite(value):
-        problem = "not a finite number"
-    elif not 0 <= value <= 100:
-        problem = "outside [0, 100], and every column of the report is a percentage (top-1, top-5, mAP)"
-    else:
+    problem = number_problem(value, percent=True)
+    if problem is None:
         return float(value)
+    if problem.startswith("outside"):
+        problem += ", and every column of the report is a percentage (top-1, top-5, mAP)"
     raise SyncoError(f"'{path}': {key} is {value!r}, {problem}; the file is damaged or was edited by hand. "
                      "Re-run the evaluation that wrote it, or move the file out of the folders reported.")
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import SyncoError
+from ..eval.results import number_problem
 from ..io import atomic_write_text
 from .launch import Task
 from .planning import Run, finished, task_env
@@ -84,9 +85,7 @@ def linear_top1_of(data) -> Optional[float]:
     """The top-1 a ``sweep_eval.json`` holds, or None when it holds no percentage (damaged or edited by hand: NaN,
     150, a string), which is then probed again rather than averaged in."""
     v = data.get("linear_top1") if isinstance(data, dict) else None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 100:  # NaN fails the range too
-        return None
-    return float(v)
+    return None if number_problem(v, percent=True) else float(v)
 
 
 def linear_task(run: Run, spec: SweepSpec, launcher: str, threads: Optional[int]) -> Task:
